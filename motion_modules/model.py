@@ -1,0 +1,179 @@
+"""MotionSpec (what a checkpoint is) and MotionModel (all its temporal modules)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .temporal import ATTENTION_BACKENDS, NORM_MODES, TemporalSelfAttention, VanillaTemporalModule, sinusoidal_pe
+
+FAMILIES = ("SD1.5", "SDXL")
+# version -> (family, norm mode, naming of the original file)
+VERSIONS = {
+    "v1": ("SD1.5", "per_frame", "animatediff"),
+    "v2": ("SD1.5", "per_frame", "animatediff"),
+    "v3": ("SD1.5", "per_frame", "animatediff"),
+    "animatelcm": ("SD1.5", "per_frame", "animatediff"),
+    "sdxl_beta": ("SDXL", "across_frames", "animatediff"),
+    "hotshotxl": ("SDXL", "per_frame", "hotshotxl"),
+}
+# AnimateLCM files carry no PE table; ADE and AnimateLCM's own config use 64 positions.
+ANIMATELCM_PE_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One temporal module: its original key prefix and channel count."""
+
+    prefix: str
+    channels: int
+
+
+@dataclass(frozen=True)
+class MotionSpec:
+    """Everything needed to rebuild a motion model; inferred from a checkpoint's weights.
+
+    Args:
+        family: "SD1.5" (4 down blocks) or "SDXL" (3 down blocks).
+        version: one of ``VERSIONS`` ("v1", "v2", "v3", "animatelcm", "sdxl_beta", "hotshotxl").
+        pe_length: rows of the positional encoding = the most frames one pass can see.
+        norm_mode: "per_frame" (GroupNorm statistics per frame) or "across_frames".
+        modules: every temporal module, in checkpoint order.
+        heads: attention heads (8 in every published checkpoint).
+        transformer_layers: transformer blocks per module (1 in every published checkpoint).
+        has_pe_keys: whether the file stores PE tables (AnimateLCM's do not).
+    """
+
+    family: str
+    version: str
+    pe_length: int
+    norm_mode: str
+    modules: tuple[ModuleSpec, ...]
+    heads: int = 8
+    transformer_layers: int = 1
+    has_pe_keys: bool = True
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {sorted(FAMILIES)}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"unknown version {self.version!r}; expected one of {sorted(VERSIONS)}")
+        if self.norm_mode not in NORM_MODES:
+            raise ValueError(f"unknown norm mode {self.norm_mode!r}; expected one of {sorted(NORM_MODES)}")
+
+    @property
+    def frame_limit(self) -> int:
+        return self.pe_length
+
+    @property
+    def has_mid_block(self) -> bool:
+        return any(m.prefix.startswith("mid_block.") for m in self.modules)
+
+    @property
+    def key_style(self) -> str:
+        return VERSIONS[self.version][2]
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Channels per block, e.g. ``{"down_blocks.0": 320, ..., "mid_block": 1280}``."""
+        return {m.prefix.split(".motion_modules.")[0]: m.channels for m in self.modules}
+
+    def with_norm_mode(self, norm_mode: str) -> "MotionSpec":
+        return dataclasses.replace(self, norm_mode=norm_mode)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MotionSpec":
+        data = json.loads(text)
+        data["modules"] = tuple(ModuleSpec(**m) for m in data["modules"])
+        return cls(**data)
+
+    def describe(self) -> str:
+        mid = "mid block" if self.has_mid_block else "no mid block"
+        return (f"{self.family} {self.version}, {len(self.modules)} modules ({mid}), "
+                f"up to {self.frame_limit} frames, norm {self.norm_mode}")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.motion_modules = nn.ModuleList()
+
+
+class MotionModel(nn.Module):
+    """All temporal modules of one checkpoint, laid out so ``state_dict()`` has original keys."""
+
+    def __init__(self, spec: MotionSpec, zero_init: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.down_blocks = nn.ModuleDict()
+        self.up_blocks = nn.ModuleDict()
+        self.mid_block = None
+        for module in spec.modules:
+            block_name, index = module.prefix.split(".motion_modules.")
+            block = self._block(block_name)
+            if int(index) != len(block.motion_modules):
+                raise ValueError(f"modules of {block_name} are not numbered 0..n in order")
+            block.motion_modules.append(VanillaTemporalModule(
+                module.channels, spec.heads, spec.pe_length, spec.norm_mode,
+                spec.transformer_layers, zero_init=zero_init,
+            ))
+
+    def _block(self, block_name: str) -> _Block:
+        if block_name == "mid_block":
+            if self.mid_block is None:
+                self.mid_block = _Block()
+            return self.mid_block
+        kind, index = block_name.split(".")
+        blocks = self.down_blocks if kind == "down_blocks" else self.up_blocks
+        if index not in blocks:
+            blocks[index] = _Block()
+        return blocks[index]
+
+    def named_temporal_modules(self) -> Iterator[tuple[str, VanillaTemporalModule]]:
+        """Yield ``(original key prefix, module)``, e.g. ``("down_blocks.0.motion_modules.1", m)``."""
+        modules = dict(self.named_modules())
+        for spec in self.spec.modules:
+            yield spec.prefix, modules[spec.prefix]
+
+    def temporal_module(self, prefix: str) -> VanillaTemporalModule:
+        return dict(self.named_modules())[prefix]
+
+    def reset_positional_encodings(self) -> None:
+        """Recompute every PE table (after building on the meta device, or a dtype change)."""
+        for module in self.modules():
+            if hasattr(module, "pe") and isinstance(module.pe, torch.Tensor):
+                pe = sinusoidal_pe(self.spec.pe_length, module.pe.shape[-1])
+                device = self._param_device()
+                module.pe = pe.to(device=device, dtype=self._param_dtype())
+
+    def _param_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def set_norm_mode(self, norm_mode: str) -> "MotionModel":
+        """Switch GroupNorm statistics between per-frame and across-frame (for every module)."""
+        if norm_mode not in NORM_MODES:
+            raise ValueError(f"unknown norm mode {norm_mode!r}; expected one of {sorted(NORM_MODES)}")
+        self.spec = self.spec.with_norm_mode(norm_mode)
+        for _, module in self.named_temporal_modules():
+            module.temporal_transformer.norm_mode = norm_mode
+        return self
+
+    def set_attention_backend(self, name: str) -> "MotionModel":
+        """Choose the attention kernel of every module: "sdpa" (default) or "naive" (reference)."""
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+        for module in self.modules():
+            if isinstance(module, TemporalSelfAttention):
+                module.backend = name
+        return self

@@ -1,0 +1,192 @@
+"""The AnimateDiff temporal transformer (Guo et al. 2023, "AnimateDiff", sec. 4.2).
+
+Module and parameter names follow the original checkpoints, so ``state_dict()`` of these
+modules has exactly the original keys below ``...motion_modules.N.``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .errors import MotionModelError
+
+NORM_MODES = ("per_frame", "across_frames")
+
+
+def sinusoidal_pe(length: int, dim: int) -> torch.Tensor:
+    """Sinusoidal PE (Vaswani et al. 2017), computed in float32 exactly as the original code.
+
+    ``pe[p, 2i] = sin(p * exp(-2i ln(10000) / dim))``, ``pe[p, 2i+1] = cos(same)``.
+    Returns a new CPU tensor of shape (1, length, dim), also under a ``torch.device("meta")``
+    context. Row p does not depend on ``length``, so a shorter table is a bit-exact prefix
+    of a longer one.
+    """
+    return _sinusoidal_pe(length, dim).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _sinusoidal_pe(length: int, dim: int) -> torch.Tensor:
+    position = torch.arange(length, device="cpu").unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2, device="cpu") * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, length, dim, device="cpu")
+    pe[0, :, 0::2] = torch.sin(position * div_term)
+    pe[0, :, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, materialising the (f x f) score matrix; a reference path."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+ATTENTION_BACKENDS = {
+    "sdpa": F.scaled_dot_product_attention,
+    "naive": naive_attention,
+}
+
+
+class PositionalEncoding(nn.Module):
+    """Holds the recomputed PE table (never loaded from a file; not saved by state_dict)."""
+
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_pe(max_len, dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[1]
+        return x + self.pe[:, :frames].to(dtype=x.dtype)
+
+
+class TemporalSelfAttention(nn.Module):
+    """Multi-head self-attention over the frame axis, PE added to its (normed) input."""
+
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.heads = heads
+        self.backend = "sdpa"
+        self.pos_encoder = PositionalEncoding(dim, max_len)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n f c), n = batch * spatial positions."""
+        x = self.pos_encoder(x)
+        q, k, v = (
+            rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        out = ATTENTION_BACKENDS[self.backend](q, k, v)
+        return self.to_out[0](rearrange(out, "n h f d -> n f (h d)"))
+
+
+class GEGLU(nn.Module):
+    """``proj`` to 2 * inner, then hidden * gelu(gate) with the exact erf GELU."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net.0`` GEGLU, ``net.1`` dropout (identity), ``net.2`` Linear(4C, C)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TemporalTransformerBlock(nn.Module):
+    """Pre-norm attention blocks over frames plus a GEGLU feed-forward, all residual."""
+
+    def __init__(self, dim: int, heads: int, max_len: int, attention_blocks: int = 2):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList(
+            [TemporalSelfAttention(dim, heads, max_len) for _ in range(attention_blocks)]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(attention_blocks)])
+        self.ff = FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attention, norm in zip(self.attention_blocks, self.norms):
+            x = attention(norm(x)) + x
+        return self.ff(self.ff_norm(x)) + x
+
+
+class TemporalTransformer3D(nn.Module):
+    """GroupNorm, proj_in, transformer blocks over frames, proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, max_len: int, norm_mode: str,
+                 transformer_layers: int = 1, attention_blocks: int = 2, norm_groups: int = 32):
+        super().__init__()
+        if norm_mode not in NORM_MODES:
+            raise ValueError(f"unknown norm mode {norm_mode!r}; expected one of {sorted(NORM_MODES)}")
+        self.norm_mode = norm_mode
+        self.max_len = max_len
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [TemporalTransformerBlock(channels, heads, max_len, attention_blocks)
+             for _ in range(transformer_layers)]
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def _group_norm(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        if self.norm_mode == "per_frame":
+            return self.norm(x)
+        x = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
+        return rearrange(self.norm(x), "b c f h w -> (b f) c h w")
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ((b f), c, h, w) -> same shape."""
+        if num_frames > self.max_len:
+            raise MotionModelError(
+                f"{num_frames} frames in one pass, but this motion model's positional encoding "
+                f"covers at most {self.max_len} frames; use context windows of <= {self.max_len} frames"
+            )
+        if x.shape[0] % num_frames:
+            raise ValueError(f"batch of {x.shape[0]} is not a whole number of {num_frames}-frame clips")
+        height, width = x.shape[-2:]
+        hidden = self._group_norm(x, num_frames)
+        hidden = rearrange(hidden, "(b f) c h w -> (b h w) f c", f=num_frames)
+        hidden = self.proj_in(hidden)
+        for block in self.transformer_blocks:
+            hidden = block(hidden)
+        hidden = self.proj_out(hidden)
+        hidden = rearrange(hidden, "(b h w) f c -> (b f) c h w", h=height, w=width)
+        return hidden + x
+
+
+class VanillaTemporalModule(nn.Module):
+    """One motion module as inserted into the UNet: ``module(x, num_frames)``."""
+
+    def __init__(self, channels: int, heads: int, max_len: int, norm_mode: str,
+                 transformer_layers: int = 1, attention_blocks: int = 2, zero_init: bool = True):
+        super().__init__()
+        self.temporal_transformer = TemporalTransformer3D(
+            channels, heads, max_len, norm_mode, transformer_layers, attention_blocks
+        )
+        if zero_init:
+            nn.init.zeros_(self.temporal_transformer.proj_out.weight)
+            nn.init.zeros_(self.temporal_transformer.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames)

@@ -1,0 +1,117 @@
+"""Tiny motion models in every checkpoint format, built from fixed seeds."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from animatediff_suite.motion_modules import ModuleSpec, MotionModel, MotionSpec, sinusoidal_pe
+from animatediff_suite.motion_modules.model import VERSIONS
+
+TINY_SD15 = (32, 64, 64, 64)
+TINY_SDXL = (32, 64, 64)
+FULL_SD15 = (320, 640, 1280, 1280)
+FULL_SDXL = (320, 640, 1280)
+
+
+def make_spec(version: str, channels=None, pe_length=None, down_layers=2, mid=None) -> MotionSpec:
+    """Spec of the original layout: ``down_layers`` modules per down block, one more per up block."""
+    family, norm_mode, _ = VERSIONS[version]
+    channels = channels or (TINY_SD15 if family == "SD1.5" else TINY_SDXL)
+    mid = (version == "v2") if mid is None else mid
+    pe_length = pe_length or {"v1": 24, "animatelcm": 64}.get(version, 32)
+    modules = [ModuleSpec(f"down_blocks.{i}.motion_modules.{j}", c)
+               for i, c in enumerate(channels) for j in range(down_layers)]
+    if mid:
+        modules.append(ModuleSpec("mid_block.motion_modules.0", channels[-1]))
+    modules += [ModuleSpec(f"up_blocks.{i}.motion_modules.{j}", c)
+                for i, c in enumerate(reversed(channels)) for j in range(down_layers + 1)]
+    return MotionSpec(family, version, pe_length, norm_mode, tuple(modules),
+                      has_pe_keys=version != "animatelcm")
+
+
+def random_model(spec: MotionSpec, seed: int = 0, dtype=torch.float32) -> MotionModel:
+    """A MotionModel with every parameter random (norm affines and proj_out included)."""
+    model = MotionModel(spec, zero_init=False).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float64).to(dtype)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            elif param.ndim == 2:
+                param.copy_(noise / param.shape[1] ** 0.5)
+            else:
+                param.copy_(0.1 * noise)
+    model.reset_positional_encodings()
+    return model.eval()
+
+
+def original_state_dict(model: MotionModel, with_pe: bool = True, pe_dtype=None) -> dict[str, torch.Tensor]:
+    """Original AnimateDiff keys, PE tables included like the published files."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if with_pe:
+        for key in list(sd):
+            if re.search(r"\.attention_blocks\.\d+\.to_q\.weight$", key):
+                pe = sinusoidal_pe(model.spec.pe_length, sd[key].shape[0])
+                sd[key.replace(".to_q.weight", ".pos_encoder.pe")] = pe.to(pe_dtype or sd[key].dtype)
+    return sd
+
+
+def to_hotshot(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {re.sub(r"\.motion_modules\.(\d+)\.temporal_transformer\.", r".temporal_attentions.\1.", k)
+            .replace(".pos_encoder.pe", ".pos_encoder.positional_encoding"): v for k, v in sd.items()}
+
+
+def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original -> diffusers MotionAdapter naming (one pos_embed table per transformer block)."""
+    out = {}
+    for key, value in sd.items():
+        key = (key.replace(".temporal_transformer", "").replace(".norms.0", ".norm1")
+               .replace(".norms.1", ".norm2").replace(".ff_norm", ".norm3")
+               .replace(".attention_blocks.0", ".attn1").replace(".attention_blocks.1", ".attn2"))
+        if key.endswith(".attn1.pos_encoder.pe"):
+            out[key.replace(".attn1.pos_encoder.pe", ".pos_embed.pe")] = value
+        elif not key.endswith(".pos_encoder.pe"):
+            out[key] = value
+    return out
+
+
+def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers MotionAdapter naming -> original (written independently of the loader)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("pos_embed.pe"):
+            base = re.sub(r"motion_modules\.(\d+)\.", r"motion_modules.\1.temporal_transformer.", key)
+            for j in (0, 1):
+                out[base.replace(".pos_embed.pe", f".attention_blocks.{j}.pos_encoder.pe")] = value
+            continue
+        key = re.sub(r"motion_modules\.(\d+)\.", r"motion_modules.\1.temporal_transformer.", key)
+        key = (key.replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.")
+               .replace(".norm3.", ".ff_norm.").replace(".attn1.", ".attention_blocks.0.")
+               .replace(".attn2.", ".attention_blocks.1."))
+        out[key] = value
+    return out
+
+
+def frames_input(channels: int, frames: int, batch: int = 2, size: int = 4, seed: int = 1,
+                 dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch * frames, channels, size, size, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def motion_lora_state_dict(spec: MotionSpec, rank: int = 4, seed: int = 3, mid=True) -> dict[str, torch.Tensor]:
+    """Original-format MotionLoRA over every attention projection of ``spec``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module in spec.modules:
+        if module.prefix.startswith("mid_block") and not mid:
+            continue
+        for j in (0, 1):
+            base = f"{module.prefix}.temporal_transformer.transformer_blocks.0.attention_blocks.{j}.processor"
+            for proj in ("to_q", "to_k", "to_v", "to_out"):
+                c = module.channels
+                sd[f"{base}.{proj}_lora.down.weight"] = torch.randn(rank, c, generator=gen) / c ** 0.5
+                sd[f"{base}.{proj}_lora.up.weight"] = torch.randn(c, rank, generator=gen) / rank ** 0.5
+    return sd

@@ -1,0 +1,16 @@
+"""Import the repository root as the package ``animatediff_suite``, whatever the checkout is called.
+
+pytest runs with ``--import-mode=importlib`` (pyproject.toml) and .ci/run uses ``python -P``, so the
+repository root is never on sys.path: our ``nodes/`` package must not shadow ComfyUI's ``nodes``.
+"""
+
+import os
+import sys
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)  # for ads_package / ads_helpers
+
+import ads_package  # noqa: E402
+
+ads_package.register()

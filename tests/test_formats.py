@@ -1,0 +1,161 @@
+"""Every checkpoint format and wrapper loads with the right spec, and round-trips exactly."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ads_helpers import (FULL_SD15, FULL_SDXL, frames_input, make_spec, original_state_dict,
+                         random_model, to_diffusers, to_hotshot)
+from animatediff_suite.motion_modules import (expected_shapes, load_motion_model, parameter_count,
+                                              save_motion_model)
+from animatediff_suite.motion_modules.loader import SPEC_METADATA_KEY
+
+# (name, version of the source model, state-dict transform, expected version after loading)
+FORMATS = {
+    "v1": ("v1", lambda sd: sd),
+    "v2": ("v2", lambda sd: sd),
+    "v3": ("v3", lambda sd: sd),
+    "sdxl_beta": ("sdxl_beta", lambda sd: sd),
+    "hotshotxl": ("hotshotxl", to_hotshot),
+    "animatelcm": ("animatelcm", lambda sd: {k: v for k, v in sd.items() if "pos_encoder" not in k}),
+    "lightning_fp16_v2": ("v2", lambda sd: {k: v.half() for k, v in sd.items()}),
+    "diffusers_v2": ("v2", to_diffusers),
+    "diffusers_v3": ("v3", to_diffusers),
+    "diffusers_sdxl": ("sdxl_beta", to_diffusers),
+    "wrapped_state_dict": ("v2", lambda sd: {"state_dict": sd, "global_step": torch.tensor(10)}),
+    "animatediff_config": ("v3", lambda sd: {**sd, "animatediff_config": torch.tensor([1])}),
+    "ddp_module_prefix": ("v2", lambda sd: {f"module.{k}": v for k, v in sd.items()}),
+    "whole_unet_dump": ("v1", lambda sd: {
+        **{f"module.{k}": v for k, v in sd.items()},
+        "module.conv_in.weight": torch.zeros(32, 4, 3, 3),
+        "module.down_blocks.0.attentions.0.proj_in.weight": torch.zeros(32, 32),
+        "module.down_blocks.0.resnets.0.norm1.weight": torch.zeros(32)}),
+}
+EXTENSIONS = [".safetensors", ".ckpt", ".pt", ".pth"]
+
+
+def write(path, data):
+    if str(path).endswith(".safetensors"):
+        flat = {k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}
+        save_file(flat, str(path))
+    else:
+        torch.save(data, str(path))
+
+
+def source_model(version, seed=0):
+    return random_model(make_spec(version), seed=seed)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_format_detected_and_weights_exact(fmt):
+    version, transform = FORMATS[fmt]
+    model = source_model(version)
+    loaded = load_motion_model(transform(original_state_dict(model)))
+    assert loaded.spec.version == version
+    assert loaded.spec.family == model.spec.family
+    assert loaded.spec.norm_mode == model.spec.norm_mode
+    assert loaded.spec.frame_limit == model.spec.pe_length
+    assert loaded.spec.has_mid_block == (version == "v2")
+    loaded_sd = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        expected = value.half().to(value.dtype) if fmt == "lightning_fp16_v2" else value
+        assert torch.equal(loaded_sd[key].to(value.dtype), expected), key
+
+
+@pytest.mark.parametrize("ext", EXTENSIONS)
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_and_extension_round_trips(tmp_path, fmt, ext):
+    if ext == ".safetensors" and fmt == "wrapped_state_dict":
+        pytest.skip("safetensors files hold flat tensor dicts; wrappers exist only in pickles")
+    version, transform = FORMATS[fmt]
+    model = source_model(version, seed=5)
+    src = tmp_path / f"model{ext}"
+    write(src, transform(original_state_dict(model)))
+    first = load_motion_model(src)
+    out = tmp_path / "resaved.safetensors"
+    save_motion_model(first, out, metadata={"note": "round trip"})
+    second = load_motion_model(out)
+    assert second.spec == first.spec
+    first_sd, second_sd = first.state_dict(), second.state_dict()
+    assert first_sd.keys() == second_sd.keys()
+    for key, value in first_sd.items():
+        assert torch.equal(value, second_sd[key]), key
+    for (prefix, a), (_, b) in zip(first.named_temporal_modules(), second.named_temporal_modules()):
+        x = frames_input(a.temporal_transformer.proj_in.in_features, frames=8, dtype=value.dtype)
+        assert torch.equal(a(x, 8), b(x, 8)), prefix
+
+
+def test_saved_file_uses_original_names_pe_and_metadata(tmp_path):
+    from safetensors import safe_open
+
+    model = source_model("v2")
+    save_motion_model(model, tmp_path / "m.safetensors", metadata={"author": "me"})
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert keys == set(original_state_dict(model))
+    assert meta["author"] == "me" and '"version": "v2"' in meta[SPEC_METADATA_KEY]
+
+
+def test_hotshot_saves_in_hotshot_naming(tmp_path):
+    from safetensors import safe_open
+
+    model = load_motion_model(to_hotshot(original_state_dict(source_model("hotshotxl"))))
+    save_motion_model(model, tmp_path / "h.safetensors")
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(to_hotshot(original_state_dict(model)))
+
+
+def test_metadata_that_contradicts_weights_is_ignored(tmp_path):
+    model = source_model("v3")
+    path = tmp_path / "m.safetensors"
+    lie = make_spec("v2").to_json()
+    save_file({k: v.contiguous() for k, v in original_state_dict(model).items()}, str(path),
+              metadata={SPEC_METADATA_KEY: lie})
+    assert load_motion_model(path).spec.version == "v3"
+
+
+def test_fp16_pe_tables_are_not_trusted():
+    """A stored fp16 PE table is ignored; the loaded model uses the recomputed float32 one."""
+    model = source_model("v3")
+    sd = original_state_dict(model)
+    for key in [k for k in sd if k.endswith(".pe")]:
+        sd[key] = torch.zeros_like(sd[key]).half()
+    loaded = load_motion_model(sd)
+    x = frames_input(32, frames=16)
+    _, a = next(model.named_temporal_modules())
+    _, b = next(loaded.named_temporal_modules())
+    assert torch.equal(a(x, 16), b(x, 16))
+
+
+def test_dtype_and_device_arguments():
+    loaded = load_motion_model(original_state_dict(source_model("v2")), dtype=torch.float64)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("version,channels,modules,keys,params", [
+    ("v1", FULL_SD15, 20, 560, 417.14e6),
+    ("v2", FULL_SD15, 21, 588, 453.21e6),
+    ("v3", FULL_SD15, 20, 560, 417.14e6),
+    ("sdxl_beta", FULL_SDXL, 15, 420, 236.78e6),
+])
+def test_full_size_layouts_match_published_files(version, channels, modules, keys, params):
+    spec = make_spec(version, channels=channels)
+    file_keys = len(expected_shapes(spec)) + 2 * len(spec.modules)  # + one PE table per attention
+    assert (len(spec.modules), file_keys) == (modules, keys)
+    assert abs(parameter_count(spec) - params) < 0.005e6
+    expected_channels = {"down_blocks.0": 320, "up_blocks.0": 1280, f"up_blocks.{len(channels) - 1}": 320}
+    assert expected_channels.items() <= spec.channels.items()
+
+
+def test_public_spec_fields():
+    model = load_motion_model(original_state_dict(source_model("v2")))
+    spec = model.spec
+    assert (spec.family, spec.version, spec.has_mid_block, spec.pe_length, spec.frame_limit,
+            spec.norm_mode) == ("SD1.5", "v2", True, 32, 32, "per_frame")
+    assert spec.channels["mid_block"] == 64
+    prefixes = [p for p, _ in model.named_temporal_modules()]
+    assert prefixes[0] == "down_blocks.0.motion_modules.0" and "mid_block.motion_modules.0" in prefixes
+    assert "SD1.5 v2" in spec.describe()

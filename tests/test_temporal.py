@@ -1,0 +1,111 @@
+"""The temporal transformer: identity at init, PE facts, frame-limit error, shape properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ads_helpers import frames_input, make_spec, random_model
+from animatediff_suite.motion_modules import (MotionModel, MotionModelError, VanillaTemporalModule,
+                                              sinusoidal_pe)
+
+
+def test_zero_proj_out_is_exact_identity():
+    torch.manual_seed(0)
+    module = VanillaTemporalModule(64, heads=8, max_len=32, norm_mode="per_frame")
+    for name, p in module.named_parameters():
+        if "proj_out" not in name:
+            torch.nn.init.normal_(p)
+    x = frames_input(64, frames=16, batch=2)
+    assert torch.equal(module(x, 16), x)
+
+
+def test_new_motion_model_is_identity_for_every_module():
+    model = MotionModel(make_spec("v2"))
+    for prefix, module in model.named_temporal_modules():
+        x = frames_input(module.temporal_transformer.proj_in.in_features, frames=8)
+        assert torch.equal(module(x, 8), x), prefix
+
+
+def test_pe_matches_formula():
+    pe = sinusoidal_pe(32, 64)[0].double()
+    p = torch.arange(32, dtype=torch.float64)[:, None]
+    i = torch.arange(32, dtype=torch.float64)[None, :]
+    angle = p * torch.exp(-2 * i * math.log(10000.0) / 64)
+    assert pe.shape == (32, 64)
+    torch.testing.assert_close(pe[:, 0::2], torch.sin(angle), atol=2e-5, rtol=0)
+    torch.testing.assert_close(pe[:, 1::2], torch.cos(angle), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [320, 640, 1280])
+def test_pe24_is_bit_exact_prefix_of_pe32(dim):
+    assert torch.equal(sinusoidal_pe(24, dim), sinusoidal_pe(32, dim)[:, :24])
+
+
+def test_pe_is_recomputed_not_loaded_and_not_saved():
+    model = random_model(make_spec("v3"))
+    assert not any(k.endswith(".pe") for k in model.state_dict())
+    _, module = next(model.named_temporal_modules())
+    pe = module.temporal_transformer.transformer_blocks[0].attention_blocks[0].pos_encoder.pe
+    assert torch.equal(pe, sinusoidal_pe(32, pe.shape[-1]))
+
+
+def test_frames_beyond_pe_length_raise_clear_error():
+    model = random_model(make_spec("v1"))
+    _, module = next(model.named_temporal_modules())
+    with pytest.raises(MotionModelError, match="25 frames.*at most 24"):
+        module(frames_input(32, frames=25, batch=1), 25)
+
+
+def test_per_frame_norm_makes_frames_independent_of_other_frames_stats():
+    """Per-frame GroupNorm: scaling one frame changes no statistic of another frame's norm."""
+    model = random_model(make_spec("v3"))
+    _, module = next(model.named_temporal_modules())
+    tt = module.temporal_transformer
+    x = frames_input(32, frames=4, batch=1)
+    y = x.clone()
+    y[0] *= 10
+    assert torch.allclose(tt._group_norm(x, 4)[1:], tt._group_norm(y, 4)[1:], atol=1e-6)
+    tt.norm_mode = "across_frames"
+    assert not torch.allclose(tt._group_norm(x, 4)[1:], tt._group_norm(y, 4)[1:], atol=1e-3)
+
+
+def test_norm_mode_switch_changes_whole_model_and_spec():
+    model = random_model(make_spec("v2"))
+    model.set_norm_mode("across_frames")
+    assert model.spec.norm_mode == "across_frames"
+    assert all(m.temporal_transformer.norm_mode == "across_frames" for _, m in model.named_temporal_modules())
+    with pytest.raises(ValueError, match="unknown norm mode 'sideways'"):
+        model.set_norm_mode("sideways")
+
+
+@settings(max_examples=25, deadline=None)
+@given(frames=st.integers(1, 24), batch=st.integers(1, 3), h=st.integers(2, 5), w=st.integers(1, 5),
+       norm=st.sampled_from(["per_frame", "across_frames"]))
+def test_shape_in_equals_shape_out_and_clips_are_independent(frames, batch, h, w, norm):
+    torch.manual_seed(0)
+    module = VanillaTemporalModule(32, heads=8, max_len=24, norm_mode=norm, zero_init=False)
+    x = torch.randn(batch * frames, 32, h, w)
+    y = module(x, frames)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    # each clip of the batch is processed on its own
+    torch.testing.assert_close(y[:frames], module(x[:frames], frames), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_not_divisible_by_frames_is_an_error():
+    module = VanillaTemporalModule(32, heads=8, max_len=24, norm_mode="per_frame")
+    with pytest.raises(ValueError, match="batch of 10 is not a whole number of 4-frame clips"):
+        module(torch.zeros(10, 32, 2, 2), 4)
+
+
+def test_attention_backends_agree():
+    model = random_model(make_spec("v2"), dtype=torch.float64)
+    _, module = next(model.named_temporal_modules())
+    x = frames_input(32, frames=16, dtype=torch.float64)
+    sdpa = module(x, 16)
+    model.set_attention_backend("naive")
+    torch.testing.assert_close(module(x, 16), sdpa, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
+        model.set_attention_backend("flash9")
