@@ -18,13 +18,15 @@ SPEC_METADATA_KEY = "animatediff_suite.spec"
 
 
 def load_motion_model(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> MotionModel:
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                      operations=None) -> MotionModel:
     """Load any supported motion-module checkpoint (file or state dict) as a MotionModel.
 
     Args:
         path_or_state_dict: a ``.safetensors``/``.ckpt``/``.pt``/``.pth`` path, or a state dict.
         dtype: weight dtype; defaults to the checkpoint's own (that of its first proj_in weight).
         device: where to put the weights.
+        operations: layer namespace for ``MotionModel`` (default ``torch.nn``).
 
     Raises:
         MotionModelError: the file is not a usable motion module (the message says why).
@@ -44,7 +46,7 @@ def load_motion_model(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     if not dtype.is_floating_point:
         raise MotionModelError(f"{source}: weights are {dtype}; expected a floating-point dtype")
     with torch.device("meta"):
-        model = MotionModel(spec, zero_init=False)
+        model = MotionModel(spec, zero_init=False, operations=operations or torch.nn)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in params.items()},
                           strict=True, assign=True)
     model.reset_positional_encodings()

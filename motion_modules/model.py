@@ -83,6 +83,25 @@ class MotionSpec:
         """Channels per block, e.g. ``{"down_blocks.0": 320, ..., "mid_block": 1280}``."""
         return {m.prefix.split(".motion_modules.")[0]: m.channels for m in self.modules}
 
+    @classmethod
+    def standard(cls, version: str, channels: tuple[int, ...], layers_per_block: int = 2,
+                 pe_length: int | None = None, mid_block: bool | None = None) -> "MotionSpec":
+        """The original layout for ``version``: ``layers_per_block`` modules in each down block, one
+        more in each up block, a mid block for v2. ``channels`` are the down blocks' widths.
+
+        Example: ``MotionSpec.standard("v3", (320, 640, 1280, 1280))`` is v3_sd15_mm's layout.
+        """
+        family, norm_mode, _ = VERSIONS[version]
+        mid_block = (version == "v2") if mid_block is None else mid_block
+        pe_length = pe_length or {"v1": 24, "animatelcm": ANIMATELCM_PE_LENGTH}.get(version, 32)
+        modules = [ModuleSpec(f"down_blocks.{i}.motion_modules.{j}", c)
+                   for i, c in enumerate(channels) for j in range(layers_per_block)]
+        if mid_block:
+            modules.append(ModuleSpec("mid_block.motion_modules.0", channels[-1]))
+        modules += [ModuleSpec(f"up_blocks.{i}.motion_modules.{j}", c)
+                    for i, c in enumerate(reversed(channels)) for j in range(layers_per_block + 1)]
+        return cls(family, version, pe_length, norm_mode, tuple(modules), has_pe_keys=version != "animatelcm")
+
     def with_norm_mode(self, norm_mode: str) -> "MotionSpec":
         return dataclasses.replace(self, norm_mode=norm_mode)
 
@@ -108,9 +127,16 @@ class _Block(nn.Module):
 
 
 class MotionModel(nn.Module):
-    """All temporal modules of one checkpoint, laid out so ``state_dict()`` has original keys."""
+    """All temporal modules of one checkpoint, laid out so ``state_dict()`` has original keys.
 
-    def __init__(self, spec: MotionSpec, zero_init: bool = True):
+    Args:
+        spec: the layout to build.
+        zero_init: zero ``proj_out`` so a new model is an exact identity.
+        operations: namespace providing ``Linear``, ``GroupNorm`` and ``LayerNorm`` (default
+            ``torch.nn``); a host application can pass its own casting layers.
+    """
+
+    def __init__(self, spec: MotionSpec, zero_init: bool = True, operations=nn):
         super().__init__()
         self.spec = spec
         self.down_blocks = nn.ModuleDict()
@@ -123,7 +149,7 @@ class MotionModel(nn.Module):
                 raise ValueError(f"modules of {block_name} are not numbered 0..n in order")
             block.motion_modules.append(VanillaTemporalModule(
                 module.channels, spec.heads, spec.pe_length, spec.norm_mode,
-                spec.transformer_layers, zero_init=zero_init,
+                spec.transformer_layers, zero_init=zero_init, ops=operations,
             ))
 
     def _block(self, block_name: str) -> _Block:

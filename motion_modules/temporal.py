@@ -61,29 +61,35 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.shape[1]
-        return x + self.pe[:, :frames].to(dtype=x.dtype)
+        return x + self.pe[:, :frames].to(device=x.device, dtype=x.dtype)
 
 
 class TemporalSelfAttention(nn.Module):
     """Multi-head self-attention over the frame axis, PE added to its (normed) input."""
 
-    def __init__(self, dim: int, heads: int, max_len: int):
+    def __init__(self, dim: int, heads: int, max_len: int, ops=nn):
         super().__init__()
         self.heads = heads
         self.backend = "sdpa"
         self.pos_encoder = PositionalEncoding(dim, max_len)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_q = ops.Linear(dim, dim, bias=False)
+        self.to_k = ops.Linear(dim, dim, bias=False)
+        self.to_v = ops.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([ops.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (n f c), n = batch * spatial positions."""
+    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0) -> torch.Tensor:
+        """x: (n f c), n = batch * spatial positions.
+
+        ``scale_multiplier`` multiplies the softmax scale (d^-0.5): above 1 sharpens attention
+        across frames (more motion), below 1 flattens it ("motion scale" in peer packs).
+        """
         x = self.pos_encoder(x)
         q, k, v = (
             rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads)
             for proj in (self.to_q, self.to_k, self.to_v)
         )
+        if scale_multiplier != 1.0:
+            q = q * scale_multiplier  # scales q k^T exactly like a larger softmax scale
         out = ATTENTION_BACKENDS[self.backend](q, k, v)
         return self.to_out[0](rearrange(out, "n h f d -> n f (h d)"))
 
@@ -91,9 +97,9 @@ class TemporalSelfAttention(nn.Module):
 class GEGLU(nn.Module):
     """``proj`` to 2 * inner, then hidden * gelu(gate) with the exact erf GELU."""
 
-    def __init__(self, dim: int, inner: int):
+    def __init__(self, dim: int, inner: int, ops=nn):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = ops.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
@@ -103,9 +109,9 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """``net.0`` GEGLU, ``net.1`` dropout (identity), ``net.2`` Linear(4C, C)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, ops=nn):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult, ops), nn.Identity(), ops.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -116,18 +122,18 @@ class FeedForward(nn.Module):
 class TemporalTransformerBlock(nn.Module):
     """Pre-norm attention blocks over frames plus a GEGLU feed-forward, all residual."""
 
-    def __init__(self, dim: int, heads: int, max_len: int, attention_blocks: int = 2):
+    def __init__(self, dim: int, heads: int, max_len: int, attention_blocks: int = 2, ops=nn):
         super().__init__()
         self.attention_blocks = nn.ModuleList(
-            [TemporalSelfAttention(dim, heads, max_len) for _ in range(attention_blocks)]
+            [TemporalSelfAttention(dim, heads, max_len, ops) for _ in range(attention_blocks)]
         )
-        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(attention_blocks)])
-        self.ff = FeedForward(dim)
-        self.ff_norm = nn.LayerNorm(dim)
+        self.norms = nn.ModuleList([ops.LayerNorm(dim) for _ in range(attention_blocks)])
+        self.ff = FeedForward(dim, ops=ops)
+        self.ff_norm = ops.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
-            x = attention(norm(x)) + x
+            x = attention(norm(x), scale_multiplier) + x
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -135,19 +141,19 @@ class TemporalTransformer3D(nn.Module):
     """GroupNorm, proj_in, transformer blocks over frames, proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, max_len: int, norm_mode: str,
-                 transformer_layers: int = 1, attention_blocks: int = 2, norm_groups: int = 32):
+                 transformer_layers: int = 1, attention_blocks: int = 2, norm_groups: int = 32, ops=nn):
         super().__init__()
         if norm_mode not in NORM_MODES:
             raise ValueError(f"unknown norm mode {norm_mode!r}; expected one of {sorted(NORM_MODES)}")
         self.norm_mode = norm_mode
         self.max_len = max_len
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Linear(channels, channels)
+        self.norm = ops.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
+        self.proj_in = ops.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            [TemporalTransformerBlock(channels, heads, max_len, attention_blocks)
+            [TemporalTransformerBlock(channels, heads, max_len, attention_blocks, ops)
              for _ in range(transformer_layers)]
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = ops.Linear(channels, channels)
 
     def _group_norm(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         if self.norm_mode == "per_frame":
@@ -155,7 +161,7 @@ class TemporalTransformer3D(nn.Module):
         x = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
         return rearrange(self.norm(x), "b c f h w -> (b f) c h w")
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0) -> torch.Tensor:
         """x: ((b f), c, h, w) -> same shape."""
         if num_frames > self.max_len:
             raise MotionModelError(
@@ -169,7 +175,7 @@ class TemporalTransformer3D(nn.Module):
         hidden = rearrange(hidden, "(b f) c h w -> (b h w) f c", f=num_frames)
         hidden = self.proj_in(hidden)
         for block in self.transformer_blocks:
-            hidden = block(hidden)
+            hidden = block(hidden, scale_multiplier)
         hidden = self.proj_out(hidden)
         hidden = rearrange(hidden, "(b h w) f c -> (b f) c h w", h=height, w=width)
         return hidden + x
@@ -179,14 +185,14 @@ class VanillaTemporalModule(nn.Module):
     """One motion module as inserted into the UNet: ``module(x, num_frames)``."""
 
     def __init__(self, channels: int, heads: int, max_len: int, norm_mode: str,
-                 transformer_layers: int = 1, attention_blocks: int = 2, zero_init: bool = True):
+                 transformer_layers: int = 1, attention_blocks: int = 2, zero_init: bool = True, ops=nn):
         super().__init__()
         self.temporal_transformer = TemporalTransformer3D(
-            channels, heads, max_len, norm_mode, transformer_layers, attention_blocks
+            channels, heads, max_len, norm_mode, transformer_layers, attention_blocks, ops=ops
         )
         if zero_init:
             nn.init.zeros_(self.temporal_transformer.proj_out.weight)
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames)
+    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, scale_multiplier)

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from animatediff_suite.motion_modules import ModuleSpec, MotionModel, MotionSpec, sinusoidal_pe
+from animatediff_suite.motion_modules import MotionModel, MotionSpec, sinusoidal_pe
 from animatediff_suite.motion_modules.model import VERSIONS
 
 TINY_SD15 = (32, 64, 64, 64)
@@ -16,19 +16,10 @@ FULL_SDXL = (320, 640, 1280)
 
 
 def make_spec(version: str, channels=None, pe_length=None, down_layers=2, mid=None) -> MotionSpec:
-    """Spec of the original layout: ``down_layers`` modules per down block, one more per up block."""
-    family, norm_mode, _ = VERSIONS[version]
+    """Original layout of ``version`` at tiny width (or ``channels``)."""
+    family = VERSIONS[version][0]
     channels = channels or (TINY_SD15 if family == "SD1.5" else TINY_SDXL)
-    mid = (version == "v2") if mid is None else mid
-    pe_length = pe_length or {"v1": 24, "animatelcm": 64}.get(version, 32)
-    modules = [ModuleSpec(f"down_blocks.{i}.motion_modules.{j}", c)
-               for i, c in enumerate(channels) for j in range(down_layers)]
-    if mid:
-        modules.append(ModuleSpec("mid_block.motion_modules.0", channels[-1]))
-    modules += [ModuleSpec(f"up_blocks.{i}.motion_modules.{j}", c)
-                for i, c in enumerate(reversed(channels)) for j in range(down_layers + 1)]
-    return MotionSpec(family, version, pe_length, norm_mode, tuple(modules),
-                      has_pe_keys=version != "animatelcm")
+    return MotionSpec.standard(version, channels, down_layers, pe_length, mid)
 
 
 def random_model(spec: MotionSpec, seed: int = 0, dtype=torch.float32) -> MotionModel:

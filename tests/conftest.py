@@ -14,3 +14,18 @@ if TESTS not in sys.path:
 import ads_package  # noqa: E402
 
 ads_package.register()
+
+
+import pytest  # noqa: E402
+
+import comfy_env  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """Path of a real ComfyUI, imported in-process on the CPU; skips the test when there is none."""
+    path = comfy_env.comfyui_path()
+    if path is None:
+        pytest.skip(comfy_env.SKIP_REASON)
+    comfy_env.import_comfyui(path)
+    return path

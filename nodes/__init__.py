@@ -1,0 +1,14 @@
+"""ComfyUI nodes of AnimateDiff Suite (V3 schema, ids prefixed ``ADS_``)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .demo import NODES as DEMO_NODES
+from .folders import register_folders
+from .motion_nodes import NODES as MOTION_NODES
+
+register_folders()
+
+
+class AnimateDiffSuiteExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*MOTION_NODES, *DEMO_NODES]

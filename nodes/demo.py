@@ -1,0 +1,169 @@
+"""A tiny SD1.5-shaped model, CLIP, VAE and matching motion model, built in-process from a seed.
+
+For trying the pack (and testing it) with no downloads: the graph runs exactly like a real
+one, through the stock nodes, but the weights are random, so the frames are coloured noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from comfy_api.latest import io
+
+from ..motion_modules import MotionModel, MotionSpec
+from .injection import LoadedMotionModel
+from .motion_nodes import CATEGORY, MotionModel as MotionModelType
+
+TINY_CHANNELS = (32, 64, 64, 64)
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0] + [1] * 9,
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 32,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "projection_dim": 32}
+TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def seeded_fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Overwrite every parameter with seeded values: norms ~1, matrices ~N(0, 1/fan_in), biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                value = 1 + 0.05 * noise
+            elif param.ndim >= 2:
+                value = gain * noise / param[0].numel() ** 0.5
+            else:
+                value = 0.02 * noise
+            param.copy_(value.to(param.dtype))
+    return module
+
+
+def tiny_sd15_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    seeded_fill_(model.diffusion_model, seed)
+    with torch.no_grad():
+        model.diffusion_model.out[2].weight.mul_(30)  # noise predictions of roughly unit scale
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_clip(seed: int = 0) -> comfy.sd.CLIP:
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP)})
+    seeded_fill_(clip.cond_stage_model, seed + 1).requires_grad_(False)
+    return clip
+
+
+def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
+    params = {"ddconfig": dict(TINY_VAE), "embed_dim": 4}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoencoderKL(**params).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 2)
+    state = {k: (1 + 0.05 * torch.randn(s, generator=gen)) if "norm" in k and k.endswith("weight")
+             else torch.randn(s, generator=gen) / (torch.Size(s[1:]).numel() ** 0.5 if len(s) > 1 else 50)
+             for k, s in shapes.items()}
+    vae = comfy.sd.VAE(sd=state, config={"params": params})
+    vae.first_stage_model.requires_grad_(False)
+    return vae
+
+
+def tiny_motion_model(seed: int = 0, version: str = "v3", operations=comfy.ops.manual_cast) -> MotionModel:
+    model = MotionModel(MotionSpec.standard(version, TINY_CHANNELS), zero_init=False, operations=operations)
+    seeded_fill_(model, seed + 3, gain=0.5)
+    return model.eval().requires_grad_(False)
+
+
+def tiny_motion_patcher(seed: int = 0, version: str = "v3") -> LoadedMotionModel:
+    patcher = comfy.model_patcher.ModelPatcher(
+        tiny_motion_model(seed, version), load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+    return LoadedMotionModel(f"tiny demo {version} (seed {seed})", patcher)
+
+
+class TinyDemoModels(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_TinyDemoModels",
+            display_name="Tiny Demo Models (AnimateDiff, no download)",
+            category=f"{CATEGORY}/demo",
+            description="Builds a tiny random SD1.5-shaped model, CLIP, VAE and a matching motion model "
+                        "in memory, to try a workflow end to end without downloads. Frames are noise-like.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+                io.Combo.Input("motion_version", options=["v3", "v2", "v1"], default="v3",
+                               tooltip="Layout of the demo motion model (v2 adds a mid block; v1 spans "
+                                       "ResNet norms over frames)."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
+                     MotionModelType.Output(display_name="MOTION_MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, motion_version: str = "v3") -> io.NodeOutput:
+        return io.NodeOutput(tiny_sd15_model(seed), tiny_clip(seed), tiny_vae(seed),
+                             tiny_motion_patcher(seed, motion_version))
+
+
+NODES = [TinyDemoModels]
+
+
+def _random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    down = torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
+    up = torch.randn(out_features, rank, generator=gen) / rank ** 0.5
+    return up, down
+
+
+def tiny_motion_lora_state_dict(spec: MotionSpec, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random MotionLoRA in the original file format for a motion model of ``spec``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module in spec.modules:
+        for j in (0, 1):
+            base = f"{module.prefix}.temporal_transformer.transformer_blocks.0.attention_blocks.{j}.processor"
+            for proj in ("to_q", "to_k", "to_v", "to_out"):
+                up, down = _random_pair(gen, module.channels, module.channels, rank)
+                sd[f"{base}.{proj}_lora.up.weight"], sd[f"{base}.{proj}_lora.down.weight"] = up, down
+    return sd
+
+
+def tiny_domain_adapter_state_dict(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random domain adapter (original naming) for the tiny UNet's spatial attention layers."""
+    import re
+
+    import comfy.utils
+
+    config = comfy.supported_models.SD15(dict(TINY_UNET)).unet_config
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in comfy.supported_models.SD15(dict(TINY_UNET)).get_model({})
+                  .diffusion_model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    pattern = re.compile(r"^(.*attentions\.\d+\.transformer_blocks\.\d+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(config).items()):
+        match = pattern.match(diffusers_key)
+        if match and comfy_key in shapes:
+            out_features, in_features = shapes[comfy_key]
+            proj = match[2].replace(".0", "")
+            up, down = _random_pair(gen, out_features, in_features, rank)
+            base = f"{match[1]}.processor.{proj}_lora"
+            sd[f"{base}.up.weight"], sd[f"{base}.down.weight"] = up, down
+    return sd

@@ -1,0 +1,121 @@
+"""Load Motion Model, Load MotionLoRA, Apply Motion Model: forms over the core and injection."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..motion_modules import load_domain_adapter, load_lora
+from .folders import MOTION_LORAS, MOTION_MODELS, full_path
+from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_motion_patcher,
+                        resolve_schedule)
+
+CATEGORY = "AnimateDiff Suite"
+MotionModel = io.Custom("MOTION_MODEL")
+MotionLora = io.Custom("MOTION_LORA")
+NO_ADAPTER = "none"
+
+
+class LoadMotionModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_LoadMotionModel",
+            display_name="Load Motion Model (AnimateDiff)",
+            category=CATEGORY,
+            description="Load an AnimateDiff motion module (v1/v2/v3, SDXL beta, HotShot-XL, AnimateLCM, "
+                        "Lightning, diffusers format) from models/animatediff_models.",
+            inputs=[io.Combo.Input("model_name", options=folder_paths.get_filename_list(MOTION_MODELS),
+                                   tooltip="Motion module file in models/animatediff_models (or a path "
+                                           "from extra_model_paths.yaml). The format is detected from its weights.")],
+            outputs=[MotionModel.Output(display_name="MOTION_MODEL"),
+                     io.String.Output(display_name="info", tooltip="What was loaded: family, version, frame limit.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str) -> io.NodeOutput:
+        motion = load_motion_patcher(full_path(MOTION_MODELS, model_name), model_name)
+        info = f"{model_name}: {motion.spec.describe()}"
+        return io.NodeOutput(motion, info, ui={"text": [info]})
+
+
+class LoadMotionLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_LoadMotionLora",
+            display_name="Load MotionLoRA (AnimateDiff)",
+            category=CATEGORY,
+            description="Load a MotionLoRA (camera motions such as ZoomIn, PanLeft) and chain it after others.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list(MOTION_LORAS),
+                               tooltip="MotionLoRA file in models/animatediff_motion_lora."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of the LoRA's weights (W += strength * up @ down); "
+                                       "negative values reverse the motion."),
+                MotionLora.Input("prev_motion_lora", optional=True,
+                                 tooltip="Optional earlier MotionLoRAs; all are applied, added together."),
+            ],
+            outputs=[MotionLora.Output(display_name="MOTION_LORA")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str, strength: float, prev_motion_lora=None) -> io.NodeOutput:
+        lora = load_lora(full_path(MOTION_LORAS, lora_name), kind="MotionLoRA")
+        chain = tuple(prev_motion_lora or ()) + (MotionLoraEntry(lora_name, lora, float(strength)),)
+        return io.NodeOutput(chain)
+
+
+class ApplyMotionModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_ApplyMotionModel",
+            display_name="Apply Motion Model (AnimateDiff)",
+            category=CATEGORY,
+            description="Insert a motion model into a copy of MODEL. Sample with the stock KSampler; the "
+                        "latent batch size is the number of frames.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 or SDXL model (any checkpoint, LoRAs applied or not)."),
+                MotionModel.Input("motion_model", tooltip="From Load Motion Model; its family must match MODEL."),
+                MotionLora.Input("motion_lora", optional=True, tooltip="Optional MotionLoRA chain."),
+                io.Combo.Input("domain_adapter", options=[NO_ADAPTER, *folder_paths.get_filename_list("loras")],
+                               default=NO_ADAPTER, optional=True,
+                               tooltip="AnimateDiff v3 domain adapter (v3_sd15_adapter) from models/loras."),
+                io.Float.Input("domain_adapter_strength", default=1.0, min=-2.0, max=2.0, step=0.01, optional=True,
+                               tooltip="Strength of the domain adapter (1.0 as trained; lower it to keep more "
+                                       "of the checkpoint's look)."),
+                io.Float.Input("motion_scale", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="Multiplies the temporal attention's softmax scale: >1 more motion, <1 less."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of sampling after which the motion modules start to run."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of sampling after which the motion modules stop running."),
+                io.Combo.Input("beta_schedule", options=SCHEDULE_OPTIONS, default="auto", optional=True,
+                               tooltip="Noise schedule. auto picks the one the motion model was trained with "
+                                       "(AnimateDiff SD1.5: sqrt_linear 0.00085-0.012); 'use existing' keeps MODEL's."),
+            ],
+            outputs=[io.Model.Output(tooltip="A copy of MODEL that animates; the input MODEL is unchanged.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_) -> bool | str:
+        if start_percent > end_percent:
+            return f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent})"
+        return True
+
+    @classmethod
+    def execute(cls, model, motion_model, motion_lora=None, domain_adapter=NO_ADAPTER,
+                domain_adapter_strength=1.0, motion_scale=1.0, start_percent=0.0, end_percent=1.0,
+                beta_schedule="auto") -> io.NodeOutput:
+        adapter = None
+        if domain_adapter and domain_adapter != NO_ADAPTER:
+            adapter = (load_domain_adapter(full_path("loras", domain_adapter)), float(domain_adapter_strength))
+        patched = apply_motion(model, motion_model, loras=motion_lora or (), scale=motion_scale,
+                               start_percent=start_percent, end_percent=end_percent,
+                               schedule=resolve_schedule(beta_schedule, motion_model.spec),
+                               domain_adapter=adapter)
+        return io.NodeOutput(patched)
+
+
+NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel]

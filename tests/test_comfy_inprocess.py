@@ -1,0 +1,357 @@
+"""ComfyUI tier, in-process: the nodes and the injection inside a real ComfyUI, with tiny models.
+
+Skipped (with the reason) when no ComfyUI is found; see tests/comfy_env.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ads_package import ROOT
+
+pytestmark = pytest.mark.comfyui
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def env(comfyui):
+    """Modules and tiny models shared by the tests of this file."""
+    import comfy.model_management as mm
+    import comfy.sample
+    import nodes
+
+    from animatediff_suite.nodes import demo, injection, motion_nodes
+
+    clip = demo.tiny_clip(0)
+    cond = nodes.CLIPTextEncode().encode(clip, "a cat walking")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    return dict(mm=mm, nodes=nodes, sample=comfy.sample, demo=demo, injection=injection,
+                motion_nodes=motion_nodes, cond=cond, negative=negative)
+
+
+def ksample(env, model, cfg=7.0, steps=2, seed=5, frames=FRAMES, sampler="euler", callback=None,
+            positive=None):
+    latent = {"samples": torch.zeros(frames, 4, 8, 8)}
+    if callback is None:
+        return env["nodes"].common_ksampler(model, seed, steps, cfg, sampler, "normal", positive or env["cond"],
+                                            env["negative"], latent)[0]["samples"]
+    noise = env["sample"].prepare_noise(latent["samples"], seed)
+    return env["sample"].sample(model, noise, steps, cfg, sampler, "normal", positive or env["cond"],
+                                env["negative"], latent["samples"], callback=callback, disable_pbar=True)
+
+
+def motion(env, version="v3", seed=0, zero_proj_out=False):
+    loaded = env["demo"].tiny_motion_patcher(seed, version)
+    if zero_proj_out:
+        for _, module in loaded.patcher.model.named_temporal_modules():
+            torch.nn.init.zeros_(module.temporal_transformer.proj_out.weight)
+            torch.nn.init.zeros_(module.temporal_transformer.proj_out.bias)
+    return loaded
+
+
+def apply(env, model, loaded, schedule="use existing", **kwargs):
+    schedule = env["injection"].resolve_schedule(schedule, loaded.spec)
+    return env["injection"].apply_motion(model, loaded, schedule=schedule, **kwargs)
+
+
+def test_pack_loads_like_comfyui_loads_it(env):
+    nodes = env["nodes"]
+    assert asyncio.run(nodes.load_custom_node(ROOT)) is True
+    for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels"):
+        assert node_id in nodes.NODE_CLASS_MAPPINGS
+    assert os.path.dirname(nodes.__file__) != ROOT
+    info = nodes.NODE_CLASS_MAPPINGS["ADS_ApplyMotionModel"].INPUT_TYPES()
+    for section in info.values():
+        for name, spec in section.items():
+            if isinstance(spec, tuple) and len(spec) > 1 and isinstance(spec[1], dict):
+                assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+
+
+def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
+    model = env["demo"].tiny_sd15_model(0)
+    plain = ksample(env, model)
+    animated = ksample(env, apply(env, model, motion(env, zero_proj_out=True)))
+    for frame in range(FRAMES):
+        assert torch.equal(animated[frame], plain[frame]), frame
+
+
+# -- the patched UNet against a reference forward built from the core --------------------------
+
+def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False):
+    """UNet forward walked block by block, calling the core's temporal modules where the original
+    AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample, forward_timestep_embed
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    modules = dict(motion_model.named_temporal_modules())
+    layers = 2
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
+
+    def run(seq, h, output_shape=None):
+        return forward_timestep_embed(list(seq), h, emb, context, {}, output_shape)
+
+    with frame_spanning_resnet_norms(unet, frames) if spanning else contextlib.nullcontext():
+        h, skips = x, []
+        for index, block in enumerate(unet.input_blocks):
+            h = run(block, h)
+            level, j = divmod(index - 1, layers + 1)
+            if index and j < layers:
+                h = modules[f"down_blocks.{level}.motion_modules.{j}"](h, frames)
+            skips.append(h)
+        mid = list(unet.middle_block)
+        h = run(mid[:-1], h)
+        if "mid_block.motion_modules.0" in modules:
+            h = modules["mid_block.motion_modules.0"](h, frames)
+        h = run(mid[-1:], h)
+        for index, block in enumerate(unet.output_blocks):
+            h = torch.cat([h, skips.pop()], dim=1)
+            shape = skips[-1].shape if skips else None
+            level, j = divmod(index, layers + 1)
+            module = modules[f"up_blocks.{level}.motion_modules.{j}"]
+            seq = list(block)
+            if isinstance(seq[-1], Upsample):
+                h = run(seq[-1:], module(run(seq[:-1], h), frames), shape)
+            else:
+                h = module(run(seq, h), frames)
+        return unet.out(h)
+
+
+@contextlib.contextmanager
+def frame_spanning_resnet_norms(unet, frames):
+    """Temporarily give every ResBlock GroupNorm and out.0 statistics over (c/g, f, h, w): the
+    original v1 semantics, written directly as a 5D group norm."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    norms = [m.in_layers[0] for m in unet.modules() if isinstance(m, ResBlock)]
+    norms += [m.out_layers[0] for m in unet.modules() if isinstance(m, ResBlock)] + [unet.out[0]]
+
+    def spanning(norm):
+        def forward(x):
+            y = F.group_norm(rearrange(x, "(b f) c h w -> b c f h w", f=frames), norm.num_groups,
+                             norm.weight, norm.bias, norm.eps)
+            return rearrange(y, "b c f h w -> (b f) c h w")
+        return forward
+
+    for norm in norms:
+        norm.forward = spanning(norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+@pytest.mark.parametrize("version", ["v3", "v2", "v1"])
+@pytest.mark.parametrize("cfg", [1.0, 7.0], ids=["cond_only", "cond_and_uncond"])
+def test_patched_unet_equals_core_reference(env, version, cfg):
+    """One euler step returns the x0 prediction; recompute it with the reference forward."""
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, version, seed=1)
+    patched = apply(env, model, loaded)
+    out = ksample(env, patched, cfg=cfg, steps=1)
+    plain = ksample(env, model, cfg=cfg, steps=1)  # also unloads `patched`: the UNet is ejected again
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigma_max.reshape(1)
+    noise = env["sample"].prepare_noise(torch.zeros(FRAMES, 4, 8, 8), 5)
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    t = sampling.timestep(sigma).float().expand(FRAMES)
+    unet = model.model.diffusion_model
+
+    def x0(conditioning):
+        context = conditioning[0][0].expand(FRAMES, -1, -1)
+        with torch.no_grad():
+            eps = reference_unet(unet, loaded.patcher.model, sampling.calculate_input(sigma, x), t, context,
+                                 FRAMES, spanning=version == "v1")
+        return sampling.calculate_denoised(sigma, eps, x)
+
+    expected = x0(env["cond"])
+    if cfg != 1.0:
+        uncond = x0(env["negative"])
+        expected = uncond + cfg * (expected - uncond)
+    got = model.model.latent_format.process_in(out)
+    assert (got - model.model.latent_format.process_in(plain)).abs().max() > 1e-2
+    # compare the noise predictions, i.e. the UNet outputs: eps = (x - x0) / sigma. With guidance,
+    # eps = u + cfg (c - u), so a 1e-4 error per UNet output can grow to (|cfg| + |cfg - 1|) 1e-4.
+    tolerance = 1e-4 * (abs(cfg) + abs(cfg - 1))
+    torch.testing.assert_close((x - got) / sigma, (x - expected) / sigma, atol=tolerance, rtol=0)
+
+
+def test_v1_norms_really_span_frames(env):
+    model = env["demo"].tiny_sd15_model(0)
+    patched = apply(env, model, motion(env, "v1", seed=1))
+    spanning = ksample(env, patched, steps=1)
+    per_frame = patched.clone()
+    norm_paths = [p for p in per_frame.object_patches if p.startswith("diffusion_model.")]
+    assert len(norm_paths) == 2 * 22 + 1  # 8 + 2 + 12 ResBlocks in the tiny UNet, plus out.0
+    for path in norm_paths:
+        per_frame.object_patches.pop(path)
+    assert (ksample(env, per_frame, steps=1) - spanning).abs().max() > 1e-3
+
+
+# -- no leaks ------------------------------------------------------------------------------------
+
+def test_unpatched_model_is_bit_identical_after_runs_errors_and_interrupts(env):
+    model = env["demo"].tiny_sd15_model(0)
+    never_patched = ksample(env, model)
+    patched = apply(env, model, motion(env, "v2"), schedule="auto")
+    ksample(env, patched)
+    assert torch.equal(ksample(env, model), never_patched)
+
+    def fail(step, *args):
+        if step == 1:
+            raise RuntimeError("boom in the middle of sampling")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ksample(env, patched, steps=3, callback=fail)
+    assert torch.equal(ksample(env, model), never_patched)
+
+    def interrupt(step, *args):
+        env["mm"].interrupt_current_processing(True)
+
+    with pytest.raises(env["mm"].InterruptProcessingException):
+        ksample(env, patched, steps=3, callback=interrupt)
+    env["mm"].interrupt_current_processing(False)
+    assert torch.equal(ksample(env, model), never_patched)
+    unet = model.model.diffusion_model
+    injection = env["injection"]
+    assert not any(isinstance(m, injection.MotionSlot) for m in unet.modules())
+    assert not any(type(m).__name__.startswith("FrameSpanning") for m in unet.modules())
+
+
+def test_one_motion_model_two_samplers_and_two_base_models_do_not_cross_contaminate(env):
+    loaded = motion(env, "v2")
+    lora_sd = env["demo"].tiny_motion_lora_state_dict(loaded.spec, seed=4)
+    from animatediff_suite.motion_modules import load_lora
+    entry = env["injection"].MotionLoraEntry("tiny", load_lora(lora_sd), 1.0)
+    model_a = env["demo"].tiny_sd15_model(0)
+    model_b = env["demo"].tiny_sd15_model(1)
+    with_lora = apply(env, model_a, loaded, loras=(entry,))
+    without = apply(env, model_a, loaded)
+    on_b = apply(env, model_b, loaded)
+    first = [ksample(env, m) for m in (with_lora, without, on_b)]
+    second = [ksample(env, m) for m in (on_b, without, with_lora)][::-1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert (first[0] - first[1]).abs().max() > 1e-3
+    assert loaded.patcher.patches == {}  # the MOTION_MODEL input itself never gets the LoRA
+
+
+def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
+    import folder_paths
+    from safetensors.torch import save_file
+
+    loaded = motion(env, "v2")
+    lora_dir = tmp_path / "animatediff_motion_lora"
+    lora_dir.mkdir()
+    save_file(env["demo"].tiny_motion_lora_state_dict(loaded.spec, seed=4), str(lora_dir / "zoom.safetensors"))
+    folder_paths.add_model_folder_path("animatediff_motion_lora", str(lora_dir))
+    Loader = env["motion_nodes"].LoadMotionLora
+    half = Loader.execute("zoom.safetensors", 0.5).result[0]
+    full = (half[0].__class__(half[0].name, half[0].lora, 1.0),)
+    os.remove(lora_dir / "zoom.safetensors")  # nothing below may read the file again
+    model = env["demo"].tiny_sd15_model(0)
+    out_half = ksample(env, apply(env, model, loaded, loras=half))
+    out_full = ksample(env, apply(env, model, loaded, loras=full))
+    assert (out_half - out_full).abs().max() > 1e-3
+
+
+def test_apply_does_not_mutate_its_inputs(env):
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v1")
+    options_before = repr(model.model_options)
+    apply(env, model, loaded, schedule="auto", scale=1.3, start_percent=0.1, end_percent=0.9)
+    assert repr(model.model_options) == options_before
+    assert model.object_patches == {} and model.get_additional_models() == [] and model.injections == {}
+    assert loaded.patcher.patches == {} and loaded.patcher.object_patches == {}
+
+
+def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
+    import comfy.model_patcher
+
+    from animatediff_suite.motion_modules import MotionModel, MotionModelError, MotionSpec
+
+    model = env["demo"].tiny_sd15_model(0)
+    sdxl = MotionModel(MotionSpec.standard("sdxl_beta", (32, 64, 64)))
+    loaded = env["injection"].LoadedMotionModel(
+        "mm_sdxl_v10_beta.safetensors", comfy.model_patcher.ModelPatcher(sdxl, "cpu", "cpu"))
+    with pytest.raises(MotionModelError, match=r"'mm_sdxl_v10_beta.safetensors' is SDXL \(3 down blocks\) "
+                                               r"but the model is SD15 \(4 UNet levels\)"):
+        apply(env, model, loaded)
+    wide = MotionModel(MotionSpec.standard("v3", (320, 640, 1280, 1280)), operations=torch.nn)
+    loaded = env["injection"].LoadedMotionModel(
+        "v3_sd15_mm.ckpt", comfy.model_patcher.ModelPatcher(wide, "cpu", "cpu"))
+    with pytest.raises(MotionModelError, match="expects 320 channels at down_blocks.0 but the model"):
+        apply(env, model, loaded)
+
+
+def test_motion_scale_and_percent_range(env):
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v3")
+    base = ksample(env, apply(env, model, loaded))
+    assert (ksample(env, apply(env, model, loaded, scale=2.0)) - base).abs().max() > 1e-3
+    # a range that excludes every step is exactly the plain model
+    off = apply(env, model, loaded, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(ksample(env, off, steps=2), ksample(env, model, steps=2))
+
+
+def test_beta_schedules(env):
+    import comfy.model_sampling
+
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v3")
+    existing = model.get_model_object("model_sampling")
+    assert apply(env, model, loaded).get_model_object("model_sampling") is existing
+    auto = apply(env, model, loaded, schedule="auto").get_model_object("model_sampling")
+    betas = torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64)  # diffusers "linear"
+    expected = ((1 - torch.cumprod(1 - betas, 0)) / torch.cumprod(1 - betas, 0)) ** 0.5
+    torch.testing.assert_close(auto.sigmas.double(), expected, rtol=1e-5, atol=0)
+    assert isinstance(auto, comfy.model_sampling.EPS)
+    lcm = apply(env, model, loaded, schedule="lcm (AnimateLCM)").get_model_object("model_sampling")
+    assert {"ModelSamplingDiscreteDistilled", "LCM"} <= {c.__name__ for c in type(lcm).__mro__}
+    with pytest.raises(ValueError, match="unknown beta schedule 'cosmic'"):
+        env["injection"].resolve_schedule("cosmic", loaded.spec)
+
+
+def test_domain_adapter_is_applied_exactly(env, tmp_path):
+    import comfy.model_management as mm
+
+    from animatediff_suite.motion_modules import load_domain_adapter
+
+    model = env["demo"].tiny_sd15_model(0)
+    adapter_sd = env["demo"].tiny_domain_adapter_state_dict(seed=9)
+    adapter = load_domain_adapter(adapter_sd)
+    patched = apply(env, model, motion(env, "v3"), domain_adapter=(adapter, 0.7))
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    comfy_key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    before = model.model.state_dict()[comfy_key].clone()
+    mm.load_models_gpu([patched])
+    up, down = adapter.pairs[key]
+    torch.testing.assert_close(patched.model.state_dict()[comfy_key], before + 0.7 * up @ down)
+    mm.load_models_gpu([model])
+    assert torch.equal(model.model.state_dict()[comfy_key], before)
+
+
+def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
+    import folder_paths
+
+    from animatediff_suite.motion_modules import save_motion_model
+
+    folder = tmp_path / "animatediff_models"
+    folder.mkdir()
+    save_motion_model(env["demo"].tiny_motion_model(3, "v2", operations=torch.nn), folder / "tiny_v2.safetensors")
+    folder_paths.add_model_folder_path("animatediff_models", str(folder))
+    out = env["motion_nodes"].LoadMotionModel.execute("tiny_v2.safetensors")
+    loaded, info = out.result
+    assert loaded.spec.version == "v2" and "SD1.5 v2" in info and "32 frames" in info
+    assert out.ui["text"] == [info]
+    model = env["demo"].tiny_sd15_model(0)
+    patched = env["motion_nodes"].ApplyMotionModel.execute(model, loaded).result[0]
+    assert patched is not model and ksample(env, patched).shape == (FRAMES, 4, 8, 8)
+    assert env["motion_nodes"].ApplyMotionModel.validate_inputs(start_percent=0.6, end_percent=0.2) != True
