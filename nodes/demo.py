@@ -31,6 +31,15 @@ TINY_UNET = {
     "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 32,
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
+TINY_SDXL_CHANNELS = (32, 64, 64)
+# The tiny CLIP's pooled output has 32 features; SDXL's ADM vector appends 6 x 256 size embeddings.
+TINY_SDXL_UNET = {
+    **TINY_UNET, "adm_in_channels": 32 + 6 * 256, "num_classes": "sequential",
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 2],
+    "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_linear_in_transformer": True,
+}
+FAMILY_VERSIONS = {"SD1.5": ("v3", "v2", "v1"), "SDXL": ("sdxl_beta", "hotshotxl")}
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
              "num_hidden_layers": 2, "projection_dim": 32}
 TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -53,8 +62,13 @@ def seeded_fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch
     return module
 
 
-def tiny_sd15_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    config = comfy.supported_models.SD15(dict(TINY_UNET))
+def tiny_sd15_model(seed: int = 0, family: str = "SD1.5") -> comfy.model_patcher.ModelPatcher:
+    """A tiny UNet of the given family ("SD1.5": 4 levels, "SDXL": 3 levels with an ADM input)."""
+    if family == "SDXL":
+        config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+        config.unet_config["num_head_channels"] = 8
+    else:
+        config = comfy.supported_models.SD15(dict(TINY_UNET))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     seeded_fill_(model.diffusion_model, seed)
@@ -86,7 +100,8 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
 
 
 def tiny_motion_model(seed: int = 0, version: str = "v3", operations=comfy.ops.manual_cast) -> MotionModel:
-    model = MotionModel(MotionSpec.standard(version, TINY_CHANNELS), zero_init=False, operations=operations)
+    channels = TINY_SDXL_CHANNELS if version in FAMILY_VERSIONS["SDXL"] else TINY_CHANNELS
+    model = MotionModel(MotionSpec.standard(version, channels), zero_init=False, operations=operations)
     seeded_fill_(model, seed + 3, gain=0.5)
     return model.eval().requires_grad_(False)
 
@@ -109,17 +124,26 @@ class TinyDemoModels(io.ComfyNode):
                         "in memory, to try a workflow end to end without downloads. Frames are noise-like.",
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
-                io.Combo.Input("motion_version", options=["v3", "v2", "v1"], default="v3",
-                               tooltip="Layout of the demo motion model (v2 adds a mid block; v1 spans "
-                                       "ResNet norms over frames)."),
+                io.Combo.Input("family", options=list(FAMILY_VERSIONS), default="SD1.5",
+                               tooltip="Shape of the tiny model: SD1.5 (4 UNet levels) or SDXL (3 levels)."),
+                io.Combo.Input("motion_version", options=[v for vs in FAMILY_VERSIONS.values() for v in vs],
+                               default="v3", tooltip="Layout of the demo motion model; must suit the family "
+                                                     "(v1/v2/v3 for SD1.5, sdxl_beta/hotshotxl for SDXL)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
                      MotionModelType.Output(display_name="MOTION_MODEL")],
         )
 
     @classmethod
-    def execute(cls, seed: int, motion_version: str = "v3") -> io.NodeOutput:
-        return io.NodeOutput(tiny_sd15_model(seed), tiny_clip(seed), tiny_vae(seed),
+    def validate_inputs(cls, family="SD1.5", motion_version="v3", **_) -> bool | str:
+        if motion_version not in FAMILY_VERSIONS.get(family, ()):
+            return f"motion_version {motion_version!r} does not fit family {family!r}; " \
+                   f"expected one of {list(FAMILY_VERSIONS.get(family, ()))}"
+        return True
+
+    @classmethod
+    def execute(cls, seed: int, family: str = "SD1.5", motion_version: str = "v3") -> io.NodeOutput:
+        return io.NodeOutput(tiny_sd15_model(seed, family), tiny_clip(seed), tiny_vae(seed),
                              tiny_motion_patcher(seed, motion_version))
 
 

@@ -16,6 +16,13 @@ MotionLora = io.Custom("MOTION_LORA")
 NO_ADAPTER = "none"
 
 
+def check_listed(folder: str, name: str, what: str) -> bool | str:
+    """Queue-time check that a dropdown value names a file ComfyUI lists in ``folder``."""
+    if name in folder_paths.get_filename_list(folder):
+        return True
+    return f"{what} {name!r} is not in models/{folder} (or its extra_model_paths.yaml entries)"
+
+
 class LoadMotionModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -31,6 +38,10 @@ class LoadMotionModel(io.ComfyNode):
             outputs=[MotionModel.Output(display_name="MOTION_MODEL"),
                      io.String.Output(display_name="info", tooltip="What was loaded: family, version, frame limit.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        return check_listed(MOTION_MODELS, model_name, "motion model")
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
@@ -58,6 +69,10 @@ class LoadMotionLora(io.ComfyNode):
             ],
             outputs=[MotionLora.Output(display_name="MOTION_LORA")],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str, **_) -> bool | str:
+        return check_listed(MOTION_LORAS, lora_name, "MotionLoRA")
 
     @classmethod
     def execute(cls, lora_name: str, strength: float, prev_motion_lora=None) -> io.NodeOutput:
@@ -99,9 +114,11 @@ class ApplyMotionModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **_) -> bool | str:
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, domain_adapter=NO_ADAPTER, **_) -> bool | str:
         if start_percent > end_percent:
             return f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent})"
+        if domain_adapter and domain_adapter != NO_ADAPTER:
+            return check_listed("loras", domain_adapter, "domain adapter")
         return True
 
     @classmethod

@@ -84,7 +84,7 @@ def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
 
 # -- the patched UNet against a reference forward built from the core --------------------------
 
-def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False):
+def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None):
     """UNet forward walked block by block, calling the core's temporal modules where the original
     AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample, forward_timestep_embed
@@ -93,6 +93,8 @@ def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=F
     modules = dict(motion_model.named_temporal_modules())
     layers = 2
     emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
+    if y is not None:
+        emb = emb + unet.label_emb(y)
 
     def run(seq, h, output_shape=None):
         return forward_timestep_embed(list(seq), h, emb, context, {}, output_shape)
@@ -355,3 +357,32 @@ def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
     patched = env["motion_nodes"].ApplyMotionModel.execute(model, loaded).result[0]
     assert patched is not model and ksample(env, patched).shape == (FRAMES, 4, 8, 8)
     assert env["motion_nodes"].ApplyMotionModel.validate_inputs(start_percent=0.6, end_percent=0.2) != True
+
+
+@pytest.mark.parametrize("version", ["sdxl_beta", "hotshotxl"])
+def test_sdxl_injection_equals_core_reference(env, version):
+    """Tiny SDXL (3 levels): the injected UNet equals the block-by-block reference."""
+    import comfy.model_management as mm
+
+    model = env["demo"].tiny_sd15_model(0, family="SDXL")
+    loaded = motion(env, version, seed=2)
+    patched = apply(env, model, loaded, schedule="auto")
+    unet = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FRAMES, 4, 8, 8, generator=gen)
+    t = torch.full((FRAMES,), 700.0)
+    context = torch.randn(FRAMES, 77, 32, generator=gen)
+    y = torch.randn(FRAMES, unet.label_emb[0][0].in_features, generator=gen)
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0],
+               "sigmas": torch.tensor([5.0])}
+    mm.load_models_gpu([patched, *patched.get_nested_additional_models()])
+    with torch.no_grad():
+        got = unet(x, t, context=context, y=y, transformer_options=options)
+    mm.load_models_gpu([model])  # ejects the motion modules again
+
+    with torch.no_grad():
+        expected = reference_unet(unet, loaded.patcher.model, x, t, context, FRAMES, y=y)
+        plain = unet(x, t, context=context, y=y)
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert loaded.spec.norm_mode == ("across_frames" if version == "sdxl_beta" else "per_frame")

@@ -1,0 +1,147 @@
+"""ComfyUI tier, end to end: a real ComfyUI server (main.py --cpu) with the pack, driven over HTTP.
+
+Every API example is posted with tiny models made visible to the server: the motion models,
+MotionLoRA and domain adapter are tiny files under the example's file names in temporary model
+folders; the SD checkpoint loader is swapped for ADS_TinyDemoModels (ComfyUI cannot detect a tiny
+checkpoint file as SD1.5/SDXL, so a tiny checkpoint *file* is not possible).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model
+from ads_package import ROOT
+
+pytestmark = pytest.mark.comfyui
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("ads_runner", os.path.join(ROOT, "__main__.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _workflows():
+    spec = importlib.util.spec_from_file_location("ads_workflows", os.path.join(ROOT, "tests", "tools", "workflows.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _runner()
+workflows = _workflows()
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, tmp_path_factory):
+    from animatediff_suite.nodes.demo import TINY_CHANNELS, TINY_SDXL_CHANNELS, tiny_domain_adapter_state_dict
+
+    root = tmp_path_factory.mktemp("comfy_e2e")
+    folders = {name: root / name for name in ("animatediff_models", "animatediff_motion_lora", "loras")}
+    for folder in folders.values():
+        folder.mkdir()
+    v2 = random_model(make_spec("v2", channels=TINY_CHANNELS), seed=1)
+    torch.save(original_state_dict(v2), folders["animatediff_models"] / "mm_sd_v15_v2.ckpt")
+    torch.save(original_state_dict(random_model(make_spec("v3", channels=TINY_CHANNELS), seed=2)),
+               folders["animatediff_models"] / "v3_sd15_mm.ckpt")
+    torch.save(original_state_dict(random_model(make_spec("sdxl_beta", channels=TINY_SDXL_CHANNELS), seed=3)),
+               folders["animatediff_models"] / "mm_sdxl_v10_beta.ckpt")
+    torch.save(motion_lora_state_dict(v2.spec), folders["animatediff_motion_lora"] / "v2_lora_ZoomIn.ckpt")
+    torch.save(tiny_domain_adapter_state_dict(), folders["loras"] / "v3_sd15_adapter.ckpt")
+    (root / "input").mkdir()
+    Image.new("RGB", (96, 80), (200, 120, 40)).save(root / "input" / "example.png")
+    output = root / "output"
+    instance = runner.ComfyServer.start(
+        comfyui, str(root), ["--cpu", "--input-directory", str(root / "input"), "--output-directory", str(output)],
+        model_folders={k: str(v) for k, v in folders.items()})
+    instance.output = output
+    yield instance
+    instance.stop()
+
+
+def tiny(graph: dict) -> dict:
+    """The example on tiny models, at 64x64 and 2 steps."""
+    graph = runner.use_tiny_models(graph, swap_motion_loaders=False)
+    for node in graph.values():
+        if node["class_type"] in ("EmptyLatentImage", "ImageScale"):
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    return graph
+
+
+def frame_counts(server, entry) -> dict[str, int]:
+    import av
+
+    counts = {}
+    for item in runner.output_files(entry):
+        path = os.path.join(server.output, item.get("subfolder", ""), item["filename"])
+        if path.endswith(".webp"):
+            counts["webp"] = Image.open(path).n_frames
+        elif path.endswith(".mp4"):
+            with av.open(path) as container:
+                counts["mp4"] = sum(1 for _ in container.decode(video=0))
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(workflows.EXAMPLES))
+def test_every_api_example_runs_and_writes_16_frames(server, name):
+    entry = server.run(tiny(runner.load_example(name)))
+    assert frame_counts(server, entry) == {"webp": 16, "mp4": 16}
+
+
+def test_unknown_motion_model_is_a_node_error_and_the_next_prompt_runs(server):
+    graph = tiny(runner.load_example("txt2vid_sd15"))
+    graph["2"]["inputs"]["model_name"] = "no_such_motion_model.ckpt"
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.queue(graph)
+    node_errors = raised.value.detail["node_errors"]
+    assert "2" in node_errors and "no_such_motion_model.ckpt" in json.dumps(node_errors["2"])
+    assert frame_counts(server, server.run(tiny(runner.load_example("txt2vid_sd15"))))["webp"] == 16
+
+
+def test_negative_frame_count_is_a_node_error(server):
+    graph = tiny(runner.load_example("txt2vid_sd15"))
+    graph["6"]["inputs"]["batch_size"] = -3
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.queue(graph)
+    assert "6" in raised.value.detail["node_errors"]
+    assert "batch_size" in json.dumps(raised.value.detail["node_errors"]["6"])
+
+
+def test_mismatched_family_is_an_execution_error_naming_the_node(server):
+    graph = tiny(runner.load_example("txt2vid_sd15"))
+    graph["2"]["inputs"]["model_name"] = "mm_sdxl_v10_beta.ckpt"
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.run(graph)
+    (kind, details), = raised.value.messages
+    assert kind == "execution_error" and details["node_id"] == "3"
+    assert "is SDXL (3 down blocks) but the model is SD15" in details["exception_message"]
+    assert frame_counts(server, server.run(tiny(runner.load_example("txt2vid_sd15"))))["mp4"] == 16
+
+
+def test_start_after_end_percent_is_a_validation_error(server):
+    graph = tiny(runner.load_example("txt2vid_sd15"))
+    graph["3"]["inputs"].update(start_percent=0.8, end_percent=0.2)
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.queue(graph)
+    assert "start_percent (0.8) must not be greater than end_percent (0.2)" in json.dumps(raised.value.detail)
+
+
+def test_ui_examples_are_the_api_examples(server):
+    object_info = server.get("/object_info")
+    for name, (graph, _, _) in workflows.EXAMPLES.items():
+        with open(os.path.join(ROOT, "example_workflows", f"{name}.json"), encoding="utf-8") as handle:
+            ui = json.load(handle)
+        assert workflows.ui_to_api(ui, object_info) == workflows.normalised(graph), name
+        assert runner.load_example(name) == graph, f"example_workflows/api/{name}.json is stale"
+        note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "Model files this workflow expects" in note

@@ -1,0 +1,262 @@
+"""The example graphs (API format) and their conversion to and from ComfyUI's UI format.
+
+    python tests/tools/workflows.py        # rewrites example_workflows/*.json from the graphs below
+
+UI files are generated from the API graphs with the node definitions a running ComfyUI serves at
+/object_info, so both formats always describe the same graph (a ComfyUI-tier test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NEGATIVE = "worst quality, low quality, blurry, watermark, text"
+
+
+def _save(prefix: str, images: str = "8") -> dict:
+    return {
+        "9": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": [images, 0], "filename_prefix": prefix, "fps": 8.0,
+                                                           "lossless": False, "quality": 90, "method": "default"}},
+        "10": {"class_type": "CreateVideo", "inputs": {"images": [images, 0], "fps": 8.0}},
+        "11": {"class_type": "SaveVideo", "inputs": {"video": ["10", 0], "filename_prefix": prefix, "format": "mp4",
+                                                     "codec": "h264"}},
+    }
+
+
+def _txt2vid(checkpoint: str, motion: str, prompt: str, prefix: str, size: int = 512, cfg: float = 8.0,
+             apply_extra: dict | None = None, steps: int = 25) -> dict:
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "ADS_LoadMotionModel", "inputs": {"model_name": motion}},
+        "3": {"class_type": "ADS_ApplyMotionModel", "inputs": {
+            "model": ["1", 0], "motion_model": ["2", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
+            "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
+            **(apply_extra or {})}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 16}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["3", 0], "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "ddim",
+            "scheduler": "ddim_uniform", "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
+            "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+    }
+    graph.update(_save(prefix))
+    return graph
+
+
+def _with_motion_lora() -> dict:
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt",
+                     "a lighthouse on a cliff at sunset, waves, masterpiece", "AnimateDiff/motionlora", cfg=7.5)
+    graph["12"] = {"class_type": "ADS_LoadMotionLora", "inputs": {"lora_name": "v2_lora_ZoomIn.ckpt", "strength": 0.8}}
+    graph["3"]["inputs"]["motion_lora"] = ["12", 0]
+    return graph
+
+
+def _img2vid() -> dict:
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "v3_sd15_mm.ckpt",
+                     "a gentle breeze, flowers swaying, high quality", "AnimateDiff/img2vid", cfg=7.5,
+                     apply_extra={"domain_adapter": "v3_sd15_adapter.ckpt", "domain_adapter_strength": 0.8})
+    graph["6"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    graph["13"] = {"class_type": "ImageScale", "inputs": {"image": ["6", 0], "upscale_method": "bilinear",
+                                                          "width": 512, "height": 512, "crop": "center"}}
+    graph["14"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["13", 0], "vae": ["1", 2]}}
+    graph["15"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["14", 0], "amount": 16}}
+    graph["7"]["inputs"].update(latent_image=["15", 0], denoise=0.7)
+    return graph
+
+
+# name -> (API graph, the model files it expects, one line of description)
+EXAMPLES = {
+    "txt2vid_sd15": (
+        _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt",
+                 "a corgi running on a beach, golden hour, masterpiece, high quality", "AnimateDiff/txt2vid"),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
+        "Text to video, SD1.5, 16 frames at 512x512, AnimateDiff v2 (DDIM 25 steps, cfg 8 as the paper)."),
+    "txt2vid_motionlora": (
+        _with_motion_lora(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt",
+         "models/animatediff_motion_lora": "v2_lora_ZoomIn.ckpt"},
+        "Text to video with a camera MotionLoRA (ZoomIn at 0.8) on the v2 motion model."),
+    "txt2vid_v3_domain_adapter": (
+        _txt2vid("v1-5-pruned-emaonly.safetensors", "v3_sd15_mm.ckpt",
+                 "a koi pond in the rain, ripples, masterpiece", "AnimateDiff/v3", cfg=7.5,
+                 apply_extra={"domain_adapter": "v3_sd15_adapter.ckpt", "domain_adapter_strength": 0.8}),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "v3_sd15_mm.ckpt", "models/loras": "v3_sd15_adapter.ckpt"},
+        "Text to video with AnimateDiff v3 and its domain adapter at 0.8."),
+    "img2vid_light": (
+        _img2vid(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "v3_sd15_mm.ckpt", "models/loras": "v3_sd15_adapter.ckpt",
+         "input": "example.png (any image)"},
+        "Image to video (light): the image is encoded, repeated as the 16-frame latent batch, denoise 0.7."),
+    "txt2vid_sdxl": (
+        _txt2vid("sd_xl_base_1.0.safetensors", "mm_sdxl_v10_beta.ckpt",
+                 "a paper boat drifting down a stream, autumn leaves, detailed", "AnimateDiff/sdxl", size=1024,
+                 cfg=7.5),
+        {"models/checkpoints": "sd_xl_base_1.0.safetensors (or any SDXL checkpoint)",
+         "models/animatediff_models": "mm_sdxl_v10_beta.ckpt"},
+        "Text to video, SDXL, 16 frames at 1024x1024 with the AnimateDiff SDXL beta motion model."),
+}
+
+
+def _inputs(info: dict) -> list[tuple[str, list, bool]]:
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    return [(name, info["input"][section][name], section == "optional")
+            for section in ("required", "optional") for name in order.get(section, [])]
+
+
+def _kind(spec: list) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _extra_widgets(spec: list) -> list:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if _kind(spec) == "INT" and options.get("control_after_generate"):
+        return ["fixed"]
+    if options.get("image_upload"):
+        return ["image"]
+    return []
+
+
+def _default(spec: list):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    return spec[0][0] if isinstance(spec[0], list) else options.get("options", [None])[0]
+
+
+def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
+    """An API-format graph as a UI-format workflow (what ComfyUI's editor saves)."""
+    ids = {node_id: index + 1 for index, node_id in enumerate(graph)}
+    depth = {}
+
+    def level(node_id):
+        if node_id not in depth:
+            parents = [v[0] for v in graph[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((level(p) for p in parents), default=-1)
+        return depth[node_id]
+
+    nodes, links, column = [], [], {}
+    for node_id, node in graph.items():
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec, optional in _inputs(info):
+            value = node["inputs"].get(name)
+            if _kind(spec) in WIDGET_TYPES:
+                widgets += [_default(spec) if value is None else value, *_extra_widgets(spec)]
+                continue
+            link = None
+            if isinstance(value, list):
+                link = len(links) + 1
+                links.append([link, ids[value[0]], value[1], ids[node_id], len(inputs), _kind(spec)])
+            inputs.append({"name": name, "type": _kind(spec), "link": link})
+        outputs = [{"name": out_name, "type": out_type, "slot_index": slot, "links": []}
+                   for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
+        x = level(node_id)
+        y = column.get(x, 0)
+        column[x] = y + 1
+        nodes.append({"id": ids[node_id], "type": node["class_type"], "pos": [60 + 380 * x, 60 + 260 * y],
+                      "size": [340, 220], "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+                      **({"title": node["_meta"]["title"]} if node.get("_meta", {}).get("title") else {})})
+    by_id = {n["id"]: n for n in nodes}
+    for link_id, origin, slot, *_ in links:
+        by_id[origin]["outputs"][slot]["links"].append(link_id)
+    node_ids = {number: node_id for node_id, number in ids.items()}
+    for order, node in enumerate(sorted(nodes, key=lambda n: depth[node_ids[n["id"]]])):
+        node["order"] = order
+    note_id = len(nodes) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [60, 60 + 260 * max(column.values(), default=0)],
+                  "size": [520, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                  "properties": {}, "widgets_values": [note]})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The inverse of ``api_to_ui`` (virtual nodes such as Note are dropped)."""
+    links = {link[0]: link for link in workflow["links"]}
+    graph = {}
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info:
+            continue
+        info = object_info[node["type"]]
+        values = list(node.get("widgets_values") or [])
+        sockets = {i["name"]: i for i in node.get("inputs", [])}
+        inputs = {}
+        for name, spec, optional in _inputs(info):
+            if _kind(spec) in WIDGET_TYPES:
+                inputs[name] = values.pop(0)
+                del values[:len(_extra_widgets(spec))]
+            elif sockets.get(name, {}).get("link") is not None:
+                link = links[sockets[name]["link"]]
+                inputs[name] = [str(link[1]), link[2]]
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return graph
+
+
+def normalised(graph: dict) -> dict:
+    """API graph with ids renumbered 1..n in order and optional widget defaults left as given."""
+    ids = {node_id: str(index + 1) for index, node_id in enumerate(graph)}
+    out = {}
+    for node_id, node in graph.items():
+        inputs = {k: [ids[v[0]], v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        out[ids[node_id]] = {"class_type": node["class_type"], "inputs": inputs}
+    return out
+
+
+def note_text(name: str) -> str:
+    _, files, description = EXAMPLES[name]
+    lines = [description, "", "Model files this workflow expects:"]
+    lines += [f"- {folder}/{file}" for folder, file in files.items()]
+    return "\n".join(lines)
+
+
+def write_examples(object_info: dict) -> list[str]:
+    written = []
+    for name, (graph, _, _) in EXAMPLES.items():
+        api_path = os.path.join(ROOT, "example_workflows", "api", f"{name}.json")
+        ui_path = os.path.join(ROOT, "example_workflows", f"{name}.json")
+        os.makedirs(os.path.dirname(api_path), exist_ok=True)
+        for path, data in ((api_path, graph), (ui_path, api_to_ui(graph, object_info, note_text(name)))):
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1)
+                handle.write("\n")
+            written.append(path)
+    return written
+
+
+def main() -> None:
+    import tempfile
+
+    runner = _load_runner()
+    with tempfile.TemporaryDirectory() as workdir:
+        server = runner.ComfyServer.start(runner.find_comfyui(), workdir, ["--cpu"])
+        try:
+            object_info = server.get("/object_info")
+        finally:
+            server.stop()
+    for path in write_examples(object_info):
+        print(os.path.relpath(path, ROOT))
+
+
+def _load_runner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ads_runner", os.path.join(ROOT, "__main__.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    main()
