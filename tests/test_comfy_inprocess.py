@@ -67,11 +67,16 @@ def test_pack_loads_like_comfyui_loads_it(env):
     for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels"):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
     assert os.path.dirname(nodes.__file__) != ROOT
-    info = nodes.NODE_CLASS_MAPPINGS["ADS_ApplyMotionModel"].INPUT_TYPES()
-    for section in info.values():
-        for name, spec in section.items():
-            if isinstance(spec, tuple) and len(spec) > 1 and isinstance(spec[1], dict):
-                assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+    ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
+    assert len(ours) == 4
+    for node_id in ours:
+        node = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert node.CATEGORY.startswith("AnimateDiff Suite")
+        for section, inputs in node.INPUT_TYPES().items():
+            if section == "hidden":
+                continue
+            for name, spec in inputs.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
 def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
@@ -282,13 +287,13 @@ def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
     model = env["demo"].tiny_sd15_model(0)
     sdxl = MotionModel(MotionSpec.standard("sdxl_beta", (32, 64, 64)))
     loaded = env["injection"].LoadedMotionModel(
-        "mm_sdxl_v10_beta.safetensors", comfy.model_patcher.ModelPatcher(sdxl, "cpu", "cpu"))
+        "mm_sdxl_v10_beta.safetensors", comfy.model_patcher.ModelPatcher(sdxl, torch.device("cpu"), torch.device("cpu")))
     with pytest.raises(MotionModelError, match=r"'mm_sdxl_v10_beta.safetensors' is SDXL \(3 down blocks\) "
                                                r"but the model is SD15 \(4 UNet levels\)"):
         apply(env, model, loaded)
     wide = MotionModel(MotionSpec.standard("v3", (320, 640, 1280, 1280)), operations=torch.nn)
     loaded = env["injection"].LoadedMotionModel(
-        "v3_sd15_mm.ckpt", comfy.model_patcher.ModelPatcher(wide, "cpu", "cpu"))
+        "v3_sd15_mm.ckpt", comfy.model_patcher.ModelPatcher(wide, torch.device("cpu"), torch.device("cpu")))
     with pytest.raises(MotionModelError, match="expects 320 channels at down_blocks.0 but the model"):
         apply(env, model, loaded)
 

@@ -145,3 +145,43 @@ def test_ui_examples_are_the_api_examples(server):
         assert runner.load_example(name) == graph, f"example_workflows/api/{name}.json is stale"
         note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
         assert "Model files this workflow expects" in note
+
+
+def _with_sampler(graph: dict, kind: str) -> dict:
+    ks = graph.pop("7")["inputs"]
+    if kind == "KSamplerAdvanced":
+        graph["7"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ks["model"], "add_noise": "enable", "noise_seed": 1, "steps": 2, "cfg": 7.0,
+            "sampler_name": "euler", "scheduler": "normal", "positive": ks["positive"], "negative": ks["negative"],
+            "latent_image": ks["latent_image"], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}}
+        return graph
+    graph.update({
+        "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "21": {"class_type": "CFGGuider", "inputs": {"model": ks["model"], "positive": ks["positive"],
+                                                     "negative": ks["negative"], "cfg": 7.0}},
+        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "23": {"class_type": "BasicScheduler", "inputs": {"model": ks["model"], "scheduler": "normal",
+                                                          "steps": 2, "denoise": 1.0}},
+        "7": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["20", 0], "guider": ["21", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
+            "latent_image": ks["latent_image"]}},
+        "24": {"class_type": "SamplerCustom", "inputs": {
+            "model": ks["model"], "add_noise": True, "noise_seed": 1, "cfg": 7.0, "positive": ks["positive"],
+            "negative": ks["negative"], "sampler": ["22", 0], "sigmas": ["23", 0],
+            "latent_image": ks["latent_image"]}},
+        "25": {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["1", 2]}},
+        "26": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["25", 0], "filename_prefix": "custom",
+                                                            "fps": 8.0, "lossless": False, "quality": 80,
+                                                            "method": "default"}},
+    })
+    return graph
+
+
+@pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustom(Advanced)"])
+def test_stock_advanced_and_custom_samplers(server, kind):
+    entry = server.run(_with_sampler(tiny(runner.load_example("txt2vid_sd15")), kind))
+    webps = [f for f in runner.output_files(entry) if f["filename"].endswith(".webp")]
+    for item in webps:
+        assert Image.open(os.path.join(server.output, item.get("subfolder", ""), item["filename"])).n_frames == 16
+    assert len(webps) == (1 if kind == "KSamplerAdvanced" else 2)
