@@ -185,3 +185,8 @@ def test_stock_advanced_and_custom_samplers(server, kind):
     for item in webps:
         assert Image.open(os.path.join(server.output, item.get("subfolder", ""), item["filename"])).n_frames == 16
     assert len(webps) == (1 if kind == "KSamplerAdvanced" else 2)
+
+
+def test_web_extension_is_served(server):
+    extensions = server.get("/extensions")
+    assert any(path.endswith("/animatediff_suite.js") for path in extensions), extensions

@@ -20,14 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FULL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0] + [1] * 9,
-    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
+# full SD1.5 width and depth of attention; same block layout as the tiny demo UNet
+FULL_UNET_OVERRIDES = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "context_dim": 768}
 
 
 def run_one(size: str, variant: str, steps: int) -> dict:
@@ -53,7 +47,7 @@ def run_one(size: str, variant: str, steps: int) -> dict:
         model, latent_side, context_dim = demo.tiny_sd15_model(0), 8, 32
         motion = demo.tiny_motion_patcher(0, "v2")
     else:
-        config = comfy.supported_models.SD15(dict(FULL_UNET))
+        config = comfy.supported_models.SD15({**demo.TINY_UNET, **FULL_UNET_OVERRIDES})
         config.set_inference_dtype(torch.float32, None)
         base = config.get_model({})
         demo.seeded_fill_(base.diffusion_model, 0)
