@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import folder_paths
 from comfy_api.latest import io
 
@@ -21,6 +24,18 @@ def check_listed(folder: str, name: str, what: str) -> bool | str:
     if name in folder_paths.get_filename_list(folder):
         return True
     return f"{what} {name!r} is not in models/{folder} (or its extra_model_paths.yaml entries)"
+
+
+def read_lora(folder: str, name: str, kind: str):
+    """Parse a LoRA file once per (path, size, mtime): a strength change re-runs a node, not a file read."""
+    path = full_path(folder, name)
+    stat = os.stat(path)
+    return _read_lora(path, kind, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_lora(path: str, kind: str, size: int, mtime_ns: int):
+    return load_domain_adapter(path) if kind == "domain adapter" else load_lora(path, kind=kind)
 
 
 class LoadMotionModel(io.ComfyNode):
@@ -76,7 +91,7 @@ class LoadMotionLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name: str, strength: float, prev_motion_lora=None) -> io.NodeOutput:
-        lora = load_lora(full_path(MOTION_LORAS, lora_name), kind="MotionLoRA")
+        lora = read_lora(MOTION_LORAS, lora_name, "MotionLoRA")
         chain = tuple(prev_motion_lora or ()) + (MotionLoraEntry(lora_name, lora, float(strength)),)
         return io.NodeOutput(chain)
 
@@ -127,7 +142,7 @@ class ApplyMotionModel(io.ComfyNode):
                 beta_schedule="auto") -> io.NodeOutput:
         adapter = None
         if domain_adapter and domain_adapter != NO_ADAPTER:
-            adapter = (load_domain_adapter(full_path("loras", domain_adapter)), float(domain_adapter_strength))
+            adapter = (read_lora("loras", domain_adapter, "domain adapter"), float(domain_adapter_strength))
         patched = apply_motion(model, motion_model, loras=motion_lora or (), scale=motion_scale,
                                start_percent=start_percent, end_percent=end_percent,
                                schedule=resolve_schedule(beta_schedule, motion_model.spec),

@@ -259,14 +259,18 @@ def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
     lora_dir.mkdir()
     save_file(env["demo"].tiny_motion_lora_state_dict(loaded.spec, seed=4), str(lora_dir / "zoom.safetensors"))
     folder_paths.add_model_folder_path("animatediff_motion_lora", str(lora_dir))
+    folder_paths.filename_list_cache.pop("animatediff_motion_lora", None)
     Loader = env["motion_nodes"].LoadMotionLora
     half = Loader.execute("zoom.safetensors", 0.5).result[0]
-    full = (half[0].__class__(half[0].name, half[0].lora, 1.0),)
-    os.remove(lora_dir / "zoom.safetensors")  # nothing below may read the file again
+    full = Loader.execute("zoom.safetensors", 1.0).result[0]
+    assert half[0].lora is full[0].lora  # parsed once: the second run read no file
+    assert (half[0].strength, full[0].strength) == (0.5, 1.0)
     model = env["demo"].tiny_sd15_model(0)
     out_half = ksample(env, apply(env, model, loaded, loras=half))
     out_full = ksample(env, apply(env, model, loaded, loras=full))
     assert (out_half - out_full).abs().max() > 1e-3
+    chained = Loader.execute("zoom.safetensors", -0.3, prev_motion_lora=half).result[0]
+    assert [e.strength for e in chained] == [0.5, -0.3] and len(half) == 1  # chained by copy
 
 
 def test_apply_does_not_mutate_its_inputs(env):
