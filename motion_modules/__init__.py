@@ -9,6 +9,7 @@ Never imports ComfyUI. Public API::
     save_motion_model(model, "out.safetensors")
 """
 
+from .context import FUSE_METHODS, SCHEDULES, ContextOptions, context_windows, fuse_windows
 from .errors import MotionModelError
 from .formats import expected_shapes, parameter_count
 from .loader import load_motion_model, save_motion_model
@@ -18,6 +19,7 @@ from .model import ModuleSpec, MotionModel, MotionSpec
 from .temporal import NORM_MODES, VanillaTemporalModule, sinusoidal_pe
 
 __all__ = [
+    "ContextOptions", "FUSE_METHODS", "SCHEDULES", "context_windows", "fuse_windows",
     "LoRA", "ModuleSpec", "MotionModel", "MotionModelError", "MotionSpec", "NORM_MODES",
     "VanillaTemporalModule", "expected_shapes", "load_domain_adapter", "load_lora",
     "load_motion_model", "lora_deltas", "merged_parameters", "motion_lora_deltas",

@@ -1,0 +1,195 @@
+"""Sliding context windows over frames, and the weights that fuse overlapping windows.
+
+AnimateDiff sees ``context_length`` frames at a time (16 in training); longer clips are sampled
+as overlapping windows whose outputs are averaged per frame with fuse weights (FreeNoise, Qiu et
+al. 2023, sec. 3.3, for the pyramid weighting). Every schedule has the same contract,
+``schedule(num_frames, options, step) -> list of windows`` (a window is a list of frame indices),
+and every fuse method ``fuse(window, num_frames, options) -> weights`` (one positive weight per
+window position).
+
+Worked example, 40 frames, ``context_length=16, context_overlap=4`` (windows advance by 12):
+``standard_static`` gives [0..15], [12..27], [24..39] at every step. ``context_stride=2`` (uniform
+schedules) adds windows of 16 frames taken every 2nd frame, e.g. [0, 2, .., 30], which see a span
+of 31 frames; a level is used only while such a window fits in the clip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def ordered_halving(step: int) -> float:
+    """Bit-reversed step / 2^64: 0, 1/2, 1/4, 3/4, 1/8, ... (a low-discrepancy offset per step)."""
+    return int(f"{step:064b}"[::-1], 2) / (1 << 64)
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """Window settings (validated on creation).
+
+    Args:
+        context_length: frames per window; at most the motion model's frame limit.
+        context_overlap: frames shared by neighbouring windows, ``0 <= overlap < length``.
+        context_stride: uniform schedules only: levels of dilated windows (1 = contiguous only).
+        closed_loop: looped schedule only: add windows across the end-to-start seam.
+        schedule: a name in ``SCHEDULES``.
+        fuse_method: a name in ``FUSE_METHODS``.
+    """
+
+    context_length: int = 16
+    context_overlap: int = 4
+    context_stride: int = 1
+    closed_loop: bool = False
+    schedule: str = "standard_static"
+    fuse_method: str = "pyramid"
+
+    def __post_init__(self):
+        if self.context_length < 1:
+            raise ValueError(f"context_length must be at least 1, got {self.context_length}")
+        if not 0 <= self.context_overlap < self.context_length:
+            raise ValueError(f"context_overlap must be in [0, context_length) = [0, {self.context_length}), "
+                             f"got {self.context_overlap}")
+        if self.context_stride < 1:
+            raise ValueError(f"context_stride must be at least 1, got {self.context_stride}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown context schedule {self.schedule!r}; expected one of {sorted(SCHEDULES)}")
+        if self.fuse_method not in FUSE_METHODS:
+            raise ValueError(f"unknown fuse method {self.fuse_method!r}; expected one of {sorted(FUSE_METHODS)}")
+
+
+def context_windows(num_frames: int, options: ContextOptions, step: int = 0) -> list[list[int]]:
+    """The windows for one sampling step; clips of at most ``context_length`` frames are one window."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if num_frames <= options.context_length:
+        return [list(range(num_frames))]
+    return SCHEDULES[options.schedule](num_frames, options, step)
+
+
+def _dilations(num_frames: int, options: ContextOptions) -> list[int]:
+    """Frame steps 1, 2, 4, ... up to ``context_stride`` levels, while a window's span fits."""
+    return [2 ** k for k in range(options.context_stride)
+            if (options.context_length - 1) * 2 ** k + 1 <= num_frames]
+
+
+def _static(num_frames: int, options: ContextOptions, step: int = 0, offset: int = 0, dilation: int = 1):
+    """Windows starting at 0, offset, offset + advance, ..., the last one aligned to the end."""
+    span = (options.context_length - 1) * dilation + 1
+    advance = (options.context_length - options.context_overlap) * dilation
+    starts = sorted({0, *range(offset, num_frames - span, advance), num_frames - span})
+    return [list(range(start, start + span, dilation)) for start in starts]
+
+
+def schedule_standard_static(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
+    """The same overlapping windows at every step, the last one aligned to the clip's end."""
+    return _static(num_frames, options)
+
+
+def schedule_standard_uniform(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
+    """Static windows shifted by a per-step offset (so seams move between steps), plus dilated
+    levels for ``context_stride > 1``; windows never wrap around the clip."""
+    windows = []
+    for dilation in _dilations(num_frames, options):
+        advance = (options.context_length - options.context_overlap) * dilation
+        offset = int(ordered_halving(step) * advance)
+        windows += [w for w in _static(num_frames, options, offset=offset, dilation=dilation) if w not in windows]
+    return windows
+
+
+def schedule_looped_uniform(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
+    """Windows that wrap from the last frame to the first (for looping clips), shifted per step;
+    ``closed_loop`` adds windows until the seam is covered like any other overlap."""
+    windows = []
+    for dilation in _dilations(num_frames, options):
+        advance = (options.context_length - options.context_overlap) * dilation
+        offset = int(round(ordered_halving(step) * num_frames))
+        end = offset + num_frames - (0 if options.closed_loop else options.context_overlap * dilation)
+        for start in range(offset, max(end, offset + 1), advance):
+            window = [(start + i * dilation) % num_frames for i in range(options.context_length)]
+            if window not in windows:
+                windows.append(window)
+    return windows
+
+
+def schedule_batched(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
+    """Disjoint chunks of ``context_length`` frames (no overlap; the last one may be shorter)."""
+    return [list(range(start, min(start + options.context_length, num_frames)))
+            for start in range(0, num_frames, options.context_length)]
+
+
+SCHEDULES = {
+    "standard_static": schedule_standard_static,
+    "standard_uniform": schedule_standard_uniform,
+    "looped_uniform": schedule_looped_uniform,
+    "batched": schedule_batched,
+}
+
+
+def fuse_flat(window: Sequence[int], num_frames: int, options: ContextOptions) -> list[float]:
+    return [1.0] * len(window)
+
+
+def fuse_pyramid(window: Sequence[int], num_frames: int, options: ContextOptions) -> list[float]:
+    """1, 2, ..., peak, ..., 2, 1: frames near a window's edge count less (FreeNoise, sec. 3.3)."""
+    n = len(window)
+    return [float(min(i + 1, n - i)) for i in range(n)]
+
+
+def fuse_overlap_linear(window: Sequence[int], num_frames: int, options: ContextOptions) -> list[float]:
+    """1 inside, linear ramps (k / (overlap + 1)) over the overlap on sides that have a neighbour."""
+    n, overlap = len(window), min(options.context_overlap, len(window) // 2)
+    weights = [1.0] * n
+    ramp = [(k + 1) / (overlap + 1) for k in range(overlap)]
+    if window[0] != 0:
+        weights[:overlap] = ramp
+    if window[-1] != num_frames - 1:
+        weights[n - overlap:] = ramp[::-1]
+    return weights
+
+
+def fuse_gaussian(window: Sequence[int], num_frames: int, options: ContextOptions) -> list[float]:
+    """exp(-(i - centre)^2 / (2 sigma^2)) with sigma = length / 4: a smooth pyramid."""
+    n = len(window)
+    centre, sigma = (n - 1) / 2, max(n / 4, 0.5)
+    return [math.exp(-((i - centre) ** 2) / (2 * sigma ** 2)) for i in range(n)]
+
+
+FUSE_METHODS = {
+    "flat": fuse_flat,
+    "pyramid": fuse_pyramid,
+    "overlap-linear": fuse_overlap_linear,
+    "gaussian": fuse_gaussian,
+}
+
+
+def fuse_windows(results: Sequence[tuple[Sequence[int], torch.Tensor]], num_frames: int,
+                 options: ContextOptions, dim: int = 0) -> torch.Tensor:
+    """Weighted per-frame mean of window outputs along ``dim``.
+
+    One window covering every frame in order returns its output unchanged (bit-exact), so short
+    clips are unaffected by context options.
+    """
+    if len(results) == 1 and list(results[0][0]) == list(range(num_frames)):
+        return results[0][1]
+    first = results[0][1]
+    shape = list(first.shape)
+    shape[dim] = num_frames
+    total = torch.zeros(shape, dtype=torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype,
+                        device=first.device)
+    counts = torch.zeros(num_frames, dtype=total.dtype, device=first.device)
+    view = [1] * len(shape)
+    view[dim] = -1
+    for window, output in results:
+        index = torch.as_tensor(list(window), device=first.device)
+        weights = torch.tensor(FUSE_METHODS[options.fuse_method](window, num_frames, options),
+                               dtype=total.dtype, device=first.device)
+        total.index_add_(dim, index, output.to(total.dtype) * weights.view(view))
+        counts.index_add_(0, index, weights)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"frames {missing[:8]} are covered by no window")
+    return (total / counts.view(view)).to(first.dtype)

@@ -1,0 +1,123 @@
+"""Context windows and fuse weights (properties over every schedule and fuse method)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from animatediff_suite.motion_modules.context import (FUSE_METHODS, SCHEDULES, ContextOptions,
+                                                      context_windows, fuse_windows, ordered_halving)
+
+
+@st.composite
+def cases(draw):
+    length = draw(st.integers(1, 24))
+    options = ContextOptions(
+        context_length=length, context_overlap=draw(st.integers(0, length - 1)),
+        context_stride=draw(st.integers(1, 4)), closed_loop=draw(st.booleans()),
+        schedule=draw(st.sampled_from(sorted(SCHEDULES))), fuse_method=draw(st.sampled_from(sorted(FUSE_METHODS))))
+    return options, draw(st.integers(1, 200)), draw(st.integers(0, 60))
+
+
+@settings(max_examples=400, deadline=None)
+@given(cases())
+def test_every_frame_covered_indices_in_range_weights_positive(case):
+    options, frames, step = case
+    windows = context_windows(frames, options, step)
+    assert set().union(*map(set, windows)) == set(range(frames))
+    for window in windows:
+        assert all(0 <= i < frames for i in window)
+        assert len(set(window)) == len(window) <= options.context_length
+        for method in FUSE_METHODS.values():
+            weights = method(window, frames, options)
+            assert len(weights) == len(window)
+            assert all(math.isfinite(w) and w > 0 for w in weights)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_short_clips_are_one_window(case):
+    options, frames, step = case
+    frames = min(frames, options.context_length)
+    assert context_windows(frames, options, step) == [list(range(frames))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_stride_levels_are_powers_of_two_that_fit(case):
+    options, frames, step = case
+    windows = context_windows(frames, options, step)
+    if frames <= options.context_length or options.schedule in ("standard_static", "batched"):
+        assert all(all(b - a == 1 for a, b in zip(w, w[1:])) for w in windows)
+        return
+    seen = {(w[1] - w[0]) % frames for w in windows if len(w) > 1}
+    allowed = {2 ** k for k in range(options.context_stride) if (options.context_length - 1) * 2 ** k + 1 <= frames}
+    assert seen <= allowed and (1 in seen or options.context_length == 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 24), st.integers(1, 23), st.integers(1, 200), st.integers(0, 60))
+def test_closed_loop_windows_wrap_and_standard_ones_never_do(length, overlap, frames, step):
+    """With overlap, a closed loop blends the last frames into the first like any other seam."""
+    overlap = min(overlap, length - 1)
+    if frames <= length or length - overlap >= frames:
+        return
+    looped = context_windows(frames, ContextOptions(length, overlap, closed_loop=True, schedule="looped_uniform"), step)
+    assert any(w[i] == frames - 1 and w[i + 1] == 0 for w in looped for i in range(len(w) - 1))
+    for schedule in ("standard_static", "standard_uniform", "batched"):
+        for window in context_windows(frames, ContextOptions(length, overlap, schedule=schedule), step):
+            assert window == sorted(window)
+
+
+def test_standard_static_worked_example():
+    windows = context_windows(40, ContextOptions(16, 4))
+    assert windows == [list(range(0, 16)), list(range(12, 28)), list(range(24, 40))]
+    assert context_windows(40, ContextOptions(16, 4, schedule="batched")) == [
+        list(range(0, 16)), list(range(16, 32)), list(range(32, 40))]
+
+
+def test_uniform_windows_move_between_steps():
+    options = ContextOptions(16, 4, schedule="standard_uniform")
+    assert context_windows(64, options, 0) != context_windows(64, options, 1)
+    assert [ordered_halving(s) for s in range(4)] == [0.0, 0.5, 0.25, 0.75]
+
+
+def test_fuse_weights_match_their_formulas():
+    opts = ContextOptions(8, 3)
+    assert FUSE_METHODS["pyramid"](list(range(8)), 20, opts) == [1, 2, 3, 4, 4, 3, 2, 1]
+    assert FUSE_METHODS["pyramid"](list(range(5)), 20, opts) == [1, 2, 3, 2, 1]
+    assert FUSE_METHODS["overlap-linear"](list(range(5, 13)), 20, opts) == [0.25, 0.5, 0.75, 1, 1, 0.75, 0.5, 0.25]
+    assert FUSE_METHODS["overlap-linear"](list(range(0, 8)), 20, opts)[:3] == [1, 1, 1]
+    gaussian = FUSE_METHODS["gaussian"](list(range(8)), 20, opts)
+    assert gaussian == pytest.approx([math.exp(-((i - 3.5) ** 2) / 8) for i in range(8)])
+
+
+@pytest.mark.parametrize("method", sorted(FUSE_METHODS))
+def test_one_window_is_bit_identical_and_fusion_is_a_weighted_mean(method):
+    options = ContextOptions(16, 4, fuse_method=method)
+    x = torch.randn(16, 4, 3, 3)
+    assert fuse_windows([(list(range(16)), x)], 16, options) is x
+    frames = torch.arange(40, dtype=torch.float64).view(40, 1, 1, 1).expand(40, 4, 2, 2)
+    windows = context_windows(40, options)
+    fused = fuse_windows([(w, frames[w]) for w in windows], 40, options)
+    torch.testing.assert_close(fused, frames)  # every window agrees, so the mean is the value itself
+
+
+def test_uncovered_frames_are_an_error():
+    with pytest.raises(ValueError, match=r"frames \[4, 5\] are covered by no window"):
+        fuse_windows([([0, 1, 2, 3], torch.zeros(4, 1))], 6, ContextOptions(4, 1))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"context_length": 16, "context_overlap": 16}, r"context_overlap must be in \[0, context_length\)"),
+    ({"context_overlap": -1}, r"context_overlap must be in"),
+    ({"context_length": 0, "context_overlap": 0}, "context_length must be at least 1"),
+    ({"context_stride": 0}, "context_stride must be at least 1"),
+    ({"schedule": "spiral"}, r"unknown context schedule 'spiral'; expected one of \['batched'"),
+    ({"fuse_method": "max"}, r"unknown fuse method 'max'; expected one of \['flat'"),
+])
+def test_invalid_options_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContextOptions(**kwargs)
