@@ -395,3 +395,26 @@ def test_sdxl_injection_equals_core_reference(env, version):
     assert (got - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert loaded.spec.norm_mode == ("across_frames" if version == "sdxl_beta" else "per_frame")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_motion_weights_run_in_an_fp32_unet(env, dtype, tmp_path):
+    """Half/bfloat16 motion weights are cast per layer (ComfyUI's manual_cast ops): no dtype errors."""
+    import comfy.model_patcher
+    import comfy.ops
+
+    from animatediff_suite.motion_modules import load_motion_model, save_motion_model
+
+    fp32 = motion(env, "v2", seed=1)
+    save_motion_model(fp32.patcher.model, tmp_path / "mm.safetensors")
+    low = load_motion_model(tmp_path / "mm.safetensors", dtype=dtype, operations=comfy.ops.manual_cast)
+    assert {p.dtype for p in low.parameters()} == {dtype}
+    loaded = env["injection"].LoadedMotionModel(
+        "low precision", comfy.model_patcher.ModelPatcher(low, torch.device("cpu"), torch.device("cpu")))
+    model = env["demo"].tiny_sd15_model(0)
+    reference = ksample(env, apply(env, model, fp32), steps=1)
+    got = ksample(env, apply(env, model, loaded), steps=1)
+    assert torch.isfinite(got).all()
+    # bfloat16 keeps 8 mantissa bits (fp16: 11); the random tiny UNet amplifies rounding noise
+    tolerance = {torch.float16: 0.05, torch.bfloat16: 0.15}[dtype]
+    assert (got - reference).abs().max() < tolerance * reference.abs().max()
