@@ -166,7 +166,8 @@ class TemporalTransformer3D(nn.Module):
         if num_frames > self.max_len:
             raise MotionModelError(
                 f"{num_frames} frames in one pass, but this motion model's positional encoding "
-                f"covers at most {self.max_len} frames; use context windows of <= {self.max_len} frames"
+                f"covers at most {self.max_len} frames; sample at most {self.max_len} frames per pass "
+                f"(a latent batch of at most {self.max_len}, or context windows that split longer clips)"
             )
         if x.shape[0] % num_frames:
             raise ValueError(f"batch of {x.shape[0]} is not a whole number of {num_frames}-frame clips")

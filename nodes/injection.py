@@ -69,7 +69,6 @@ class MotionSettings:
     scale: float = 1.0
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
-    frame_limit: int = 32
 
     def active(self, sigmas) -> bool:
         if sigmas is None:
@@ -305,8 +304,7 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
                                    f"{len(adapter_patches)} weights exist in this model")
     sampling = patched.get_model_object("model_sampling")
     settings = MotionSettings(scale=float(scale), sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)),
-                              frame_limit=motion.spec.frame_limit)
+                              sigma_end=float(sampling.percent_to_sigma(end_percent)))
     patched.set_additional_models(KEY, [motion_patcher])
     patched.set_injections(KEY, [make_injection(motion_patcher.model)])
     _without_our_patch(patched.model_options)
@@ -367,9 +365,8 @@ def _lcm_sampling() -> tuple[type, type]:
         places.append(advanced)
     except ImportError:
         pass
-    base = next((getattr(p, "ModelSamplingDiscreteDistilled") for p in places
-                 if hasattr(p, "ModelSamplingDiscreteDistilled")), None)
-    kind = next((getattr(p, "LCM") for p in places if hasattr(p, "LCM")), None)
+    base = next((p.ModelSamplingDiscreteDistilled for p in places if hasattr(p, "ModelSamplingDiscreteDistilled")), None)
+    kind = next((p.LCM for p in places if hasattr(p, "LCM")), None)
     if base is None or kind is None:
         raise MotionModelError("the lcm schedule needs ComfyUI's LCM sampling classes, which this "
                                "ComfyUI version does not provide; pick another beta_schedule")

@@ -190,3 +190,14 @@ def test_stock_advanced_and_custom_samplers(server, kind):
 def test_web_extension_is_served(server):
     extensions = server.get("/extensions")
     assert any(path.endswith("/animatediff_suite.js") for path in extensions), extensions
+
+
+def test_more_frames_than_the_frame_limit_is_a_clear_execution_error(server):
+    graph = tiny(runner.load_example("txt2vid_sd15"))
+    graph["6"]["inputs"]["batch_size"] = 40  # mm_sd_v15_v2 covers 32 frames per pass
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.run(graph)
+    (kind, details), = raised.value.messages
+    assert kind == "execution_error" and details["node_id"] == "7"
+    assert "40 frames in one pass" in details["exception_message"]
+    assert "at most 32 frames" in details["exception_message"]

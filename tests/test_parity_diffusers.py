@@ -78,7 +78,7 @@ def motion_state_dict(unet) -> dict:
 
 def per_frame_reference(unet):
     ref = copy.deepcopy(unet)
-    for name, module in list(ref.named_modules()):
+    for module in list(ref.modules()):
         if type(module).__name__ == "AnimateDiffTransformer3D":
             module.norm = PerFrameNorm(module.norm)
     return ref

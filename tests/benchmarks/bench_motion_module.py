@@ -104,8 +104,8 @@ def main() -> None:
         rows[-1]["flops"] = rows[-2]["flops"]  # same arithmetic; the counter cannot see CPU SDPA
     print(f"SD1.5 v2 motion model (21 modules, 453.2M params), {args.frames} frames, batch 1, "
           f"fp32, {rows[0]['device']} ({rows[0]['threads']} threads), median of {args.repeats}")
-    print(f"| size | attention | forward s | GFLOP | GFLOP/s | peak MiB over weights |")
-    print(f"|---|---|---|---|---|---|")
+    print("| size | attention | forward s | GFLOP | GFLOP/s | peak MiB over weights |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         gflop = row["flops"] / 1e9
         print(f"| {row['size']}x{row['size']} | {row['backend']} | {row['seconds']:.3f} | {gflop:.1f} | "

@@ -38,7 +38,7 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as workdir:
         folders = {}
-        for graph, files, _ in workflows.EXAMPLES.values():  # empty files, so the dropdowns list the names
+        for _, files, _ in workflows.EXAMPLES.values():  # empty files, so the dropdowns list the names
             for folder, description in files.items():
                 if folder.startswith("models/"):
                     path = os.path.join(workdir, folder.split("/", 1)[1])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -149,7 +148,7 @@ def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
     for node_id, node in graph.items():
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
-        for name, spec, optional in _inputs(info):
+        for name, spec, _ in _inputs(info):
             value = node["inputs"].get(name)
             if _kind(spec) in WIDGET_TYPES:
                 widgets += [_default(spec) if value is None else value, *_extra_widgets(spec)]
@@ -193,7 +192,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         values = list(node.get("widgets_values") or [])
         sockets = {i["name"]: i for i in node.get("inputs", [])}
         inputs = {}
-        for name, spec, optional in _inputs(info):
+        for name, spec, _ in _inputs(info):
             if _kind(spec) in WIDGET_TYPES:
                 inputs[name] = values.pop(0)
                 del values[:len(_extra_widgets(spec))]
