@@ -35,6 +35,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, 
 
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
+from .context_sampling import add_context_windows
 
 log = logging.getLogger(__name__)
 KEY = "animatediff_suite"
@@ -277,7 +278,7 @@ def _without_our_patch(model_options: dict) -> None:
 
 def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
                  start_percent: float = 0.0, end_percent: float = 1.0, schedule=None,
-                 domain_adapter: tuple[LoRA, float] | None = None):
+                 domain_adapter: tuple[LoRA, float] | None = None, context=None):
     """Return a clone of ``model`` that animates with ``motion``; ``model`` itself is untouched.
 
     Args:
@@ -286,6 +287,7 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         start_percent, end_percent: sampling range where motion modules run.
         schedule: a callable ``(model) -> model_sampling`` or None to keep the model's own.
         domain_adapter: (LoRA, strength) applied to the UNet's spatial attention.
+        context: ContextOptions for clips longer than one window (see context_sampling.py).
     """
     check_compatible(model, motion)
     deltas = motion_lora_deltas(motion.patcher.model, [(e.lora, e.strength) for e in loras]) if loras else {}
@@ -312,6 +314,8 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
     patched.model_options["transformer_options"][KEY] = settings
     if motion.spec.version == "v1":
         _add_frame_spanning_norms(patched)
+    if context is not None:
+        add_context_windows(patched, context, motion.spec.frame_limit, motion.name)
     return patched
 
 

@@ -8,7 +8,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..motion_modules import load_domain_adapter, load_lora
+from ..motion_modules import FUSE_METHODS, SCHEDULES, ContextOptions, load_domain_adapter, load_lora
 from .folders import MOTION_LORAS, MOTION_MODELS, full_path
 from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_motion_patcher,
                         resolve_schedule)
@@ -16,6 +16,7 @@ from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_mo
 CATEGORY = "AnimateDiff Suite"
 MotionModel = io.Custom("MOTION_MODEL")
 MotionLora = io.Custom("MOTION_LORA")
+ContextOptionsType = io.Custom("CONTEXT_OPTIONS")
 NO_ADAPTER = "none"
 
 
@@ -124,6 +125,9 @@ class ApplyMotionModel(io.ComfyNode):
                 io.Combo.Input("beta_schedule", options=SCHEDULE_OPTIONS, default="auto", optional=True,
                                tooltip="Noise schedule. auto picks the one the motion model was trained with "
                                        "(AnimateDiff SD1.5: sqrt_linear 0.00085-0.012); 'use existing' keeps MODEL's."),
+                ContextOptionsType.Input("context_options", optional=True,
+                                         tooltip="Sliding context windows (from Context Options) for more frames "
+                                                 "than the motion model sees at once."),
             ],
             outputs=[io.Model.Output(tooltip="A copy of MODEL that animates; the input MODEL is unchanged.")],
         )
@@ -139,15 +143,60 @@ class ApplyMotionModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, motion_model, motion_lora=None, domain_adapter=NO_ADAPTER,
                 domain_adapter_strength=1.0, motion_scale=1.0, start_percent=0.0, end_percent=1.0,
-                beta_schedule="auto") -> io.NodeOutput:
+                beta_schedule="auto", context_options=None) -> io.NodeOutput:
         adapter = None
         if domain_adapter and domain_adapter != NO_ADAPTER:
             adapter = (read_lora("loras", domain_adapter, "domain adapter"), float(domain_adapter_strength))
         patched = apply_motion(model, motion_model, loras=motion_lora or (), scale=motion_scale,
                                start_percent=start_percent, end_percent=end_percent,
                                schedule=resolve_schedule(beta_schedule, motion_model.spec),
-                               domain_adapter=adapter)
+                               domain_adapter=adapter, context=context_options)
         return io.NodeOutput(patched)
 
 
-NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel]
+class ContextOptionsNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_ContextOptions",
+            display_name="Context Options (AnimateDiff)",
+            category=CATEGORY,
+            description="Sample clips longer than the motion model's frame limit as overlapping windows "
+                        "whose outputs are blended per frame. Plug into Apply Motion Model.",
+            inputs=[
+                io.Int.Input("context_length", default=16, min=1, max=128,
+                             tooltip="Frames per window; at most the motion model's frame limit (16 is what "
+                                     "AnimateDiff was trained on)."),
+                io.Int.Input("context_overlap", default=4, min=0, max=127,
+                             tooltip="Frames shared by neighbouring windows; must be less than context_length."),
+                io.Int.Input("context_stride", default=1, min=1, max=8,
+                             tooltip="Uniform schedules: levels of dilated windows (frames 2, 4, ... apart) that "
+                                     "see longer spans; 1 = contiguous windows only."),
+                io.Boolean.Input("closed_loop", default=False,
+                                 tooltip="looped_uniform only: also blend the last frames into the first, "
+                                         "for seamless loops."),
+                io.Combo.Input("schedule", options=sorted(SCHEDULES), default="standard_static",
+                               tooltip="standard_static: fixed windows; standard_uniform: windows shift every "
+                                       "step; looped_uniform: windows wrap end to start; batched: no overlap."),
+                io.Combo.Input("fuse_method", options=sorted(FUSE_METHODS), default="pyramid",
+                               tooltip="How overlapping windows are blended per frame: pyramid weights frames "
+                                       "near a window's middle more; flat averages; overlap-linear ramps only "
+                                       "across overlaps; gaussian is a smooth pyramid."),
+            ],
+            outputs=[ContextOptionsType.Output(display_name="CONTEXT_OPTIONS")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, context_length=16, context_overlap=4, **_) -> bool | str:
+        if context_overlap >= context_length:
+            return f"context_overlap ({context_overlap}) must be less than context_length ({context_length})"
+        return True
+
+    @classmethod
+    def execute(cls, context_length: int, context_overlap: int, context_stride: int, closed_loop: bool,
+                schedule: str, fuse_method: str) -> io.NodeOutput:
+        return io.NodeOutput(ContextOptions(context_length, context_overlap, context_stride, closed_loop,
+                                            schedule, fuse_method))
+
+
+NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel, ContextOptionsNode]

@@ -68,7 +68,7 @@ def test_pack_loads_like_comfyui_loads_it(env):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
-    assert len(ours) == 4
+    assert len(ours) == 5
     for node_id in ours:
         node = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node.CATEGORY.startswith("AnimateDiff Suite")
@@ -418,3 +418,111 @@ def test_low_precision_motion_weights_run_in_an_fp32_unet(env, dtype, tmp_path):
     # bfloat16 keeps 8 mantissa bits (fp16: 11); the random tiny UNet amplifies rounding noise
     tolerance = {torch.float16: 0.05, torch.bfloat16: 0.15}[dtype]
     assert (got - reference).abs().max() < tolerance * reference.abs().max()
+
+
+# -- sliding context windows -------------------------------------------------------------------
+
+def sample_with_noise(env, model, noise, positive, negative, cfg=7.0, steps=1):
+    latent = torch.zeros_like(noise)
+    return env["sample"].sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                disable_pbar=True)
+
+
+def test_clips_within_one_window_are_bit_identical_to_no_context_options(env):
+    from animatediff_suite.motion_modules import ContextOptions
+
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v2")
+    for frames in (16, 9):
+        plain = ksample(env, apply(env, model, loaded), frames=frames)
+        windowed = ksample(env, apply(env, model, loaded, context=ContextOptions(16, 4)), frames=frames)
+        assert torch.equal(plain, windowed)
+
+
+@pytest.mark.parametrize("schedule,fuse", [("standard_static", "pyramid"), ("looped_uniform", "flat"),
+                                           ("standard_uniform", "overlap-linear"), ("batched", "gaussian")])
+def test_windowed_step_equals_fused_per_window_reference(env, schedule, fuse):
+    """40 frames, per-frame prompts: one euler step with windows equals running each window alone
+    (its latents, noise and prompts) and fusing the results with the core's weights."""
+    from animatediff_suite.motion_modules import ContextOptions, context_windows, fuse_windows
+
+    frames, cfg = 40, 7.0
+    options = ContextOptions(16, 4, closed_loop=True, schedule=schedule, fuse_method=fuse)
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v2", seed=1)
+    gen = torch.Generator().manual_seed(3)
+    per_frame = torch.randn(frames, 77, 32, generator=gen)
+    positive = [[per_frame, {}]]
+    noise = torch.randn(frames, 4, 8, 8, generator=gen)
+    windowed = sample_with_noise(env, apply(env, model, loaded, context=options), noise, positive, env["negative"],
+                                 cfg)
+    plain = apply(env, model, loaded)
+    windows = context_windows(frames, options, step=0)
+    assert len(windows) > 1
+    parts = [(w, sample_with_noise(env, plain, noise[w], [[per_frame[w], {}]], env["negative"], cfg))
+             for w in windows]
+    expected = fuse_windows(parts, frames, options)
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigma_max
+    scale = model.model.latent_format.scale_factor
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    tolerance = 1e-4 * (abs(cfg) + abs(cfg - 1))
+    torch.testing.assert_close((x - windowed * scale) / sigma, (x - expected * scale) / sigma, atol=tolerance, rtol=0)
+
+
+def test_context_options_validation(env):
+    from animatediff_suite.motion_modules import ContextOptions, MotionModelError
+
+    node = env["motion_nodes"].ContextOptionsNode
+    assert "must be less than context_length" in node.validate_inputs(context_length=8, context_overlap=8)
+    options = node.execute(16, 4, 1, False, "standard_static", "pyramid").result[0]
+    assert options == ContextOptions(16, 4)
+    with pytest.raises(MotionModelError, match=r"context_length 32 is more than motion model .* can see at once "
+                                               r"\(24 frames\)"):
+        apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v1"), context=ContextOptions(32, 4))
+
+
+def tiny_controlnet(env, seed=7):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+
+    config = {k: v for k, v in env["demo"].TINY_UNET.items()
+              if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")}
+    network = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=8, num_head_channels=-1, **config)
+    env["demo"].seeded_fill_(network, seed).requires_grad_(False)
+    return comfy.controlnet.ControlNet(network, load_device=env["mm"].get_torch_device(), manual_cast_dtype=None)
+
+
+def test_controlnet_hints_are_windowed_with_their_frames(env):
+    """Each window gets exactly its frames' hints: a windowed step equals the fused per-window
+    steps that each see only their own slice of the 40-frame hint batch."""
+    from animatediff_suite.motion_modules import ContextOptions, context_windows, fuse_windows
+
+    frames, cfg = 40, 7.0
+    options = ContextOptions(16, 4)
+    model = env["demo"].tiny_sd15_model(0)
+    loaded = motion(env, "v2", seed=1)
+    control = tiny_controlnet(env)
+    gen = torch.Generator().manual_seed(5)
+    hints = torch.rand(frames, 64, 64, 3, generator=gen)
+    noise = torch.randn(frames, 4, 8, 8, generator=gen)
+    apply_cn = env["nodes"].ControlNetApplyAdvanced().apply_controlnet
+
+    def with_hints(images):
+        return apply_cn(env["cond"], env["negative"], control, images, 0.9, 0.0, 1.0)
+
+    positive, negative = with_hints(hints)
+    windowed = sample_with_noise(env, apply(env, model, loaded, context=options), noise, positive, negative, cfg)
+    plain = apply(env, model, loaded)
+    parts = [(w, sample_with_noise(env, plain, noise[w], *with_hints(hints[w]), cfg))
+             for w in context_windows(frames, options)]
+    expected = fuse_windows(parts, frames, options)
+    first_16 = [(w, sample_with_noise(env, plain, noise[w], *with_hints(hints[:16]), cfg))
+                for w in context_windows(frames, options)]
+    wrong = fuse_windows(first_16, frames, options)  # what truncating the hints to the batch would give
+    sampling = model.get_model_object("model_sampling")
+    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    eps = lambda out: (x - out * scale) / sigma  # noqa: E731
+    torch.testing.assert_close(eps(windowed), eps(expected), atol=1e-4 * (2 * cfg - 1), rtol=0)
+    assert (eps(windowed) - eps(wrong)).abs().max() > 1e-2
