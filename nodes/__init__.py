@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 from .demo import NODES as DEMO_NODES
 from .folders import register_folders
 from .motion_nodes import NODES as MOTION_NODES
+from .prompt_nodes import NODES as PROMPT_NODES
 
 register_folders()
 
 
 class AnimateDiffSuiteExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*MOTION_NODES, *DEMO_NODES]
+        return [*MOTION_NODES, *PROMPT_NODES, *DEMO_NODES]

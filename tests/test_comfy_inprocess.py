@@ -68,7 +68,7 @@ def test_pack_loads_like_comfyui_loads_it(env):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
-    assert len(ours) == 5
+    assert len(ours) == 6
     for node_id in ours:
         node = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node.CATEGORY.startswith("AnimateDiff Suite")
@@ -526,3 +526,21 @@ def test_controlnet_hints_are_windowed_with_their_frames(env):
     eps = lambda out: (x - out * scale) / sigma  # noqa: E731
     torch.testing.assert_close(eps(windowed), eps(expected), atol=1e-4 * (2 * cfg - 1), rtol=0)
     assert (eps(windowed) - eps(wrong)).abs().max() > 1e-2
+
+
+def test_prompt_travel_node(env):
+    from animatediff_suite.nodes.prompt_nodes import PromptTravel
+
+    clip = env["demo"].tiny_clip(0)
+    assert "line 2" in PromptTravel.validate_inputs(text="0: a cat\nbroken line")
+    conditioning = PromptTravel.execute(clip, "0: a cat sitting\n8: a cat jumping", 12, prefix="photo",
+                                        suffix="best quality").result[0]
+    cond, extras = conditioning[0]
+    assert cond.shape == (12, 77, 32) and extras["pooled_output"].shape == (12, 32)
+    first = env["nodes"].CLIPTextEncode().encode(clip, "photo, a cat sitting, best quality")[0][0][0]
+    last = env["nodes"].CLIPTextEncode().encode(clip, "photo, a cat jumping, best quality")[0][0][0]
+    torch.testing.assert_close(cond[0], first[0])
+    torch.testing.assert_close(cond[11], last[0])
+    torch.testing.assert_close(cond[4], (first[0] + last[0]) / 2)
+    model = apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v3"))
+    assert ksample(env, model, frames=12, positive=conditioning).shape == (12, 4, 8, 8)

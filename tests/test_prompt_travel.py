@@ -1,0 +1,68 @@
+"""Prompt travel: parsing (errors name the line), per-frame blending, interpolation formulas."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from animatediff_suite.motion_modules.prompt_travel import frame_blend, parse_keyframes, slerp, travel
+
+
+def test_parse_keyframes_sorted_with_comments_and_blanks():
+    text = "# a comment\n24: a cat jumping\n\n 0 :  a cat sitting \n"
+    assert parse_keyframes(text) == [(0, "a cat sitting"), (24, "a cat jumping")]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0: a cat\ncat jumping", r"line 2: 'cat jumping' is not 'FRAME: prompt'"),
+    ("0: a\n-4: b", r"line 2: '-4: b' is not 'FRAME: prompt'"),
+    ("3: a\n3: b", "line 2: frame 3 already has a prompt"),
+    ("\n# only comments\n", "no keyframes"),
+])
+def test_malformed_lines_are_errors_naming_the_line(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_keyframes(text)
+
+
+def test_frame_blend_holds_before_first_and_after_last():
+    blends = frame_blend([4, 8], 12)
+    assert blends[:5] == [(0, 0, 0.0)] * 5
+    assert blends[6] == (0, 1, 0.5)
+    assert blends[8:] == [(1, 1, 0.0)] * 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=6, unique=True), st.integers(1, 120))
+def test_every_frame_blends_its_neighbouring_keyframes(frames, num_frames):
+    frames = sorted(frames)
+    for frame, (a, b, t) in enumerate(frame_blend(frames, num_frames)):
+        assert 0 <= t < 1 and 0 <= a <= b < len(frames)
+        value = frames[a] + (frames[b] - frames[a]) * t
+        assert value == pytest.approx(min(max(frame, frames[0]), frames[-1]))
+
+
+def test_travel_linear_and_slerp():
+    a, b = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
+    out = travel([a, b], [0, 10], 12, "linear")
+    assert out.shape == (12, 77, 32)
+    assert torch.equal(out[0], a[0]) and torch.equal(out[10], b[0]) and torch.equal(out[11], b[0])
+    torch.testing.assert_close(out[5], (a[0] + b[0]) / 2)
+    s = travel([a, b], [0, 10], 12, "slerp")[5]
+    omega = torch.acos((a / a.norm(dim=-1, keepdim=True) * b / b.norm(dim=-1, keepdim=True)).sum(-1, keepdim=True))
+    expected = (torch.sin(0.5 * omega) * a + torch.sin(0.5 * omega) * b) / torch.sin(omega)
+    torch.testing.assert_close(s, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_slerp_of_parallel_vectors_is_lerp():
+    a = torch.ones(1, 4, 8)
+    torch.testing.assert_close(slerp(a, 3 * a, 0.5), 2 * a)
+    assert math.isfinite(float(slerp(torch.zeros(1, 2, 8), a[:, :2], 0.3).sum()))
+
+
+def test_mismatched_prompt_lengths_and_unknown_interpolation_are_errors():
+    with pytest.raises(ValueError, match="encode to different shapes"):
+        travel([torch.zeros(1, 77, 8), torch.zeros(1, 154, 8)], [0, 4], 6)
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+        travel([torch.zeros(1, 77, 8)], [0], 6, "cubic")
