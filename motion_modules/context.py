@@ -193,3 +193,26 @@ def fuse_windows(results: Sequence[tuple[Sequence[int], torch.Tensor]], num_fram
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"frames {missing[:8]} are covered by no window")
     return (total / counts.view(view)).to(first.dtype)
+
+
+def schedule_image(num_frames: int, options: ContextOptions, steps: int, cell: int = 6) -> torch.Tensor:
+    """Render the window schedule as an RGB image (H, W, 3) in [0, 1].
+
+    One column of ``cell`` pixels per frame; per step, one row per window, coloured by window and
+    shaded by its fuse weight (bright = heavy); a grey line separates steps.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    rows: list[torch.Tensor] = []
+    for step in range(steps):
+        windows = context_windows(num_frames, options, step)
+        for k, window in enumerate(windows):
+            weights = torch.tensor(FUSE_METHODS[options.fuse_method](window, num_frames, options))
+            row = torch.zeros(num_frames, 3)
+            hue = torch.tensor([(k * 0.37) % 1.0 * 6 + shift for shift in (0.0, 4.0, 2.0)]) % 6
+            colour = (1 - ((hue - 3).abs() - 1).clamp(0, 1)) * 0.8 + 0.2  # an HSV-like rainbow, no black
+            row[torch.as_tensor(window)] = colour * (0.25 + 0.75 * weights / weights.max()).unsqueeze(1)
+            rows.append(row)
+        rows.append(torch.full((num_frames, 3), 0.5))
+    image = torch.stack(rows[:-1])  # (rows, frames, 3)
+    return image.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)

@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..motion_modules import FUSE_METHODS, SCHEDULES, ContextOptions, load_domain_adapter, load_lora
+from ..motion_modules.context import schedule_image
 from .folders import MOTION_LORAS, MOTION_MODELS, full_path
 from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_motion_patcher,
                         resolve_schedule)
@@ -199,4 +200,27 @@ class ContextOptionsNode(io.ComfyNode):
                                             schedule, fuse_method))
 
 
-NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel, ContextOptionsNode]
+class ContextScheduleImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_ContextScheduleImage",
+            display_name="Preview Context Windows (AnimateDiff)",
+            category=CATEGORY,
+            description="Draws which frames each context window covers at each step (frames across, one row "
+                        "per window, brightness = fuse weight, grey lines between steps).",
+            inputs=[
+                ContextOptionsType.Input("context_options", tooltip="From Context Options."),
+                io.Int.Input("frames", default=64, min=1, max=4096, tooltip="Number of frames of the clip."),
+                io.Int.Input("steps", default=4, min=1, max=200, tooltip="Sampling steps to draw."),
+            ],
+            outputs=[io.Image.Output(tooltip="The schedule as an image (preview or save it).")],
+        )
+
+    @classmethod
+    def execute(cls, context_options, frames: int, steps: int) -> io.NodeOutput:
+        cell = max(1, min(12, 1024 // frames))
+        return io.NodeOutput(schedule_image(frames, context_options, steps, cell).unsqueeze(0))
+
+
+NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel, ContextOptionsNode, ContextScheduleImage]

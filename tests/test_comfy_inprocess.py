@@ -68,7 +68,7 @@ def test_pack_loads_like_comfyui_loads_it(env):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
-    assert len(ours) == 6
+    assert len(ours) == 7
     for node_id in ours:
         node = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node.CATEGORY.startswith("AnimateDiff Suite")
@@ -544,3 +544,11 @@ def test_prompt_travel_node(env):
     torch.testing.assert_close(cond[4], (first[0] + last[0]) / 2)
     model = apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v3"))
     assert ksample(env, model, frames=12, positive=conditioning).shape == (12, 4, 8, 8)
+
+
+def test_context_schedule_image_node(env):
+    from animatediff_suite.motion_modules import ContextOptions
+
+    image = env["motion_nodes"].ContextScheduleImage.execute(ContextOptions(16, 4, closed_loop=True,
+                                                                            schedule="looped_uniform"), 64, 3).result[0]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[2] == 64 * 12

@@ -121,3 +121,18 @@ def test_uncovered_frames_are_an_error():
 def test_invalid_options_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ContextOptions(**kwargs)
+
+
+def test_schedule_image_draws_every_window_of_every_step():
+    from animatediff_suite.motion_modules.context import schedule_image
+
+    options = ContextOptions(16, 4, schedule="standard_uniform")
+    image = schedule_image(40, options, steps=3, cell=2)
+    rows = sum(len(context_windows(40, options, s)) for s in range(3)) + 2  # + separators
+    assert image.shape == (rows * 2, 80, 3)
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    first = context_windows(40, options, 0)[0]
+    lit = (image[0].sum(-1) > 0).nonzero().flatten() // 2
+    assert sorted(set(lit.tolist())) == first  # the first row lights exactly the first window's frames
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        schedule_image(40, options, steps=0)
