@@ -1,4 +1,4 @@
-"""A tiny SD1.5-shaped model, CLIP, VAE and matching motion model, built in-process from a seed.
+"""A tiny SD1.5-shaped model, CLIP, VAE, matching motion model and ControlNet, built from a seed.
 
 For trying the pack (and testing it) with no downloads: the graph runs exactly like a real
 one, through the stock nodes, but the weights are random, so the frames are coloured noise.
@@ -99,6 +99,21 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
     return vae
 
 
+def tiny_controlnet(seed: int = 0, family: str = "SD1.5"):
+    """A ControlNet (RGB hints) matching the tiny UNet of ``family``, random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+
+    unet = TINY_SDXL_UNET if family == "SDXL" else TINY_UNET
+    config = {k: v for k, v in unet.items()
+              if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")}
+    heads = {"num_heads": -1, "num_head_channels": 8} if family == "SDXL" else {"num_heads": 8, "num_head_channels": -1}
+    network = comfy.cldm.cldm.ControlNet(hint_channels=3, **heads, **config)
+    seeded_fill_(network, seed + 4).requires_grad_(False)
+    return comfy.controlnet.ControlNet(network, load_device=comfy.model_management.get_torch_device(),
+                                       manual_cast_dtype=None)
+
+
 def tiny_motion_model(seed: int = 0, version: str = "v3", operations=comfy.ops.manual_cast) -> MotionModel:
     channels = TINY_SDXL_CHANNELS if version in FAMILY_VERSIONS["SDXL"] else TINY_CHANNELS
     model = MotionModel(MotionSpec.standard(version, channels), zero_init=False, operations=operations)
@@ -131,7 +146,8 @@ class TinyDemoModels(io.ComfyNode):
                                                      "(v1/v2/v3 for SD1.5, sdxl_beta/hotshotxl for SDXL)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
-                     MotionModelType.Output(display_name="MOTION_MODEL")],
+                     MotionModelType.Output(display_name="MOTION_MODEL"),
+                     io.ControlNet.Output(tooltip="A tiny ControlNet for RGB hint images, matching MODEL.")],
         )
 
     @classmethod
@@ -144,7 +160,7 @@ class TinyDemoModels(io.ComfyNode):
     @classmethod
     def execute(cls, seed: int, family: str = "SD1.5", motion_version: str = "v3") -> io.NodeOutput:
         return io.NodeOutput(tiny_sd15_model(seed, family), tiny_clip(seed), tiny_vae(seed),
-                             tiny_motion_patcher(seed, motion_version))
+                             tiny_motion_patcher(seed, motion_version), tiny_controlnet(seed, family))
 
 
 NODES = [TinyDemoModels]

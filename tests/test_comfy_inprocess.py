@@ -482,17 +482,6 @@ def test_context_options_validation(env):
         apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v1"), context=ContextOptions(32, 4))
 
 
-def tiny_controlnet(env, seed=7):
-    import comfy.cldm.cldm
-    import comfy.controlnet
-
-    config = {k: v for k, v in env["demo"].TINY_UNET.items()
-              if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")}
-    network = comfy.cldm.cldm.ControlNet(hint_channels=3, num_heads=8, num_head_channels=-1, **config)
-    env["demo"].seeded_fill_(network, seed).requires_grad_(False)
-    return comfy.controlnet.ControlNet(network, load_device=env["mm"].get_torch_device(), manual_cast_dtype=None)
-
-
 def test_controlnet_hints_are_windowed_with_their_frames(env):
     """Each window gets exactly its frames' hints: a windowed step equals the fused per-window
     steps that each see only their own slice of the 40-frame hint batch."""
@@ -502,7 +491,7 @@ def test_controlnet_hints_are_windowed_with_their_frames(env):
     options = ContextOptions(16, 4)
     model = env["demo"].tiny_sd15_model(0)
     loaded = motion(env, "v2", seed=1)
-    control = tiny_controlnet(env)
+    control = env["demo"].tiny_controlnet(7)
     gen = torch.Generator().manual_seed(5)
     hints = torch.rand(frames, 64, 64, 3, generator=gen)
     noise = torch.randn(frames, 4, 8, 8, generator=gen)

@@ -92,10 +92,60 @@ def frame_counts(server, entry) -> dict[str, int]:
     return counts
 
 
+def expected_frames(graph: dict) -> int:
+    for node in graph.values():
+        if node["class_type"] == "EmptyLatentImage":
+            return node["inputs"]["batch_size"]
+        if node["class_type"] == "RepeatLatentBatch":
+            return node["inputs"]["amount"]
+    raise AssertionError("no latent batch in the graph")
+
+
 @pytest.mark.parametrize("name", sorted(workflows.EXAMPLES))
-def test_every_api_example_runs_and_writes_16_frames(server, name):
-    entry = server.run(tiny(runner.load_example(name)))
-    assert frame_counts(server, entry) == {"webp": 16, "mp4": 16}
+def test_every_api_example_runs_and_writes_all_frames(server, name):
+    graph = runner.load_example(name)
+    frames = expected_frames(graph)
+    assert frames == (64 if name == "long_loop_sd15" else 16)
+    entry = server.run(tiny(graph))
+    assert frame_counts(server, entry) == {"webp": frames, "mp4": frames}
+
+
+def test_48_frames_with_windows_prompt_travel_and_controlnet(server):
+    """The long-video path over HTTP: context windows, per-frame prompts and per-frame ControlNet hints."""
+    graph = {
+        "1": {"class_type": "ADS_TinyDemoModels", "inputs": {"seed": 0, "family": "SD1.5", "motion_version": "v2"}},
+        "2": {"class_type": "ADS_ContextOptions", "inputs": {
+            "context_length": 16, "context_overlap": 4, "context_stride": 1, "closed_loop": False,
+            "schedule": "standard_uniform", "fuse_method": "pyramid"}},
+        "3": {"class_type": "ADS_ApplyMotionModel", "inputs": {"model": ["1", 0], "motion_model": ["1", 3],
+                                                               "context_options": ["2", 0]}},
+        "4": {"class_type": "ADS_PromptTravel", "inputs": {
+            "clip": ["1", 1], "frames": 48, "interpolation": "linear",
+            "text": "0: a red fox sitting\n24: a red fox jumping\n47: a red fox asleep"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 48}},
+        "12": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "13": {"class_type": "ImageScale", "inputs": {"image": ["12", 0], "upscale_method": "bilinear",
+                                                      "width": 64, "height": 64, "crop": "center"}},
+        "14": {"class_type": "RepeatImageBatch", "inputs": {"image": ["13", 0], "amount": 48}},
+        "15": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["4", 0], "negative": ["5", 0], "control_net": ["1", 4], "image": ["14", 0],
+            "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["3", 0], "seed": 3, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["15", 0], "negative": ["15", 1], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+    }
+    graph.update(workflows._save("long48"))
+    assert frame_counts(server, server.run(graph)) == {"webp": 48, "mp4": 48}
+
+
+def test_malformed_prompt_travel_line_is_a_node_error(server):
+    graph = tiny(runner.load_example("long_loop_sd15"))
+    graph["4"]["inputs"]["text"] = "0: a forest\nforest in winter"
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.queue(graph)
+    assert "line 2" in json.dumps(raised.value.detail["node_errors"]["4"])
 
 
 def test_unknown_motion_model_is_a_node_error_and_the_next_prompt_runs(server):

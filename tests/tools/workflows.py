@@ -70,6 +70,21 @@ def _img2vid() -> dict:
     return graph
 
 
+def _long_loop() -> dict:
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "", "AnimateDiff/long_loop", cfg=7.5)
+    graph["16"] = {"class_type": "ADS_ContextOptions", "inputs": {
+        "context_length": 16, "context_overlap": 4, "context_stride": 1, "closed_loop": True,
+        "schedule": "looped_uniform", "fuse_method": "pyramid"}}
+    graph["3"]["inputs"]["context_options"] = ["16", 0]
+    graph["4"] = {"class_type": "ADS_PromptTravel", "inputs": {
+        "clip": ["1", 1], "frames": 64, "prefix": "masterpiece, best quality", "suffix": "", "interpolation": "slerp",
+        "text": "0: a forest in spring, fresh green leaves\n16: a forest in summer, lush, sunlight\n"
+                "32: a forest in autumn, orange leaves falling\n48: a forest in winter, snow\n"
+                "63: a forest in spring, fresh green leaves"}}
+    graph["6"]["inputs"]["batch_size"] = 64
+    return graph
+
+
 # name -> (API graph, the model files it expects, one line of description)
 EXAMPLES = {
     "txt2vid_sd15": (
@@ -97,6 +112,12 @@ EXAMPLES = {
          "models/animatediff_models": "v3_sd15_mm.ckpt", "models/loras": "v3_sd15_adapter.ckpt",
          "input": "example.png (any image)"},
         "Image to video (light): the image is encoded, repeated as the 16-frame latent batch, denoise 0.7."),
+    "long_loop_sd15": (
+        _long_loop(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
+        "A 64-frame looping animation: looped context windows (16 frames, overlap 4, closed loop) and "
+        "prompt travel through the seasons, back to spring on the last frame."),
     "txt2vid_sdxl": (
         _txt2vid("sd_xl_base_1.0.safetensors", "mm_sdxl_v10_beta.ckpt",
                  "a paper boat drifting down a stream, autumn leaves, detailed", "AnimateDiff/sdxl", size=1024,
