@@ -166,33 +166,60 @@ FUSE_METHODS = {
 }
 
 
+class WindowAccumulator:
+    """Running weighted sum of window outputs along ``dim``: memory stays one clip-sized buffer,
+    whatever the number of windows. ``result()`` is the per-frame weighted mean.
+
+    One in-order window covering every frame is returned unchanged (bit-exact), so short clips
+    are unaffected by context options.
+    """
+
+    def __init__(self, num_frames: int, options: ContextOptions, dim: int = 0):
+        self.num_frames, self.options, self.dim = num_frames, options, dim
+        self.total = self.counts = self.whole = None
+
+    def add(self, window: Sequence[int], output: torch.Tensor) -> None:
+        if self.total is None and self.whole is None and list(window) == list(range(self.num_frames)):
+            self.whole = output
+            return
+        if self.total is None:
+            shape = list(output.shape)
+            shape[self.dim] = self.num_frames
+            dtype = torch.float32 if output.dtype in (torch.float16, torch.bfloat16) else output.dtype
+            self.total = torch.zeros(shape, dtype=dtype, device=output.device)
+            self.counts = torch.zeros(self.num_frames, dtype=dtype, device=output.device)
+            self.dtype = output.dtype
+            if self.whole is not None:
+                whole, self.whole = self.whole, None
+                self.add(range(self.num_frames), whole)
+        view = [1] * output.ndim
+        view[self.dim] = -1
+        index = torch.as_tensor(list(window), device=output.device)
+        weights = torch.tensor(FUSE_METHODS[self.options.fuse_method](window, self.num_frames, self.options),
+                               dtype=self.total.dtype, device=output.device)
+        self.total.index_add_(self.dim, index, output.to(self.total.dtype) * weights.view(view))
+        self.counts.index_add_(0, index, weights)
+
+    def result(self) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole
+        if self.total is None:
+            raise ValueError("no window outputs to fuse")
+        if bool((self.counts == 0).any()):
+            missing = torch.nonzero(self.counts == 0).flatten().tolist()
+            raise ValueError(f"frames {missing[:8]} are covered by no window")
+        view = [1] * self.total.ndim
+        view[self.dim] = -1
+        return (self.total / self.counts.view(view)).to(self.dtype)
+
+
 def fuse_windows(results: Sequence[tuple[Sequence[int], torch.Tensor]], num_frames: int,
                  options: ContextOptions, dim: int = 0) -> torch.Tensor:
-    """Weighted per-frame mean of window outputs along ``dim``.
-
-    One window covering every frame in order returns its output unchanged (bit-exact), so short
-    clips are unaffected by context options.
-    """
-    if len(results) == 1 and list(results[0][0]) == list(range(num_frames)):
-        return results[0][1]
-    first = results[0][1]
-    shape = list(first.shape)
-    shape[dim] = num_frames
-    total = torch.zeros(shape, dtype=torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype,
-                        device=first.device)
-    counts = torch.zeros(num_frames, dtype=total.dtype, device=first.device)
-    view = [1] * len(shape)
-    view[dim] = -1
+    """Weighted per-frame mean of window outputs along ``dim`` (see ``WindowAccumulator``)."""
+    accumulator = WindowAccumulator(num_frames, options, dim)
     for window, output in results:
-        index = torch.as_tensor(list(window), device=first.device)
-        weights = torch.tensor(FUSE_METHODS[options.fuse_method](window, num_frames, options),
-                               dtype=total.dtype, device=first.device)
-        total.index_add_(dim, index, output.to(total.dtype) * weights.view(view))
-        counts.index_add_(0, index, weights)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"frames {missing[:8]} are covered by no window")
-    return (total / counts.view(view)).to(first.dtype)
+        accumulator.add(window, output)
+    return accumulator.result()
 
 
 def schedule_image(num_frames: int, options: ContextOptions, steps: int, cell: int = 6) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 
-from ..motion_modules import ContextOptions, MotionModelError, context_windows, fuse_windows
+from ..motion_modules import ContextOptions, MotionModelError, context_windows
+from ..motion_modules.context import WindowAccumulator
 
 CONTEXT_KEY = "animatediff_suite.context"
 
@@ -42,15 +43,15 @@ def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_optio
     if options is None or frames <= options.context_length:
         return executor(model, conds, x_in, timestep, model_options)
     windows = context_windows(frames, options, _step(model_options, timestep))
-    results: list[list] = [[] for _ in conds]
+    fused = [WindowAccumulator(frames, options) for _ in conds]
     for window in windows:
         comfy.model_management.throw_exception_if_processing_interrupted()
         index = torch.as_tensor(window, device=x_in.device)
         sub_conds = [None if c is None else [_window_cond(item, index, frames, model) for item in c] for c in conds]
         outputs = executor(model, sub_conds, x_in[index], timestep[index], model_options)
-        for result, output in zip(results, outputs):
-            result.append((window, output))
-    return [fuse_windows(result, frames, options) for result in results]
+        for accumulator, output in zip(fused, outputs):
+            accumulator.add(window, output)
+    return [accumulator.result() for accumulator in fused]
 
 
 def _window_cond(cond: dict, index: torch.Tensor, frames: int, model) -> dict:
