@@ -48,7 +48,8 @@ def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_optio
         comfy.model_management.throw_exception_if_processing_interrupted()
         index = torch.as_tensor(window, device=x_in.device)
         sub_conds = [None if c is None else [_window_cond(item, index, frames, model) for item in c] for c in conds]
-        outputs = executor(model, sub_conds, x_in[index], timestep[index], model_options)
+        sub_timestep = timestep[index] if timestep.ndim and timestep.shape[0] == frames else timestep
+        outputs = executor(model, sub_conds, x_in[index], sub_timestep, model_options)
         for accumulator, output in zip(fused, outputs):
             accumulator.add(window, output)
     return [accumulator.result() for accumulator in fused]
