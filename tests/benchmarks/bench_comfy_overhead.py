@@ -24,6 +24,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL_UNET_OVERRIDES = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "context_dim": 768}
 
 
+def build_unet(size: str):
+    """(ModelPatcher, latent side, context dim): the tiny demo UNet, or full SD1.5 width, random."""
+    import torch
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from animatediff_suite.nodes import demo
+
+    if size == "tiny":
+        return demo.tiny_sd15_model(0), 8, 32
+    config = comfy.supported_models.SD15({**demo.TINY_UNET, **FULL_UNET_OVERRIDES})
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    demo.seeded_fill_(base.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
+                                               comfy.model_management.unet_offload_device())
+    return patcher, 32, 768
+
+
+def build_motion(size: str):
+    """A v2 motion model matching ``build_unet(size)`` (random weights)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+
+    from animatediff_suite.motion_modules import MotionModel, MotionSpec
+    from animatediff_suite.nodes import demo, injection
+
+    if size == "tiny":
+        return demo.tiny_motion_patcher(0, "v2")
+    model = MotionModel(MotionSpec.standard("v2", (320, 640, 1280, 1280)), zero_init=False,
+                        operations=comfy.ops.manual_cast)
+    demo.seeded_fill_(model, 1, gain=0.5)
+    return injection.LoadedMotionModel("full v2", comfy.model_patcher.ModelPatcher(
+        model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()))
+
+
 def run_one(size: str, variant: str, steps: int) -> dict:
     import torch
 
@@ -34,34 +73,14 @@ def run_one(size: str, variant: str, steps: int) -> dict:
 
     ads_package.register()
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.ops
     import comfy.sample
-    import comfy.supported_models
     from torch.utils.flop_counter import FlopCounterMode
 
-    from animatediff_suite.motion_modules import MotionModel, MotionSpec
-    from animatediff_suite.nodes import demo, injection
+    from animatediff_suite.nodes import injection
 
-    if size == "tiny":
-        model, latent_side, context_dim = demo.tiny_sd15_model(0), 8, 32
-        motion = demo.tiny_motion_patcher(0, "v2")
-    else:
-        config = comfy.supported_models.SD15({**demo.TINY_UNET, **FULL_UNET_OVERRIDES})
-        config.set_inference_dtype(torch.float32, None)
-        base = config.get_model({})
-        demo.seeded_fill_(base.diffusion_model, 0)
-        model = comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
-                                                 comfy.model_management.unet_offload_device())
-        latent_side, context_dim = 32, 768
-    if variant == "motion":
-        if size != "tiny":  # built only here, so the plain run holds no motion weights
-            mm = MotionModel(MotionSpec.standard("v2", (320, 640, 1280, 1280)), zero_init=False,
-                             operations=comfy.ops.manual_cast)
-            demo.seeded_fill_(mm, 1, gain=0.5)
-            motion = injection.LoadedMotionModel("full v2", comfy.model_patcher.ModelPatcher(
-                mm, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()))
-        model = injection.apply_motion(model, motion, schedule=None)
+    model, latent_side, context_dim = build_unet(size)
+    if variant == "motion":  # built only here, so the plain run holds no motion weights
+        model = injection.apply_motion(model, build_motion(size), schedule=None)
     frames = 16
     gen = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, context_dim, generator=gen), {}]]

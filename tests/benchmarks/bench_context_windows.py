@@ -34,30 +34,14 @@ def run_one(size: str, frames: int, steps: int) -> dict:
 
     ads_package.register()
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.ops
     import comfy.sample
-    import comfy.supported_models
 
-    from animatediff_suite.motion_modules import ContextOptions, MotionModel, MotionSpec, context_windows
-    from animatediff_suite.nodes import demo, injection
+    from animatediff_suite.motion_modules import ContextOptions, context_windows
+    from animatediff_suite.nodes import injection
 
     options = ContextOptions(16, 4)
-    if size == "tiny":
-        model, side, context_dim = demo.tiny_sd15_model(0), 8, 32
-        motion = demo.tiny_motion_patcher(0, "v2")
-    else:
-        config = comfy.supported_models.SD15({**demo.TINY_UNET, **overhead.FULL_UNET_OVERRIDES})
-        config.set_inference_dtype(torch.float32, None)
-        base = config.get_model({})
-        demo.seeded_fill_(base.diffusion_model, 0)
-        device, offload = comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
-        model = comfy.model_patcher.ModelPatcher(base, device, offload)
-        mm = MotionModel(MotionSpec.standard("v2", (320, 640, 1280, 1280)), zero_init=False,
-                         operations=comfy.ops.manual_cast)
-        demo.seeded_fill_(mm, 1, gain=0.5)
-        motion = injection.LoadedMotionModel("full v2", comfy.model_patcher.ModelPatcher(mm, device, offload))
-        side, context_dim = 32, 768
+    model, side, context_dim = overhead.build_unet(size)
+    motion = overhead.build_motion(size)
     model = injection.apply_motion(model, motion, context=options)
     gen = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, context_dim, generator=gen), {}]]
