@@ -62,9 +62,8 @@ class ComfyServer:
               timeout: float = 180.0) -> "ComfyServer":
         """Start ``main.py`` with this pack loaded and ``model_folders`` ({folder name: path}) visible."""
         port = free_port()
-        in_custom_nodes = os.path.samefile(os.path.dirname(ROOT), os.path.join(comfyui, "custom_nodes")) \
-            if os.path.isdir(os.path.join(comfyui, "custom_nodes")) else False
-        config = {name: path for name, path in (model_folders or {}).items()}
+        in_custom_nodes = os.path.realpath(os.path.dirname(ROOT)) == os.path.realpath(os.path.join(comfyui, "custom_nodes"))
+        config = dict(model_folders or {})
         if not in_custom_nodes:
             nodes_dir = os.path.join(workdir, "custom_nodes")
             os.makedirs(nodes_dir, exist_ok=True)
@@ -168,19 +167,21 @@ def use_tiny_models(graph: dict, seed: int = 0, swap_motion_loaders: bool = True
     """Replace every CheckpointLoaderSimple with ADS_TinyDemoModels (same first three outputs) and,
     if asked, every ADS_LoadMotionModel with the demo's matching motion model."""
     graph = copy.deepcopy(graph)
-    for node_id, node in list(graph.items()):
-        if node["class_type"] != "CheckpointLoaderSimple":
-            continue
-        family = "SDXL" if "xl" in node["inputs"]["ckpt_name"].lower() else "SD1.5"
-        node.update(class_type="ADS_TinyDemoModels", _meta={"title": "Tiny Demo Models"},
-                    inputs={"seed": seed, "family": family, "motion_version": "sdxl_beta" if family == "SDXL" else "v3"})
-        if swap_motion_loaders:
-            for loader_id in [i for i, n in graph.items() if n["class_type"] == "ADS_LoadMotionModel"]:
-                del graph[loader_id]
-                for other in graph.values():
-                    for key, value in other["inputs"].items():
-                        if value == [loader_id, 0]:
-                            other["inputs"][key] = [node_id, 3]
+    demo_id = None
+    for node_id, node in graph.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            family = "SDXL" if "xl" in node["inputs"]["ckpt_name"].lower() else "SD1.5"
+            node.update(class_type="ADS_TinyDemoModels", _meta={"title": "Tiny Demo Models"},
+                        inputs={"seed": seed, "family": family,
+                                "motion_version": "sdxl_beta" if family == "SDXL" else "v3"})
+            demo_id = node_id
+    if swap_motion_loaders and demo_id is not None:
+        for loader_id in [i for i, n in graph.items() if n["class_type"] == "ADS_LoadMotionModel"]:
+            del graph[loader_id]
+            for other in graph.values():
+                for key, value in other["inputs"].items():
+                    if value == [loader_id, 0]:
+                        other["inputs"][key] = [demo_id, 3]
     return graph
 
 
@@ -202,10 +203,10 @@ def customise(graph: dict, args) -> dict:
         graph[by_type["ADS_LoadMotionModel"][0]]["inputs"]["model_name"] = args.motion_model
         previous = None
         for index, spec in enumerate(args.motion_lora or []):
-            name, _, strength = spec.rpartition(":") if ":" in spec else (spec, "", "1.0")
+            name, colon, strength = spec.rpartition(":")
+            name, strength = (name, float(strength)) if colon else (spec, 1.0)
             node_id = f"lora{index}"
-            graph[node_id] = {"class_type": "ADS_LoadMotionLora",
-                              "inputs": {"lora_name": name, "strength": float(strength or 1.0)}}
+            graph[node_id] = {"class_type": "ADS_LoadMotionLora", "inputs": {"lora_name": name, "strength": strength}}
             if previous:
                 graph[node_id]["inputs"]["prev_motion_lora"] = [previous, 0]
             previous = node_id

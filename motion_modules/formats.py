@@ -16,6 +16,7 @@ import torch
 
 from .errors import MotionModelError, describe_keys
 from .model import ANIMATELCM_PE_LENGTH, VERSIONS, ModuleSpec, MotionModel, MotionSpec
+from .temporal import sinusoidal_pe
 
 MAX_CHANNELS = 8192
 MAX_PE_LENGTH = 4096
@@ -222,8 +223,6 @@ def check_keys_and_shapes(sd: dict[str, torch.Tensor], spec: MotionSpec, source:
 
 def to_file_keys(sd: dict[str, torch.Tensor], spec: MotionSpec) -> dict[str, torch.Tensor]:
     """Original keys -> the naming of ``spec``'s source format (adds recomputed PE tables)."""
-    from .temporal import sinusoidal_pe
-
     out = dict(sd)
     if spec.has_pe_keys:
         for key, value in sd.items():

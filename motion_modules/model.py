@@ -169,8 +169,6 @@ class MotionModel(nn.Module):
         for spec in self.spec.modules:
             yield spec.prefix, modules[spec.prefix]
 
-    def temporal_module(self, prefix: str) -> VanillaTemporalModule:
-        return dict(self.named_modules())[prefix]
 
     def reset_positional_encodings(self) -> None:
         """Recompute every PE table (after building on the meta device, or a dtype change)."""

@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .context_nodes import NODES as CONTEXT_NODES
 from .demo import NODES as DEMO_NODES
 from .folders import register_folders
 from .motion_nodes import NODES as MOTION_NODES
@@ -12,4 +13,4 @@ register_folders()
 
 class AnimateDiffSuiteExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*MOTION_NODES, *PROMPT_NODES, *DEMO_NODES]
+        return [*MOTION_NODES, *CONTEXT_NODES, *PROMPT_NODES, *DEMO_NODES]

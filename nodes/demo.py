@@ -62,7 +62,7 @@ def seeded_fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch
     return module
 
 
-def tiny_sd15_model(seed: int = 0, family: str = "SD1.5") -> comfy.model_patcher.ModelPatcher:
+def tiny_model(seed: int = 0, family: str = "SD1.5") -> comfy.model_patcher.ModelPatcher:
     """A tiny UNet of the given family ("SD1.5": 4 levels, "SDXL": 3 levels with an ADM input)."""
     if family == "SDXL":
         config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
@@ -159,7 +159,7 @@ class TinyDemoModels(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, family: str = "SD1.5", motion_version: str = "v3") -> io.NodeOutput:
-        return io.NodeOutput(tiny_sd15_model(seed, family), tiny_clip(seed), tiny_vae(seed),
+        return io.NodeOutput(tiny_model(seed, family), tiny_clip(seed), tiny_vae(seed),
                              tiny_motion_patcher(seed, motion_version), tiny_controlnet(seed, family))
 
 
@@ -172,33 +172,19 @@ def _random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[t
     return up, down
 
 
-def tiny_motion_lora_state_dict(spec: MotionSpec, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random MotionLoRA in the original file format for a motion model of ``spec``."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for module in spec.modules:
-        for j in (0, 1):
-            base = f"{module.prefix}.temporal_transformer.transformer_blocks.0.attention_blocks.{j}.processor"
-            for proj in ("to_q", "to_k", "to_v", "to_out"):
-                up, down = _random_pair(gen, module.channels, module.channels, rank)
-                sd[f"{base}.{proj}_lora.up.weight"], sd[f"{base}.{proj}_lora.down.weight"] = up, down
-    return sd
-
-
 def tiny_domain_adapter_state_dict(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random domain adapter (original naming) for the tiny UNet's spatial attention layers."""
     import re
 
     import comfy.utils
 
-    config = comfy.supported_models.SD15(dict(TINY_UNET)).unet_config
+    model_config = comfy.supported_models.SD15(dict(TINY_UNET))
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in comfy.supported_models.SD15(dict(TINY_UNET)).get_model({})
-                  .diffusion_model.state_dict().items()}
+        shapes = {k: v.shape for k, v in model_config.get_model({}).diffusion_model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     pattern = re.compile(r"^(.*attentions\.\d+\.transformer_blocks\.\d+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(config).items()):
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(model_config.unet_config).items()):
         match = pattern.match(diffusers_key)
         if match and comfy_key in shapes:
             out_features, in_features = shapes[comfy_key]

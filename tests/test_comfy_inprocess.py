@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ads_helpers import motion_lora_state_dict
 from ads_package import ROOT
 
 pytestmark = pytest.mark.comfyui
@@ -80,7 +81,7 @@ def test_pack_loads_like_comfyui_loads_it(env):
 
 
 def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     plain = ksample(env, model)
     animated = ksample(env, apply(env, model, motion(env, zero_proj_out=True)))
     for frame in range(FRAMES):
@@ -159,7 +160,7 @@ def frame_spanning_resnet_norms(unet, frames):
 @pytest.mark.parametrize("cfg", [1.0, 7.0], ids=["cond_only", "cond_and_uncond"])
 def test_patched_unet_equals_core_reference(env, version, cfg):
     """One euler step returns the x0 prediction; recompute it with the reference forward."""
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, version, seed=1)
     patched = apply(env, model, loaded)
     out = ksample(env, patched, cfg=cfg, steps=1)
@@ -191,7 +192,7 @@ def test_patched_unet_equals_core_reference(env, version, cfg):
 
 
 def test_v1_norms_really_span_frames(env):
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     patched = apply(env, model, motion(env, "v1", seed=1))
     spanning = ksample(env, patched, steps=1)
     per_frame = patched.clone()
@@ -205,7 +206,7 @@ def test_v1_norms_really_span_frames(env):
 # -- no leaks ------------------------------------------------------------------------------------
 
 def test_unpatched_model_is_bit_identical_after_runs_errors_and_interrupts(env):
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     never_patched = ksample(env, model)
     patched = apply(env, model, motion(env, "v2"), schedule="auto")
     ksample(env, patched)
@@ -234,11 +235,11 @@ def test_unpatched_model_is_bit_identical_after_runs_errors_and_interrupts(env):
 
 def test_one_motion_model_two_samplers_and_two_base_models_do_not_cross_contaminate(env):
     loaded = motion(env, "v2")
-    lora_sd = env["demo"].tiny_motion_lora_state_dict(loaded.spec, seed=4)
+    lora_sd = motion_lora_state_dict(loaded.spec, seed=4)
     from animatediff_suite.motion_modules import load_lora
     entry = env["injection"].MotionLoraEntry("tiny", load_lora(lora_sd), 1.0)
-    model_a = env["demo"].tiny_sd15_model(0)
-    model_b = env["demo"].tiny_sd15_model(1)
+    model_a = env["demo"].tiny_model(0)
+    model_b = env["demo"].tiny_model(1)
     with_lora = apply(env, model_a, loaded, loras=(entry,))
     without = apply(env, model_a, loaded)
     on_b = apply(env, model_b, loaded)
@@ -257,7 +258,7 @@ def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
     loaded = motion(env, "v2")
     lora_dir = tmp_path / "animatediff_motion_lora"
     lora_dir.mkdir()
-    save_file(env["demo"].tiny_motion_lora_state_dict(loaded.spec, seed=4), str(lora_dir / "zoom.safetensors"))
+    save_file(motion_lora_state_dict(loaded.spec, seed=4), str(lora_dir / "zoom.safetensors"))
     folder_paths.add_model_folder_path("animatediff_motion_lora", str(lora_dir))
     folder_paths.filename_list_cache.pop("animatediff_motion_lora", None)
     Loader = env["motion_nodes"].LoadMotionLora
@@ -265,7 +266,7 @@ def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
     full = Loader.execute("zoom.safetensors", 1.0).result[0]
     assert half[0].lora is full[0].lora  # parsed once: the second run read no file
     assert (half[0].strength, full[0].strength) == (0.5, 1.0)
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     out_half = ksample(env, apply(env, model, loaded, loras=half))
     out_full = ksample(env, apply(env, model, loaded, loras=full))
     assert (out_half - out_full).abs().max() > 1e-3
@@ -274,7 +275,7 @@ def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
 
 
 def test_apply_does_not_mutate_its_inputs(env):
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v1")
     options_before = repr(model.model_options)
     apply(env, model, loaded, schedule="auto", scale=1.3, start_percent=0.1, end_percent=0.9)
@@ -288,7 +289,7 @@ def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
 
     from animatediff_suite.motion_modules import MotionModel, MotionModelError, MotionSpec
 
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     sdxl = MotionModel(MotionSpec.standard("sdxl_beta", (32, 64, 64)))
     loaded = env["injection"].LoadedMotionModel(
         "mm_sdxl_v10_beta.safetensors", comfy.model_patcher.ModelPatcher(sdxl, torch.device("cpu"), torch.device("cpu")))
@@ -303,7 +304,7 @@ def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
 
 
 def test_motion_scale_and_percent_range(env):
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v3")
     base = ksample(env, apply(env, model, loaded))
     assert (ksample(env, apply(env, model, loaded, scale=2.0)) - base).abs().max() > 1e-3
@@ -315,7 +316,7 @@ def test_motion_scale_and_percent_range(env):
 def test_beta_schedules(env):
     import comfy.model_sampling
 
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v3")
     existing = model.get_model_object("model_sampling")
     assert apply(env, model, loaded).get_model_object("model_sampling") is existing
@@ -335,7 +336,7 @@ def test_domain_adapter_is_applied_exactly(env, tmp_path):
 
     from animatediff_suite.motion_modules import load_domain_adapter
 
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     adapter_sd = env["demo"].tiny_domain_adapter_state_dict(seed=9)
     adapter = load_domain_adapter(adapter_sd)
     patched = apply(env, model, motion(env, "v3"), domain_adapter=(adapter, 0.7))
@@ -362,7 +363,7 @@ def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
     loaded, info = out.result
     assert loaded.spec.version == "v2" and "SD1.5 v2" in info and "32 frames" in info
     assert out.ui["text"] == [info]
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     patched = env["motion_nodes"].ApplyMotionModel.execute(model, loaded).result[0]
     assert patched is not model and ksample(env, patched).shape == (FRAMES, 4, 8, 8)
     assert env["motion_nodes"].ApplyMotionModel.validate_inputs(start_percent=0.6, end_percent=0.2) != True
@@ -373,7 +374,7 @@ def test_sdxl_injection_equals_core_reference(env, version):
     """Tiny SDXL (3 levels): the injected UNet equals the block-by-block reference."""
     import comfy.model_management as mm
 
-    model = env["demo"].tiny_sd15_model(0, family="SDXL")
+    model = env["demo"].tiny_model(0, family="SDXL")
     loaded = motion(env, version, seed=2)
     patched = apply(env, model, loaded, schedule="auto")
     unet = model.model.diffusion_model
@@ -411,7 +412,7 @@ def test_low_precision_motion_weights_run_in_an_fp32_unet(env, dtype, tmp_path):
     assert {p.dtype for p in low.parameters()} == {dtype}
     loaded = env["injection"].LoadedMotionModel(
         "low precision", comfy.model_patcher.ModelPatcher(low, torch.device("cpu"), torch.device("cpu")))
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     reference = ksample(env, apply(env, model, fp32), steps=1)
     got = ksample(env, apply(env, model, loaded), steps=1)
     assert torch.isfinite(got).all()
@@ -431,7 +432,7 @@ def sample_with_noise(env, model, noise, positive, negative, cfg=7.0, steps=1):
 def test_clips_within_one_window_are_bit_identical_to_no_context_options(env):
     from animatediff_suite.motion_modules import ContextOptions
 
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v2")
     for frames in (16, 9):
         plain = ksample(env, apply(env, model, loaded), frames=frames)
@@ -448,7 +449,7 @@ def test_windowed_step_equals_fused_per_window_reference(env, schedule, fuse):
 
     frames, cfg = 40, 7.0
     options = ContextOptions(16, 4, closed_loop=True, schedule=schedule, fuse_method=fuse)
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v2", seed=1)
     gen = torch.Generator().manual_seed(3)
     per_frame = torch.randn(frames, 77, 32, generator=gen)
@@ -473,13 +474,13 @@ def test_windowed_step_equals_fused_per_window_reference(env, schedule, fuse):
 def test_context_options_validation(env):
     from animatediff_suite.motion_modules import ContextOptions, MotionModelError
 
-    node = env["motion_nodes"].ContextOptionsNode
+    from animatediff_suite.nodes.context_nodes import ContextOptionsNode as node
     assert "must be less than context_length" in node.validate_inputs(context_length=8, context_overlap=8)
     options = node.execute(16, 4, 1, False, "standard_static", "pyramid").result[0]
     assert options == ContextOptions(16, 4)
     with pytest.raises(MotionModelError, match=r"context_length 32 is more than motion model .* can see at once "
                                                r"\(24 frames\)"):
-        apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v1"), context=ContextOptions(32, 4))
+        apply(env, env["demo"].tiny_model(0), motion(env, "v1"), context=ContextOptions(32, 4))
 
 
 def test_controlnet_hints_are_windowed_with_their_frames(env):
@@ -489,7 +490,7 @@ def test_controlnet_hints_are_windowed_with_their_frames(env):
 
     frames, cfg = 40, 7.0
     options = ContextOptions(16, 4)
-    model = env["demo"].tiny_sd15_model(0)
+    model = env["demo"].tiny_model(0)
     loaded = motion(env, "v2", seed=1)
     control = env["demo"].tiny_controlnet(7)
     gen = torch.Generator().manual_seed(5)
@@ -531,13 +532,15 @@ def test_prompt_travel_node(env):
     torch.testing.assert_close(cond[0], first[0])
     torch.testing.assert_close(cond[11], last[0])
     torch.testing.assert_close(cond[4], (first[0] + last[0]) / 2)
-    model = apply(env, env["demo"].tiny_sd15_model(0), motion(env, "v3"))
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3"))
     assert ksample(env, model, frames=12, positive=conditioning).shape == (12, 4, 8, 8)
 
 
 def test_context_schedule_image_node(env):
     from animatediff_suite.motion_modules import ContextOptions
 
-    image = env["motion_nodes"].ContextScheduleImage.execute(ContextOptions(16, 4, closed_loop=True,
+    from animatediff_suite.nodes.context_nodes import ContextScheduleImage
+
+    image = ContextScheduleImage.execute(ContextOptions(16, 4, closed_loop=True,
                                                                             schedule="looped_uniform"), 64, 3).result[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[2] == 64 * 12

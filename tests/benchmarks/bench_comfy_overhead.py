@@ -35,7 +35,7 @@ def build_unet(size: str):
     from animatediff_suite.nodes import demo
 
     if size == "tiny":
-        return demo.tiny_sd15_model(0), 8, 32
+        return demo.tiny_model(0), 8, 32
     config = comfy.supported_models.SD15({**demo.TINY_UNET, **FULL_UNET_OVERRIDES})
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
