@@ -9,8 +9,11 @@ Never imports ComfyUI. Public API::
     save_motion_model(model, "out.safetensors")
 """
 
-from .context import FUSE_METHODS, SCHEDULES, ContextOptions, context_windows, fuse_windows
+from .context import (FUSE_METHODS, SCHEDULES, SCOPES, ContextOptions, context_windows, fuse_windows,
+                      weighted_windows)
 from .errors import MotionModelError
+from .freeinit import FILTERS, FreeInitOptions
+from .freenoise import NOISE_TYPES, free_noise
 from .formats import expected_shapes, parameter_count
 from .loader import load_motion_model, save_motion_model
 from .lora import (LoRA, load_domain_adapter, load_lora, lora_deltas, merged_parameters,
@@ -19,7 +22,8 @@ from .model import ModuleSpec, MotionModel, MotionSpec
 from .temporal import NORM_MODES, VanillaTemporalModule, sinusoidal_pe
 
 __all__ = [
-    "ContextOptions", "FUSE_METHODS", "SCHEDULES", "context_windows", "fuse_windows",
+    "ContextOptions", "FUSE_METHODS", "SCHEDULES", "SCOPES", "context_windows", "fuse_windows",
+    "weighted_windows", "FILTERS", "FreeInitOptions", "NOISE_TYPES", "free_noise",
     "LoRA", "ModuleSpec", "MotionModel", "MotionModelError", "MotionSpec", "NORM_MODES",
     "VanillaTemporalModule", "expected_shapes", "load_domain_adapter", "load_lora",
     "load_motion_model", "lora_deltas", "merged_parameters", "motion_lora_deltas",

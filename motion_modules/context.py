@@ -21,6 +21,10 @@ from typing import Sequence
 
 import torch
 
+from .freenoise import NOISE_TYPES
+
+SCOPES = ("whole_model", "motion_attention")
+
 
 def ordered_halving(step: int) -> float:
     """Bit-reversed step / 2^64: 0, 1/2, 1/4, 3/4, 1/8, ... (a low-discrepancy offset per step)."""
@@ -38,6 +42,10 @@ class ContextOptions:
         closed_loop: looped schedule only: add windows across the end-to-start seam.
         schedule: a name in ``SCHEDULES``.
         fuse_method: a name in ``FUSE_METHODS``.
+        noise_type: FreeNoise initial noise, a name in ``freenoise.NOISE_TYPES``.
+        scope: ``whole_model``: the UNet runs once per window and its outputs are fused (memory
+            stays flat); ``motion_attention`` (FreeNoise): the UNet runs on all frames at once and
+            only the motion modules' attention is windowed and fused (memory grows with frames).
     """
 
     context_length: int = 16
@@ -46,6 +54,8 @@ class ContextOptions:
     closed_loop: bool = False
     schedule: str = "standard_static"
     fuse_method: str = "pyramid"
+    noise_type: str = "default"
+    scope: str = "whole_model"
 
     def __post_init__(self):
         if self.context_length < 1:
@@ -59,6 +69,15 @@ class ContextOptions:
             raise ValueError(f"unknown context schedule {self.schedule!r}; expected one of {sorted(SCHEDULES)}")
         if self.fuse_method not in FUSE_METHODS:
             raise ValueError(f"unknown fuse method {self.fuse_method!r}; expected one of {sorted(FUSE_METHODS)}")
+        if self.noise_type not in NOISE_TYPES:
+            raise ValueError(f"unknown noise type {self.noise_type!r}; expected one of {list(NOISE_TYPES)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown window scope {self.scope!r}; expected one of {list(SCOPES)}")
+
+    @property
+    def advance(self) -> int:
+        """Frames between the starts of neighbouring windows (FreeNoise's stride)."""
+        return self.context_length - self.context_overlap
 
 
 def context_windows(num_frames: int, options: ContextOptions, step: int = 0) -> list[list[int]]:
@@ -158,12 +177,28 @@ def fuse_gaussian(window: Sequence[int], num_frames: int, options: ContextOption
     return [math.exp(-((i - centre) ** 2) / (2 * sigma ** 2)) for i in range(n)]
 
 
+def fuse_delayed_reverse_sawtooth(window: Sequence[int], num_frames: int, options: ContextOptions) -> list[float]:
+    """0.01 over the first half (the last of it at the peak for even lengths), then peak, ..., 1
+    (diffusers' FreeNoise weighting): a window trusts its later frames most."""
+    n = len(window)
+    mid = (n + 1) // 2
+    head = [0.01] * (mid - 1) + ([float(mid)] if n % 2 == 0 else [])
+    return head + [float(k) for k in range(mid, 0, -1)]
+
+
 FUSE_METHODS = {
     "flat": fuse_flat,
     "pyramid": fuse_pyramid,
     "overlap-linear": fuse_overlap_linear,
     "gaussian": fuse_gaussian,
+    "delayed_reverse_sawtooth": fuse_delayed_reverse_sawtooth,
 }
+
+
+def weighted_windows(num_frames: int, options: ContextOptions, step: int = 0) -> list[tuple[list[int], list[float]]]:
+    """The windows of ``context_windows`` with their fuse weights: the plan a windowed layer runs."""
+    return [(window, FUSE_METHODS[options.fuse_method](window, num_frames, options))
+            for window in context_windows(num_frames, options, step)]
 
 
 class WindowAccumulator:
@@ -174,13 +209,14 @@ class WindowAccumulator:
     are unaffected by context options.
     """
 
-    def __init__(self, num_frames: int, options: ContextOptions, dim: int = 0):
+    def __init__(self, num_frames: int, options: ContextOptions | None, dim: int = 0):
         self.num_frames, self.options, self.dim = num_frames, options, dim
         self.total = self.counts = self.whole = None
 
-    def add(self, window: Sequence[int], output: torch.Tensor) -> None:
+    def add(self, window: Sequence[int], output: torch.Tensor, weights: Sequence[float] | None = None) -> None:
+        """Add one window's output; ``weights`` default to the options' fuse method."""
         if self.total is None and self.whole is None and list(window) == list(range(self.num_frames)):
-            self.whole = output
+            self.whole, self._whole_weights = output, weights
             return
         if self.total is None:
             shape = list(output.shape)
@@ -191,12 +227,13 @@ class WindowAccumulator:
             self.dtype = output.dtype
             if self.whole is not None:
                 whole, self.whole = self.whole, None
-                self.add(range(self.num_frames), whole)
+                self.add(range(self.num_frames), whole, self._whole_weights)
         view = [1] * output.ndim
         view[self.dim] = -1
         index = torch.as_tensor(list(window), device=output.device)
-        weights = torch.tensor(FUSE_METHODS[self.options.fuse_method](window, self.num_frames, self.options),
-                               dtype=self.total.dtype, device=output.device)
+        if weights is None:
+            weights = FUSE_METHODS[self.options.fuse_method](window, self.num_frames, self.options)
+        weights = torch.tensor(weights, dtype=self.total.dtype, device=output.device)
         self.total.index_add_(self.dim, index, output.to(self.total.dtype) * weights.view(view))
         self.counts.index_add_(0, index, weights)
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .context import WindowAccumulator
 from .errors import MotionModelError
+
+Windows = Sequence[tuple[Sequence[int], Sequence[float]]]
 
 NORM_MODES = ("per_frame", "across_frames")
 
@@ -131,9 +135,23 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, ops=ops)
         self.ff_norm = ops.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, scale_multiplier: float) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
             x = attention(norm(x), scale_multiplier) + x
+        return x
+
+    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0, windows: Windows | None = None) -> torch.Tensor:
+        """x: (n f c). ``windows`` (FreeNoise): (frame indices, fuse weights) pairs; the attention
+        blocks run per window (PE restarting at each window's first frame) and their outputs are
+        fused per frame by weighted mean before the feed-forward, which sees all frames."""
+        if windows is None:
+            x = self._attend(x, scale_multiplier)
+        else:
+            fused = WindowAccumulator(x.shape[1], None, dim=1)
+            for window, weights in windows:
+                index = torch.as_tensor(list(window), device=x.device)
+                fused.add(window, self._attend(x.index_select(1, index), scale_multiplier), weights)
+            x = fused.result()
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -161,11 +179,13 @@ class TemporalTransformer3D(nn.Module):
         x = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
         return rearrange(self.norm(x), "b c f h w -> (b f) c h w")
 
-    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0) -> torch.Tensor:
-        """x: ((b f), c, h, w) -> same shape."""
-        if num_frames > self.max_len:
+    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
+                windows: Windows | None = None) -> torch.Tensor:
+        """x: ((b f), c, h, w) -> same shape; ``windows``: see ``TemporalTransformerBlock``."""
+        longest = num_frames if windows is None else max(len(window) for window, _ in windows)
+        if longest > self.max_len:
             raise MotionModelError(
-                f"{num_frames} frames in one pass, but this motion model's positional encoding "
+                f"{longest} frames in one pass, but this motion model's positional encoding "
                 f"covers at most {self.max_len} frames; sample at most {self.max_len} frames per pass "
                 f"(a latent batch of at most {self.max_len}, or context windows that split longer clips)"
             )
@@ -176,7 +196,7 @@ class TemporalTransformer3D(nn.Module):
         hidden = rearrange(hidden, "(b f) c h w -> (b h w) f c", f=num_frames)
         hidden = self.proj_in(hidden)
         for block in self.transformer_blocks:
-            hidden = block(hidden, scale_multiplier)
+            hidden = block(hidden, scale_multiplier, windows)
         hidden = self.proj_out(hidden)
         hidden = rearrange(hidden, "(b h w) f c -> (b f) c h w", h=height, w=width)
         return hidden + x
@@ -195,5 +215,6 @@ class VanillaTemporalModule(nn.Module):
             nn.init.zeros_(self.temporal_transformer.proj_out.weight)
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames, scale_multiplier)
+    def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
+                windows: Windows | None = None) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, scale_multiplier, windows)

@@ -1,11 +1,12 @@
-"""Context Options and its preview: forms over ``motion_modules.context`` (sampling: context_sampling.py)."""
+"""Context Options, its preview, and FreeInit: forms over ``motion_modules`` (sampling: context_sampling.py)."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..motion_modules import FUSE_METHODS, SCHEDULES, ContextOptions
+from ..motion_modules import FILTERS, FUSE_METHODS, NOISE_TYPES, SCHEDULES, SCOPES, ContextOptions, FreeInitOptions
 from ..motion_modules.context import schedule_image
+from .context_sampling import add_free_init
 from .motion_nodes import CATEGORY, ContextOptionsType
 
 
@@ -36,7 +37,18 @@ class ContextOptionsNode(io.ComfyNode):
                 io.Combo.Input("fuse_method", options=sorted(FUSE_METHODS), default="pyramid",
                                tooltip="How overlapping windows are blended per frame: pyramid weights frames "
                                        "near a window's middle more; flat averages; overlap-linear ramps only "
-                                       "across overlaps; gaussian is a smooth pyramid."),
+                                       "across overlaps; gaussian is a smooth pyramid; delayed_reverse_sawtooth "
+                                       "(FreeNoise) trusts each window's later frames."),
+                io.Combo.Input("noise_type", options=list(NOISE_TYPES), default="default", optional=True,
+                               tooltip="FreeNoise initial noise. default: the sampler's noise; random: noise "
+                                       "drawn as diffusers draws it for the seed; repeated_context: the first "
+                                       "window's noise repeated; shuffle_context: each window's noise is the "
+                                       "previous one's, shuffled (FreeNoise; keeps long clips coherent)."),
+                io.Combo.Input("scope", options=list(SCOPES), default="whole_model", optional=True,
+                               tooltip="whole_model: the UNet runs once per window (memory stays flat however "
+                                       "long the clip). motion_attention (FreeNoise): the UNet runs on all "
+                                       "frames at once and only the motion attention is windowed (smoother, "
+                                       "but memory grows with the frame count)."),
             ],
             outputs=[ContextOptionsType.Output(display_name="CONTEXT_OPTIONS")],
         )
@@ -49,9 +61,10 @@ class ContextOptionsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, context_length: int, context_overlap: int, context_stride: int, closed_loop: bool,
-                schedule: str, fuse_method: str) -> io.NodeOutput:
+                schedule: str, fuse_method: str, noise_type: str = "default",
+                scope: str = "whole_model") -> io.NodeOutput:
         return io.NodeOutput(ContextOptions(context_length, context_overlap, context_stride, closed_loop,
-                                            schedule, fuse_method))
+                                            schedule, fuse_method, noise_type, scope))
 
 
 class ContextScheduleImage(io.ComfyNode):
@@ -77,4 +90,46 @@ class ContextScheduleImage(io.ComfyNode):
         return io.NodeOutput(schedule_image(frames, context_options, steps, cell).unsqueeze(0))
 
 
-NODES = [ContextOptionsNode, ContextScheduleImage]
+class FreeInitNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_FreeInit",
+            display_name="FreeInit (AnimateDiff)",
+            category=CATEGORY,
+            description="Sample several times: after each pass the result is noised back with the first "
+                        "pass's noise and only its low spatio-temporal frequencies are kept, the rest is fresh "
+                        "noise. Improves temporal consistency at the cost of iterations x the sampling time. "
+                        "Works with any sampler node.",
+            inputs=[
+                io.Model.Input("model", tooltip="The (animated) model to sample with."),
+                io.Int.Input("iterations", default=3, min=1, max=10,
+                             tooltip="Sampling passes; 1 turns FreeInit off. The paper uses 3-5."),
+                io.Combo.Input("filter", options=list(FILTERS), default="butterworth",
+                               tooltip="Low-pass filter: butterworth (smooth, default), gaussian (smoothest), "
+                                       "ideal (sharp sphere), box (sharp box)."),
+                io.Float.Input("spatial_stop", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="Normalised spatial stop frequency: how much layout carries over "
+                                       "between passes (0 = none, only fresh noise)."),
+                io.Float.Input("temporal_stop", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="Normalised temporal stop frequency: how much motion carries over "
+                                       "between passes."),
+                io.Int.Input("butterworth_order", default=4, min=1, max=16,
+                             tooltip="butterworth only: higher is closer to ideal."),
+                io.Boolean.Input("fast_sampling", default=False,
+                                 tooltip="Coarse to fine: early passes use fewer steps (pass k of n uses "
+                                         "steps * k / n), only the last uses them all."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model; sampling with it runs the FreeInit passes.")],
+        )
+
+    @classmethod
+    def execute(cls, model, iterations: int, filter: str, spatial_stop: float, temporal_stop: float,
+                butterworth_order: int, fast_sampling: bool) -> io.NodeOutput:
+        options = FreeInitOptions(iterations, filter, spatial_stop, temporal_stop, butterworth_order, fast_sampling)
+        patched = model.clone()
+        add_free_init(patched, options)
+        return io.NodeOutput(patched)
+
+
+NODES = [ContextOptionsNode, ContextScheduleImage, FreeInitNode]

@@ -1,23 +1,38 @@
-"""Sliding context windows during ComfyUI sampling (the sampling-side counterpart of injection.py).
+"""Sampling-side AnimateDiff features (the counterpart of injection.py): context windows,
+FreeNoise initial noise, FreeInit.
 
 A keyed CALC_COND_BATCH wrapper splits the frames of each model call into the windows of
 ``motion_modules.context`` and fuses the outputs. Everything with a frame axis is windowed:
 the latents, the timesteps, per-frame conditioning tensors (``size(0) == frames``), masks, and the
 hints of native ControlNet / T2I-Adapter chains (a per-window copy whose ``cond_hint_original`` is
-sliced). Clips of at most ``context_length`` frames take the unwindowed path unchanged.
+sliced). Clips of at most ``context_length`` frames take the unwindowed path unchanged. With the
+``motion_attention`` scope the UNet sees all frames and the motion slots window their attention.
+
+A keyed OUTER_SAMPLE wrapper (one for both features) replaces the sampler's initial noise by its
+FreeNoise version and, with FreeInit, runs the whole sampling several times, re-initialising
+the noise between passes (``motion_modules.freeinit``).
 """
 
 from __future__ import annotations
+
+import contextvars
+import math
 
 import torch
 
 import comfy.model_management
 import comfy.patcher_extension
+import comfy.utils
 
-from ..motion_modules import ContextOptions, MotionModelError, context_windows
+from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, context_windows, free_noise
 from ..motion_modules.context import WindowAccumulator
+from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
 
 CONTEXT_KEY = "animatediff_suite.context"
+FREE_INIT_KEY = "animatediff_suite.free_init"
+SAMPLE_KEY = "animatediff_suite.sample"
+# (steps before this pass, steps of all passes) while FreeInit runs its passes
+_PASSES = contextvars.ContextVar("animatediff_suite_passes", default=None)
 
 
 def add_context_windows(model, options: ContextOptions, frame_limit: int, motion_name: str) -> None:
@@ -26,25 +41,58 @@ def add_context_windows(model, options: ContextOptions, frame_limit: int, motion
         raise MotionModelError(f"context_length {options.context_length} is more than motion model "
                                f"'{motion_name}' can see at once ({frame_limit} frames)")
     model.model_options["transformer_options"][CONTEXT_KEY] = options
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY,
-                               windowed_calc_cond_batch)
+    if not model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY,
+                                   windowed_calc_cond_batch)
+    _add_sample_wrapper(model)
 
 
-def _step(model_options: dict, timestep: torch.Tensor) -> int:
-    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-    if sigmas is None:
+def add_free_init(model, options: FreeInitOptions) -> None:
+    """Make sampling with ``model`` (a clone we own) run FreeInit's passes."""
+    model.model_options["transformer_options"][FREE_INIT_KEY] = options
+    _add_sample_wrapper(model)
+
+
+def _add_sample_wrapper(model) -> None:
+    if not model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLE_KEY):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLE_KEY, sample_wrapper)
+
+
+def step_index(transformer_options: dict, sigma: torch.Tensor | None) -> int:
+    """Index of the current step in ``sample_sigmas`` (0 when unknown): drives per-step schedules."""
+    sigmas = transformer_options.get("sample_sigmas")
+    if sigmas is None or sigma is None:
         return 0
-    return int(torch.argmin((sigmas.to(timestep.device) - timestep.reshape(-1)[0]).abs()))
+    return int(torch.argmin((sigmas.to(sigma.device) - sigma.reshape(-1)[0]).abs()))
+
+
+class _WindowProgress:
+    """Reports windows as fractions of a step on the sampling node's progress bar, in step with
+    the sampler's own ``step / steps`` updates (value = step * windows + window; steps counted
+    across FreeInit's passes)."""
+
+    def __init__(self, transformer_options: dict, step: int, windows: int):
+        sigmas = transformer_options.get("sample_sigmas")
+        steps = max(1, (sigmas.shape[-1] - 1) if sigmas is not None else 1)
+        before, total_steps = _PASSES.get() or (0, steps)
+        self.base, self.total = (before + min(step, steps - 1)) * windows, total_steps * windows
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def done(self, window: int) -> None:
+        self.bar.update_absolute(self.base + window + 1, self.total)
 
 
 def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    options: ContextOptions | None = model_options.get("transformer_options", {}).get(CONTEXT_KEY)
+    transformer_options = model_options.get("transformer_options", {})
+    options: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
     frames = x_in.shape[0]
-    if options is None or frames <= options.context_length:
+    if options is None or frames <= options.context_length or options.scope != "whole_model":
         return executor(model, conds, x_in, timestep, model_options)
-    windows = context_windows(frames, options, _step(model_options, timestep))
+    step = step_index(transformer_options, timestep)
+    windows = context_windows(frames, options, step)
+    progress = _WindowProgress(transformer_options, step, len(windows))
     fused = [WindowAccumulator(frames, options) for _ in conds]
-    for window in windows:
+    for number, window in enumerate(windows):
         comfy.model_management.throw_exception_if_processing_interrupted()
         index = torch.as_tensor(window, device=x_in.device)
         sub_conds = [None if c is None else [_window_cond(item, index, frames, model) for item in c] for c in conds]
@@ -52,6 +100,7 @@ def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_optio
         outputs = executor(model, sub_conds, x_in[index], sub_timestep, model_options)
         for accumulator, output in zip(fused, outputs):
             accumulator.add(window, output)
+        progress.done(number)
     return [accumulator.result() for accumulator in fused]
 
 
@@ -98,3 +147,79 @@ def _copy_chain(control, index: torch.Tensor, frames: int):
         windowed.cond_hint_original = hint[index.to(hint.device)]
     windowed.previous_controlnet = _copy_chain(control.previous_controlnet, index, frames)
     return windowed
+
+
+def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                   disable_pbar=False, seed=None, *args, **kwargs):
+    """OUTER_SAMPLE: FreeNoise's initial noise, then one sampling pass or FreeInit's passes."""
+    transformer_options = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
+    context: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
+    free_init: FreeInitOptions | None = transformer_options.get(FREE_INIT_KEY)
+
+    def noise_of(tensor: torch.Tensor, noise_seed: int) -> torch.Tensor:
+        if context is None or context.noise_type == "default" or not bool(tensor.any()):
+            return tensor  # all-zero noise means "add noise: disable": keep it so
+        generator = torch.Generator().manual_seed(noise_seed)
+        return free_noise(tensor, context.noise_type, context.context_length, context.advance, generator)
+
+    noise = noise_of(noise, seed or 0)
+    if free_init is None or free_init.iterations == 1:
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                        *args, **kwargs)
+    guider = executor.class_obj
+    steps = sigmas.shape[-1] - 1
+    plan = [fewer_sigmas(sigmas, pass_steps(steps, free_init, k)) for k in range(free_init.iterations)]
+    totals = [p.shape[-1] - 1 for p in plan]
+    output, pass_noise = None, noise
+    for k, pass_sigmas in enumerate(plan):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if k:
+            fresh_seed = fresh_noise_seed(seed, k)
+            fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(fresh_seed), dtype=torch.float32)
+            fresh = noise_of(fresh.to(noise.dtype), fresh_seed)
+            pass_noise = reinitialised_noise(guider.model_patcher, output, noise, fresh, latent_image,
+                                             pass_sigmas[0], free_init)
+        token = _PASSES.set((sum(totals[:k]), sum(totals)))
+        try:
+            output = executor(pass_noise, latent_image, sampler, pass_sigmas, denoise_mask,
+                              _overall_callback(callback, sum(totals[:k]), sum(totals)), disable_pbar, seed,
+                              *args, **kwargs)
+        finally:
+            _PASSES.reset(token)
+    return output
+
+
+def _overall_callback(callback, offset: int, total: int):
+    """The sampler's per-step callback, counting steps across all FreeInit passes."""
+    if callback is None:
+        return None
+    return lambda step, x0, x, _steps: callback(offset + step, x0, x, total)
+
+
+def reinitialised_noise(patcher, output: torch.Tensor, initial: torch.Tensor, fresh: torch.Tensor,
+                        latent_image: torch.Tensor, sigma: torch.Tensor, options: FreeInitOptions) -> torch.Tensor:
+    """The noise that makes the sampler start the next FreeInit pass from
+
+        low_pass(start(x0, initial noise)) + high_pass(start(latent, fresh noise))
+
+    where ``start(latent, n)`` is where the sampler starts at ``sigma`` from ``latent`` and noise
+    ``n`` (the model's own ``noise_scaling``: x0 + sigma n for SD), i.e. the last result noised
+    back with the first pass's noise, its high frequencies replaced by fresh noise. For a pure
+    txt2vid start this is diffusers' FreeInit (up to sqrt(1 - alpha_bar_999) = 0.998 on the noise).
+    """
+    base_model = patcher.model
+    sampling = patcher.get_model_object("model_sampling")
+    sigma = sigma.float().cpu()
+    max_denoise = math.isclose(float(sampling.sigma_max), float(sigma), rel_tol=1e-5) or float(sigma) > float(sampling.sigma_max)
+    x0 = base_model.process_latent_in(output.float().cpu())
+    latent = latent_image.float().cpu()
+    if torch.count_nonzero(latent) > 0:  # as the guider does: an empty latent is not shifted
+        latent = base_model.process_latent_in(latent)
+
+    def start(image: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return sampling.noise_scaling(sigma, n.float().cpu().clone(), image.clone(), max_denoise)
+
+    target = frames_first_mix(start(x0, initial), start(latent, fresh), options)
+    offset = start(latent, torch.zeros_like(latent))
+    gain = start(torch.zeros_like(latent), torch.ones_like(latent))  # noise_scaling is affine in n
+    return ((target - offset) / gain).to(initial.dtype)

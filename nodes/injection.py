@@ -35,7 +35,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, 
 
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
-from .context_sampling import add_context_windows
+from ..motion_modules.context import weighted_windows
+from .context_sampling import CONTEXT_KEY, add_context_windows, step_index
 
 log = logging.getLogger(__name__)
 KEY = "animatediff_suite"
@@ -108,7 +109,13 @@ class MotionSlot(torch.nn.Module):
         chunks = len(transformer_options.get("cond_or_uncond") or [0])
         if x.shape[0] % chunks:
             raise MotionModelError(f"batch of {x.shape[0]} cannot be split into {chunks} cond/uncond chunks")
-        return self._module[0](x, x.shape[0] // chunks, settings.scale)
+        frames = x.shape[0] // chunks
+        context = transformer_options.get(CONTEXT_KEY)
+        windows = None
+        if context is not None and context.scope == "motion_attention" and frames > context.context_length:
+            step = step_index(transformer_options, transformer_options.get("sigmas"))
+            windows = weighted_windows(frames, context, step)
+        return self._module[0](x, frames, settings.scale, windows)
 
     def forward(self, x):
         raise MotionModelError(f"motion module {self.prefix} was called without AnimateDiff Suite's "
@@ -316,6 +323,8 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         _add_frame_spanning_norms(patched)
     if context is not None:
         add_context_windows(patched, context, motion.spec.frame_limit, motion.name)
+    else:  # a model animated before keeps no stale windows (the wrappers then pass through)
+        patched.model_options["transformer_options"].pop(CONTEXT_KEY, None)
     return patched
 
 

@@ -45,7 +45,7 @@ def ksample(env, model, cfg=7.0, steps=2, seed=5, frames=FRAMES, sampler="euler"
                                             env["negative"], latent)[0]["samples"]
     noise = env["sample"].prepare_noise(latent["samples"], seed)
     return env["sample"].sample(model, noise, steps, cfg, sampler, "normal", positive or env["cond"],
-                                env["negative"], latent["samples"], callback=callback, disable_pbar=True)
+                                env["negative"], latent["samples"], callback=callback, disable_pbar=True, seed=seed)
 
 
 def motion(env, version="v3", seed=0, zero_proj_out=False):
@@ -65,11 +65,12 @@ def apply(env, model, loaded, schedule="use existing", **kwargs):
 def test_pack_loads_like_comfyui_loads_it(env):
     nodes = env["nodes"]
     assert asyncio.run(nodes.load_custom_node(ROOT)) is True
-    for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels"):
+    for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
+                    "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit"):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
-    assert len(ours) == 7
+    assert len(ours) == 8
     for node_id in ours:
         node = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node.CATEGORY.startswith("AnimateDiff Suite")
@@ -90,13 +91,14 @@ def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
 
 # -- the patched UNet against a reference forward built from the core --------------------------
 
-def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None):
+def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None, windows=None):
     """UNet forward walked block by block, calling the core's temporal modules where the original
     AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample, forward_timestep_embed
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-    modules = dict(motion_model.named_temporal_modules())
+    modules = {name: (lambda h, frames, m=m: m(h, frames, 1.0, windows))
+               for name, m in motion_model.named_temporal_modules()}
     layers = 2
     emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
     if y is not None:
@@ -544,3 +546,176 @@ def test_context_schedule_image_node(env):
     image = ContextScheduleImage.execute(ContextOptions(16, 4, closed_loop=True,
                                                                             schedule="looped_uniform"), 64, 3).result[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[2] == 64 * 12
+
+
+# -- FreeNoise and FreeInit ------------------------------------------------------------------------
+
+def test_motion_attention_scope_within_one_window_is_bit_identical(env):
+    from animatediff_suite.motion_modules import ContextOptions
+
+    model, loaded = env["demo"].tiny_model(0), motion(env, "v2")
+    for frames in (16, 9):
+        plain = ksample(env, apply(env, model, loaded), frames=frames)
+        options = ContextOptions(16, 4, scope="motion_attention", fuse_method="delayed_reverse_sawtooth")
+        assert torch.equal(plain, ksample(env, apply(env, model, loaded, context=options), frames=frames))
+
+
+def test_motion_attention_scope_runs_the_unet_on_all_frames_and_windows_only_motion_attention(env):
+    """40 frames with a 32-frame motion model: one UNet call per step sees all 40 frames, and the
+    result equals the core reference whose motion modules window their attention."""
+    import comfy.patcher_extension
+
+    from animatediff_suite.motion_modules import ContextOptions, weighted_windows
+
+    frames, cfg = 40, 7.0
+    options = ContextOptions(16, 4, scope="motion_attention", schedule="standard_uniform")
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v2", seed=1)
+    patched = apply(env, model, loaded, context=options)
+    batches = []
+
+    def spy(executor, x, t, *args, **kwargs):
+        batches.append(x.shape[0])
+        return executor(x, t, *args, **kwargs)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.spy", spy)
+    out = ksample(env, patched, cfg=cfg, steps=1, frames=frames)
+    assert batches == [2 * frames]
+    ksample(env, model, steps=1)  # loads the plain model: the motion slots are ejected again
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigma_max.reshape(1)
+    noise = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), 5)
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    t = sampling.timestep(sigma).float().expand(frames)
+    windows = weighted_windows(frames, options, step=0)
+    assert len(windows) > 1
+
+    def x0(conditioning):
+        context = conditioning[0][0].expand(frames, -1, -1)
+        with torch.no_grad():
+            eps = reference_unet(model.model.diffusion_model, loaded.patcher.model, sampling.calculate_input(sigma, x),
+                                 t, context, frames, windows=windows)
+        return sampling.calculate_denoised(sigma, eps, x)
+
+    uncond = x0(env["negative"])
+    expected = uncond + cfg * (x0(env["cond"]) - uncond)
+    got = model.model.latent_format.process_in(out)
+    torch.testing.assert_close((x - got) / sigma, (x - expected) / sigma, atol=1e-4 * (2 * cfg - 1), rtol=0)
+
+
+@pytest.mark.parametrize("noise_type", ["random", "repeated_context", "shuffle_context"])
+def test_noise_types_replace_the_samplers_noise_by_their_freenoise_version(env, noise_type):
+    """Sampling with a noise type equals sampling with default noise that was transformed first
+    (seeded by the sampler's seed); default keeps the noise as is."""
+    from animatediff_suite.motion_modules import ContextOptions, free_noise
+
+    frames, seed = 40, 5
+    model, loaded = env["demo"].tiny_model(0), motion(env, "v2", seed=1)
+    options = ContextOptions(16, 4, noise_type=noise_type)
+    got = ksample(env, apply(env, model, loaded, context=options), steps=1, frames=frames, seed=seed)
+    noise = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), seed)
+    transformed = free_noise(noise, noise_type, 16, 12, torch.Generator().manual_seed(seed))
+    assert not torch.equal(transformed, noise)
+    expected = sample_with_noise(env, apply(env, model, loaded, context=ContextOptions(16, 4)), transformed,
+                                 env["cond"], env["negative"])
+    assert torch.equal(got, expected)
+    default = ksample(env, apply(env, model, loaded, context=ContextOptions(16, 4)), steps=1, frames=frames, seed=seed)
+    assert not torch.equal(got, default)
+
+
+class SamplerSpy:
+    """A SAMPLER_SAMPLE wrapper recording each pass's noise and sigmas."""
+
+    def __init__(self, model):
+        import comfy.patcher_extension
+
+        self.passes = []
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "test.spy", self)
+
+    def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
+        self.passes.append((noise.clone(), sigmas.clone()))
+        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+
+
+def test_freeinit_passes_reinitialise_noise_by_the_formula(env):
+    """Pass 2 starts from noise n' = LP(n0 + x0 / a) + HP(z) (a = sqrt(1 + sigma_max^2), x0 the first
+    pass's result, z the fresh noise), i.e. diffusers' FreeInit up to sqrt(1 - alpha_bar) = 0.998."""
+    from animatediff_suite.motion_modules.freeinit import fresh_noise_seed, low_pass_filter
+    from animatediff_suite.nodes.context_nodes import FreeInitNode
+
+    frames, seed, steps = 16, 5, 3
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2", seed=1))
+    one_pass = ksample(env, model, steps=steps, seed=seed)
+    assert torch.equal(one_pass, ksample(env, FreeInitNode.execute(model, 1, "butterworth", 0.25, 0.25, 4, False)
+                                         .result[0], steps=steps, seed=seed))
+    free_init = FreeInitNode.execute(model, 3, "gaussian", 0.3, 0.2, 4, False).result[0]
+    spy = SamplerSpy(free_init)
+    steps_seen = []
+    out = ksample(env, free_init, steps=steps, seed=seed, callback=lambda step, x0, x, total: steps_seen.append((step, total)))
+    assert len(spy.passes) == 3 and all(s.shape[-1] == steps + 1 for _, s in spy.passes)
+    assert steps_seen == [(i, 9) for i in range(9)]  # progress counts steps across the passes
+    n0 = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), seed)
+    assert torch.equal(spy.passes[0][0], n0)
+    sampling = model.get_model_object("model_sampling")
+    a = float((1 + sampling.sigma_max ** 2) ** 0.5)
+    x0 = model.model.process_latent_in(one_pass)
+    z = torch.randn(n0.shape, generator=torch.Generator().manual_seed(fresh_noise_seed(seed, 1)))
+    mask = low_pass_filter(frames, 8, 8, "gaussian", 0.3, 0.2)
+    spectrum = lambda v: torch.fft.fftshift(torch.fft.fftn(v.transpose(0, 1), dim=(-3, -2, -1)), dim=(-3, -2, -1))  # noqa: E731
+    mixed = spectrum(n0 + x0 / a) * mask + spectrum(z) * (1 - mask)
+    expected = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real.transpose(0, 1)
+    torch.testing.assert_close(spy.passes[1][0], expected, atol=1e-4, rtol=0)
+    assert not torch.equal(out, one_pass)
+
+
+def test_freeinit_fast_sampling_and_freenoise_together(env):
+    """Coarse-to-fine pass lengths; the fresh noise of later passes gets the same FreeNoise treatment."""
+    from animatediff_suite.motion_modules import ContextOptions
+    from animatediff_suite.nodes.context_nodes import FreeInitNode
+
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2", seed=1),
+                  context=ContextOptions(16, 4, noise_type="repeated_context"))
+    free_init = FreeInitNode.execute(model, 3, "box", 0.25, 0.25, 4, True).result[0]
+    spy = SamplerSpy(free_init)
+    ksample(env, free_init, steps=6, frames=40)
+    assert [s.shape[-1] - 1 for _, s in spy.passes] == [2, 4, 6]
+    for noise, _ in spy.passes[:1]:
+        assert torch.equal(noise[16:32], noise[:16])  # pass 1: repeated noise as given
+    assert spy.passes[0][1][0] == spy.passes[2][1][0] and spy.passes[0][1][-1] == spy.passes[2][1][-1]
+
+
+def test_freeinit_leaves_disabled_noise_and_input_model_alone(env):
+    from animatediff_suite.motion_modules import ContextOptions
+    from animatediff_suite.nodes.context_nodes import FreeInitNode
+
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2"), context=ContextOptions(noise_type="random"))
+    options_before = repr(model.model_options)
+    FreeInitNode.execute(model, 2, "ideal", 0.25, 0.25, 4, False)
+    assert repr(model.model_options) == options_before
+    spy = SamplerSpy(model)
+    zeros = torch.zeros(16, 4, 8, 8)
+    sample_with_noise(env, model, zeros, env["cond"], env["negative"])
+    assert not spy.passes[0][0].any()  # "add noise: disable" stays disabled
+
+
+def test_windows_show_on_the_progress_bar(env):
+    """Windows advance the bar by fractions of a step, counting steps across FreeInit's passes."""
+    import comfy.utils
+
+    from animatediff_suite.motion_modules import ContextOptions, context_windows
+    from animatediff_suite.nodes.context_nodes import FreeInitNode
+
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2"), context=ContextOptions(16, 4))
+    windows = len(context_windows(40, ContextOptions(16, 4)))
+    reports = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        ksample(env, model, steps=2, frames=40, callback=lambda *a: None)
+        assert reports == [(value, 2 * windows) for value in range(1, 2 * windows + 1)]
+        reports.clear()
+        free_init = FreeInitNode.execute(model, 2, "butterworth", 0.25, 0.25, 4, True).result[0]  # 1 + 2 steps
+        ksample(env, free_init, steps=2, frames=40, callback=lambda *a: None)
+        assert reports == [(value, 3 * windows) for value in range(1, 3 * windows + 1)]
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)

@@ -110,8 +110,11 @@ def test_every_api_example_runs_and_writes_all_frames(server, name):
     assert frame_counts(server, entry) == {"webp": frames, "mp4": frames}
 
 
-def test_48_frames_with_windows_prompt_travel_and_controlnet(server):
-    """The long-video path over HTTP: context windows, per-frame prompts and per-frame ControlNet hints."""
+@pytest.mark.parametrize("variant", ["windows", "freenoise_freeinit"])
+def test_48_frames_with_windows_prompt_travel_and_controlnet(server, variant):
+    """The long-video path over HTTP: context windows, per-frame prompts and per-frame ControlNet hints;
+    "windows" is a graph written before FreeNoise existed (its optional inputs absent), the other
+    adds FreeNoise (shuffled noise, windowed motion attention) and two FreeInit passes."""
     graph = {
         "1": {"class_type": "ADS_TinyDemoModels", "inputs": {"seed": 0, "family": "SD1.5", "motion_version": "v2"}},
         "2": {"class_type": "ADS_ContextOptions", "inputs": {
@@ -136,6 +139,13 @@ def test_48_frames_with_windows_prompt_travel_and_controlnet(server):
             "positive": ["15", 0], "negative": ["15", 1], "latent_image": ["6", 0], "denoise": 1.0}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
     }
+    if variant == "freenoise_freeinit":
+        graph["2"]["inputs"].update(noise_type="shuffle_context", scope="motion_attention",
+                                    fuse_method="delayed_reverse_sawtooth")
+        graph["16"] = {"class_type": "ADS_FreeInit", "inputs": {
+            "model": ["3", 0], "iterations": 2, "filter": "gaussian", "spatial_stop": 0.25, "temporal_stop": 0.25,
+            "butterworth_order": 4, "fast_sampling": False}}
+        graph["7"]["inputs"]["model"] = ["16", 0]
     graph.update(workflows._save("long48"))
     assert frame_counts(server, server.run(graph)) == {"webp": 48, "mp4": 48}
 

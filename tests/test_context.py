@@ -116,7 +116,7 @@ def test_uncovered_frames_are_an_error():
     ({"context_length": 0, "context_overlap": 0}, "context_length must be at least 1"),
     ({"context_stride": 0}, "context_stride must be at least 1"),
     ({"schedule": "spiral"}, r"unknown context schedule 'spiral'; expected one of \['batched'"),
-    ({"fuse_method": "max"}, r"unknown fuse method 'max'; expected one of \['flat'"),
+    ({"fuse_method": "max"}, r"unknown fuse method 'max'; expected one of \['delayed_reverse_sawtooth'"),
 ])
 def test_invalid_options_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

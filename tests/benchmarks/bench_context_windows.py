@@ -7,7 +7,11 @@ loaded and latents allocated. Memory should stay flat and time should grow with 
 windows. Needs COMFYUI_PATH.
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/benchmarks/bench_context_windows.py \\
-        [--sizes tiny full] [--frames 16 32 64 128 256] [--steps 2]
+        [--sizes tiny full] [--frames 16 32 64 128 256] [--steps 2] [--allocator default no-cache]
+
+``--allocator no-cache`` runs each subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc
+returns large freed blocks to the system at once: the peak then shows what sampling needs rather
+than what the allocator keeps cached (CPU only; CUDA has its own caching allocator).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "full"])
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--allocator", choices=["default", "no-cache"], default="default")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -71,14 +76,18 @@ def main() -> None:
         return
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH=/path/to/ComfyUI")
-    print(f"context 16, overlap 4, standard_static + pyramid, cfg 7, euler, {args.steps} steps, CPU fp32")
+    env = dict(os.environ)
+    if args.allocator == "no-cache":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    print(f"context 16, overlap 4, standard_static + pyramid, cfg 7, euler, {args.steps} steps, CPU fp32, "
+          f"{args.allocator} allocator")
     print("| UNet | frames | windows | s/step | s/step per window | peak RSS over loaded MiB | vs 16 frames |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         first = None
         for frames in args.frames:
             out = subprocess.run([sys.executable, __file__, "--one", f"{size}:{frames}", "--steps", str(args.steps)],
-                                 check=True, capture_output=True, text=True).stdout
+                                 check=True, capture_output=True, text=True, env=env).stdout
             row = json.loads(out.strip().splitlines()[-1])
             first = first or row
             print(f"| {size} | {frames} | {row['windows']} | {row['per_step']:.3f} | "

@@ -74,7 +74,8 @@ def _long_loop() -> dict:
     graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "", "AnimateDiff/long_loop", cfg=7.5)
     graph["16"] = {"class_type": "ADS_ContextOptions", "inputs": {
         "context_length": 16, "context_overlap": 4, "context_stride": 1, "closed_loop": True,
-        "schedule": "looped_uniform", "fuse_method": "pyramid"}}
+        "schedule": "looped_uniform", "fuse_method": "pyramid", "noise_type": "repeated_context",
+        "scope": "whole_model"}}
     graph["3"]["inputs"]["context_options"] = ["16", 0]
     graph["4"] = {"class_type": "ADS_PromptTravel", "inputs": {
         "clip": ["1", 1], "frames": 64, "prefix": "masterpiece, best quality", "suffix": "", "interpolation": "slerp",
@@ -82,6 +83,16 @@ def _long_loop() -> dict:
                 "32: a forest in autumn, orange leaves falling\n48: a forest in winter, snow\n"
                 "63: a forest in spring, fresh green leaves"}}
     graph["6"]["inputs"]["batch_size"] = 64
+    return graph
+
+
+def _free_init() -> dict:
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt",
+                     "a hot air balloon over green hills, clouds drifting, masterpiece", "AnimateDiff/freeinit")
+    graph["12"] = {"class_type": "ADS_FreeInit", "inputs": {
+        "model": ["3", 0], "iterations": 3, "filter": "butterworth", "spatial_stop": 0.25, "temporal_stop": 0.25,
+        "butterworth_order": 4, "fast_sampling": True}}
+    graph["7"]["inputs"]["model"] = ["12", 0]
     return graph
 
 
@@ -116,8 +127,15 @@ EXAMPLES = {
         _long_loop(),
         {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
          "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
-        "A 64-frame looping animation: looped context windows (16 frames, overlap 4, closed loop) and "
+        "A 64-frame looping animation: looped context windows (16 frames, overlap 4, closed loop), "
+        "FreeNoise repeated noise (every 16 frames start from the same noise, so the scene stays put) and "
         "prompt travel through the seasons, back to spring on the last frame."),
+    "txt2vid_freeinit": (
+        _free_init(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
+        "Text to video with FreeInit: 3 sampling passes (coarse to fine: 8, 16, 25 steps), the low "
+        "frequencies of each result seeding the next, for steadier subjects and motion."),
     "txt2vid_sdxl": (
         _txt2vid("sd_xl_base_1.0.safetensors", "mm_sdxl_v10_beta.ckpt",
                  "a paper boat drifting down a stream, autumn leaves, detailed", "AnimateDiff/sdxl", size=1024,
