@@ -46,6 +46,8 @@ class ContextOptions:
         scope: ``whole_model``: the UNet runs once per window and its outputs are fused (memory
             stays flat); ``motion_attention`` (FreeNoise): the UNet runs on all frames at once and
             only the motion modules' attention is windowed and fused (memory grows with frames).
+        stretch_pe: allow ``context_length`` beyond the motion model's frame limit; longer passes
+            get stretched positional encodings (``temporal.stretched_pe``).
     """
 
     context_length: int = 16
@@ -56,6 +58,7 @@ class ContextOptions:
     fuse_method: str = "pyramid"
     noise_type: str = "default"
     scope: str = "whole_model"
+    stretch_pe: bool = False
 
     def __post_init__(self):
         if self.context_length < 1:

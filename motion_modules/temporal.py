@@ -36,12 +36,27 @@ def sinusoidal_pe(length: int, dim: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _sinusoidal_pe(length: int, dim: int) -> torch.Tensor:
-    position = torch.arange(length, device="cpu").unsqueeze(1)
+    return _pe_at(torch.arange(length, device="cpu"), dim)
+
+
+def _pe_at(position: torch.Tensor, dim: int) -> torch.Tensor:
+    position = position.unsqueeze(1)
     div_term = torch.exp(torch.arange(0, dim, 2, device="cpu") * (-math.log(10000.0) / dim))
-    pe = torch.zeros(1, length, dim, device="cpu")
+    pe = torch.zeros(1, position.shape[0], dim, device="cpu")
     pe[0, :, 0::2] = torch.sin(position * div_term)
     pe[0, :, 1::2] = torch.cos(position * div_term)
     return pe
+
+
+@functools.lru_cache(maxsize=64)
+def stretched_pe(frames: int, length: int, dim: int) -> torch.Tensor:
+    """PE for ``frames`` > ``length`` positions squeezed into the trained range: frame i gets the
+    sinusoid at the fractional position i (length - 1) / (frames - 1), so the first and last
+    frames get rows 0 and length - 1 of the table and the spacing shrinks evenly ("PE stretching")."""
+    if frames <= length:
+        raise ValueError(f"stretching is for more frames ({frames}) than the PE length ({length})")
+    position = torch.arange(frames, dtype=torch.float64) * (length - 1) / (frames - 1)
+    return _pe_at(position.float(), dim)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,9 +78,10 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.register_buffer("pe", sinusoidal_pe(max_len, dim), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = x.shape[1]
-        return x + self.pe[:, :frames].to(device=x.device, dtype=x.dtype)
+    def forward(self, x: torch.Tensor, stretch: bool = False) -> torch.Tensor:
+        frames, length = x.shape[1], self.pe.shape[1]
+        pe = stretched_pe(frames, length, x.shape[-1]) if stretch and frames > length else self.pe[:, :frames]
+        return x + pe.to(device=x.device, dtype=x.dtype)
 
 
 class TemporalSelfAttention(nn.Module):
@@ -81,13 +97,14 @@ class TemporalSelfAttention(nn.Module):
         self.to_v = ops.Linear(dim, dim, bias=False)
         self.to_out = nn.ModuleList([ops.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0, stretch_pe: bool = False) -> torch.Tensor:
         """x: (n f c), n = batch * spatial positions.
 
         ``scale_multiplier`` multiplies the softmax scale (d^-0.5): above 1 sharpens attention
         across frames (more motion), below 1 flattens it ("motion scale" in peer packs).
+        ``stretch_pe``: more frames than the PE length get stretched positions (``stretched_pe``).
         """
-        x = self.pos_encoder(x)
+        x = self.pos_encoder(x, stretch_pe)
         q, k, v = (
             rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads)
             for proj in (self.to_q, self.to_k, self.to_v)
@@ -135,22 +152,23 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, ops=ops)
         self.ff_norm = ops.LayerNorm(dim)
 
-    def _attend(self, x: torch.Tensor, scale_multiplier: float) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, scale_multiplier: float, stretch_pe: bool) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
-            x = attention(norm(x), scale_multiplier) + x
+            x = attention(norm(x), scale_multiplier, stretch_pe) + x
         return x
 
-    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0, windows: Windows | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale_multiplier: float = 1.0, windows: Windows | None = None,
+                stretch_pe: bool = False) -> torch.Tensor:
         """x: (n f c). ``windows`` (FreeNoise): (frame indices, fuse weights) pairs; the attention
         blocks run per window (PE restarting at each window's first frame) and their outputs are
         fused per frame by weighted mean before the feed-forward, which sees all frames."""
         if windows is None:
-            x = self._attend(x, scale_multiplier)
+            x = self._attend(x, scale_multiplier, stretch_pe)
         else:
             fused = WindowAccumulator(x.shape[1], None, dim=1)
             for window, weights in windows:
                 index = torch.as_tensor(list(window), device=x.device)
-                fused.add(window, self._attend(x.index_select(1, index), scale_multiplier), weights)
+                fused.add(window, self._attend(x.index_select(1, index), scale_multiplier, stretch_pe), weights)
             x = fused.result()
         return self.ff(self.ff_norm(x)) + x
 
@@ -180,14 +198,16 @@ class TemporalTransformer3D(nn.Module):
         return rearrange(self.norm(x), "b c f h w -> (b f) c h w")
 
     def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
-                windows: Windows | None = None) -> torch.Tensor:
-        """x: ((b f), c, h, w) -> same shape; ``windows``: see ``TemporalTransformerBlock``."""
+                windows: Windows | None = None, stretch_pe: bool = False) -> torch.Tensor:
+        """x: ((b f), c, h, w) -> same shape; ``windows``: see ``TemporalTransformerBlock``;
+        ``stretch_pe``: passes longer than the PE length stretch it instead of failing."""
         longest = num_frames if windows is None else max(len(window) for window, _ in windows)
-        if longest > self.max_len:
+        if longest > self.max_len and not stretch_pe:
             raise MotionModelError(
                 f"{longest} frames in one pass, but this motion model's positional encoding "
                 f"covers at most {self.max_len} frames; sample at most {self.max_len} frames per pass "
-                f"(a latent batch of at most {self.max_len}, or context windows that split longer clips)"
+                f"(a latent batch of at most {self.max_len}, or context windows that split longer clips), "
+                f"or stretch the PE (Context Options' stretch_pe)"
             )
         if x.shape[0] % num_frames:
             raise ValueError(f"batch of {x.shape[0]} is not a whole number of {num_frames}-frame clips")
@@ -196,7 +216,7 @@ class TemporalTransformer3D(nn.Module):
         hidden = rearrange(hidden, "(b f) c h w -> (b h w) f c", f=num_frames)
         hidden = self.proj_in(hidden)
         for block in self.transformer_blocks:
-            hidden = block(hidden, scale_multiplier, windows)
+            hidden = block(hidden, scale_multiplier, windows, stretch_pe)
         hidden = self.proj_out(hidden)
         hidden = rearrange(hidden, "(b h w) f c -> (b f) c h w", h=height, w=width)
         return hidden + x
@@ -216,5 +236,5 @@ class VanillaTemporalModule(nn.Module):
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
-                windows: Windows | None = None) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames, scale_multiplier, windows)
+                windows: Windows | None = None, stretch_pe: bool = False) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, scale_multiplier, windows, stretch_pe)

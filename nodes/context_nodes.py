@@ -49,6 +49,11 @@ class ContextOptionsNode(io.ComfyNode):
                                        "long the clip). motion_attention (FreeNoise): the UNet runs on all "
                                        "frames at once and only the motion attention is windowed (smoother, "
                                        "but memory grows with the frame count)."),
+                io.Boolean.Input("stretch_pe", default=False, optional=True,
+                                 tooltip="Allow context_length beyond the motion model's frame limit (e.g. "
+                                         "32 on a 24-frame v1 model): longer windows squeeze the trained "
+                                         "positional encoding over their frames. Off: such a length is an "
+                                         "error."),
             ],
             outputs=[ContextOptionsType.Output(display_name="CONTEXT_OPTIONS")],
         )
@@ -62,9 +67,9 @@ class ContextOptionsNode(io.ComfyNode):
     @classmethod
     def execute(cls, context_length: int, context_overlap: int, context_stride: int, closed_loop: bool,
                 schedule: str, fuse_method: str, noise_type: str = "default",
-                scope: str = "whole_model") -> io.NodeOutput:
+                scope: str = "whole_model", stretch_pe: bool = False) -> io.NodeOutput:
         return io.NodeOutput(ContextOptions(context_length, context_overlap, context_stride, closed_loop,
-                                            schedule, fuse_method, noise_type, scope))
+                                            schedule, fuse_method, noise_type, scope, stretch_pe))
 
 
 class ContextScheduleImage(io.ComfyNode):

@@ -16,6 +16,10 @@ the noise between passes (``motion_modules.freeinit``).
 from __future__ import annotations
 
 import contextvars
+import ctypes
+import ctypes.util
+import functools
+import logging
 import math
 
 import torch
@@ -28,6 +32,7 @@ from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, 
 from ..motion_modules.context import WindowAccumulator
 from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
 
+log = logging.getLogger(__name__)
 CONTEXT_KEY = "animatediff_suite.context"
 FREE_INIT_KEY = "animatediff_suite.free_init"
 SAMPLE_KEY = "animatediff_suite.sample"
@@ -37,9 +42,10 @@ _PASSES = contextvars.ContextVar("animatediff_suite_passes", default=None)
 
 def add_context_windows(model, options: ContextOptions, frame_limit: int, motion_name: str) -> None:
     """Make sampling with ``model`` (a clone we own) use ``options`` for clips longer than a window."""
-    if options.context_length > frame_limit:
+    if options.context_length > frame_limit and not options.stretch_pe:
         raise MotionModelError(f"context_length {options.context_length} is more than motion model "
-                               f"'{motion_name}' can see at once ({frame_limit} frames)")
+                               f"'{motion_name}' can see at once ({frame_limit} frames); lower it or "
+                               f"turn on stretch_pe in Context Options")
     model.model_options["transformer_options"][CONTEXT_KEY] = options
     if not model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY):
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY,
@@ -82,6 +88,31 @@ class _WindowProgress:
         self.bar.update_absolute(self.base + window + 1, self.total)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` or None (other C libraries, Windows, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """On CPU, hand the pages of freed blocks back to the system between windows.
+
+    glibc keeps freed activations in its heaps, and the next window's tensors do not always fit
+    the holes, so without this the process grows by ~15-20% over a long clip (measured:
+    tests/benchmarks/bench_context_windows.py). GPU memory has its own caching allocator.
+    """
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)
+
+
 def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     transformer_options = model_options.get("transformer_options", {})
     options: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
@@ -100,6 +131,8 @@ def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_optio
         outputs = executor(model, sub_conds, x_in[index], sub_timestep, model_options)
         for accumulator, output in zip(fused, outputs):
             accumulator.add(window, output)
+        del outputs
+        release_freed_memory(x_in.device)
         progress.done(number)
     return [accumulator.result() for accumulator in fused]
 
@@ -163,6 +196,10 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
         return free_noise(tensor, context.noise_type, context.context_length, context.advance, generator)
 
     noise = noise_of(noise, seed or 0)
+    if free_init is not None and free_init.iterations > 1 and not bool(noise.any()):
+        log.warning("FreeInit needs the sampler to add noise (it re-noises with it); add noise is "
+                    "disabled here, so this sampling runs one pass")
+        free_init = None
     if free_init is None or free_init.iterations == 1:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                         *args, **kwargs)
@@ -210,7 +247,8 @@ def reinitialised_noise(patcher, output: torch.Tensor, initial: torch.Tensor, fr
     base_model = patcher.model
     sampling = patcher.get_model_object("model_sampling")
     sigma = sigma.float().cpu()
-    max_denoise = math.isclose(float(sampling.sigma_max), float(sigma), rel_tol=1e-5) or float(sigma) > float(sampling.sigma_max)
+    sigma_max = float(sampling.sigma_max)
+    max_denoise = math.isclose(sigma_max, float(sigma), rel_tol=1e-5) or float(sigma) > sigma_max  # as KSAMPLER
     x0 = base_model.process_latent_in(output.float().cpu())
     latent = latent_image.float().cpu()
     if torch.count_nonzero(latent) > 0:  # as the guider does: an empty latent is not shifted

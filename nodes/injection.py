@@ -115,7 +115,8 @@ class MotionSlot(torch.nn.Module):
         if context is not None and context.scope == "motion_attention" and frames > context.context_length:
             step = step_index(transformer_options, transformer_options.get("sigmas"))
             windows = weighted_windows(frames, context, step)
-        return self._module[0](x, frames, settings.scale, windows)
+        stretch_pe = context is not None and context.stretch_pe
+        return self._module[0](x, frames, settings.scale, windows, stretch_pe)
 
     def forward(self, x):
         raise MotionModelError(f"motion module {self.prefix} was called without AnimateDiff Suite's "

@@ -481,8 +481,13 @@ def test_context_options_validation(env):
     options = node.execute(16, 4, 1, False, "standard_static", "pyramid").result[0]
     assert options == ContextOptions(16, 4)
     with pytest.raises(MotionModelError, match=r"context_length 32 is more than motion model .* can see at once "
-                                               r"\(24 frames\)"):
+                                               r"\(24 frames\); lower it or turn on stretch_pe"):
         apply(env, env["demo"].tiny_model(0), motion(env, "v1"), context=ContextOptions(32, 4))
+    stretched = node.execute(32, 8, 1, False, "standard_static", "pyramid", stretch_pe=True).result[0]
+    assert stretched == ContextOptions(32, 8, stretch_pe=True)
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v1"), context=stretched)
+    out = ksample(env, model, steps=1, frames=40)  # windows of 32 frames on a 24-frame model
+    assert out.shape == (40, 4, 8, 8) and bool(torch.isfinite(out).all())
 
 
 def test_controlnet_hints_are_windowed_with_their_frames(env):
@@ -651,7 +656,8 @@ def test_freeinit_passes_reinitialise_noise_by_the_formula(env):
     free_init = FreeInitNode.execute(model, 3, "gaussian", 0.3, 0.2, 4, False).result[0]
     spy = SamplerSpy(free_init)
     steps_seen = []
-    out = ksample(env, free_init, steps=steps, seed=seed, callback=lambda step, x0, x, total: steps_seen.append((step, total)))
+    out = ksample(env, free_init, steps=steps, seed=seed,
+                  callback=lambda step, x0, x, total: steps_seen.append((step, total)))
     assert len(spy.passes) == 3 and all(s.shape[-1] == steps + 1 for _, s in spy.passes)
     assert steps_seen == [(i, 9) for i in range(9)]  # progress counts steps across the passes
     n0 = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), seed)
@@ -661,9 +667,13 @@ def test_freeinit_passes_reinitialise_noise_by_the_formula(env):
     x0 = model.model.process_latent_in(one_pass)
     z = torch.randn(n0.shape, generator=torch.Generator().manual_seed(fresh_noise_seed(seed, 1)))
     mask = low_pass_filter(frames, 8, 8, "gaussian", 0.3, 0.2)
-    spectrum = lambda v: torch.fft.fftshift(torch.fft.fftn(v.transpose(0, 1), dim=(-3, -2, -1)), dim=(-3, -2, -1))  # noqa: E731
+    dims = (-3, -2, -1)  # (c f h w): frames, height, width
+
+    def spectrum(v):
+        return torch.fft.fftshift(torch.fft.fftn(v.transpose(0, 1), dim=dims), dim=dims)
+
     mixed = spectrum(n0 + x0 / a) * mask + spectrum(z) * (1 - mask)
-    expected = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real.transpose(0, 1)
+    expected = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=dims), dim=dims).real.transpose(0, 1)
     torch.testing.assert_close(spy.passes[1][0], expected, atol=1e-4, rtol=0)
     assert not torch.equal(out, one_pass)
 
@@ -692,10 +702,11 @@ def test_freeinit_leaves_disabled_noise_and_input_model_alone(env):
     options_before = repr(model.model_options)
     FreeInitNode.execute(model, 2, "ideal", 0.25, 0.25, 4, False)
     assert repr(model.model_options) == options_before
-    spy = SamplerSpy(model)
+    free_init = FreeInitNode.execute(model, 2, "ideal", 0.25, 0.25, 4, False).result[0]
+    spy = SamplerSpy(free_init)
     zeros = torch.zeros(16, 4, 8, 8)
-    sample_with_noise(env, model, zeros, env["cond"], env["negative"])
-    assert not spy.passes[0][0].any()  # "add noise: disable" stays disabled
+    sample_with_noise(env, free_init, zeros, env["cond"], env["negative"])
+    assert len(spy.passes) == 1 and not spy.passes[0][0].any()  # "add noise: disable" stays disabled, one pass
 
 
 def test_windows_show_on_the_progress_bar(env):
@@ -705,17 +716,23 @@ def test_windows_show_on_the_progress_bar(env):
     from animatediff_suite.motion_modules import ContextOptions, context_windows
     from animatediff_suite.nodes.context_nodes import FreeInitNode
 
+    from animatediff_suite.nodes import context_sampling
+
     model = apply(env, env["demo"].tiny_model(0), motion(env, "v2"), context=ContextOptions(16, 4))
     windows = len(context_windows(40, ContextOptions(16, 4)))
-    reports = []
+    reports, releases = [], []
+    release = context_sampling.release_freed_memory
+    context_sampling.release_freed_memory = lambda device: releases.append(device.type) or release(device)
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
     try:
         ksample(env, model, steps=2, frames=40, callback=lambda *a: None)
         assert reports == [(value, 2 * windows) for value in range(1, 2 * windows + 1)]
+        assert releases == ["cpu"] * 2 * windows  # freed pages go back to the system after each window
         reports.clear()
         free_init = FreeInitNode.execute(model, 2, "butterworth", 0.25, 0.25, 4, True).result[0]  # 1 + 2 steps
         ksample(env, free_init, steps=2, frames=40, callback=lambda *a: None)
         assert reports == [(value, 3 * windows) for value in range(1, 3 * windows + 1)]
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
+        context_sampling.release_freed_memory = release

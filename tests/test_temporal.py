@@ -55,8 +55,46 @@ def test_pe_is_recomputed_not_loaded_and_not_saved():
 def test_frames_beyond_pe_length_raise_clear_error():
     model = random_model(make_spec("v1"))
     _, module = next(model.named_temporal_modules())
-    with pytest.raises(MotionModelError, match="25 frames.*at most 24"):
+    with pytest.raises(MotionModelError, match="25 frames.*at most 24.*stretch_pe"):
         module(frames_input(32, frames=25, batch=1), 25)
+
+
+def test_stretched_pe_squeezes_the_trained_positions():
+    from animatediff_suite.motion_modules.temporal import stretched_pe
+
+    table = sinusoidal_pe(24, 64)
+    stretched = stretched_pe(40, 24, 64)
+    assert stretched.shape == (1, 40, 64)
+    torch.testing.assert_close(stretched[:, 0], table[:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(stretched[:, -1], table[:, -1], atol=1e-6, rtol=0)
+    p = torch.arange(40, dtype=torch.float64)[:, None] * 23 / 39
+    i = torch.arange(32, dtype=torch.float64)[None, :]
+    angle = p * torch.exp(-2 * i * math.log(10000.0) / 64)
+    torch.testing.assert_close(stretched[0, :, 0::2].double(), torch.sin(angle), atol=2e-5, rtol=0)
+    torch.testing.assert_close(stretched[0, :, 1::2].double(), torch.cos(angle), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="stretching is for more frames"):
+        stretched_pe(24, 24, 64)
+
+
+def test_stretch_pe_runs_long_passes_and_leaves_short_ones_bit_identical():
+    model = random_model(make_spec("v1"))
+    _, module = next(model.named_temporal_modules())
+    short = frames_input(32, frames=16, batch=2)
+    assert torch.equal(module(short, 16, stretch_pe=True), module(short, 16))
+    long = frames_input(32, frames=40, batch=1)
+    out = module(long, 40, stretch_pe=True)
+    assert out.shape == long.shape and bool(torch.isfinite(out).all())
+    # equals the module whose PE tables are replaced by the stretched table
+    import copy
+
+    from animatediff_suite.motion_modules.temporal import PositionalEncoding, stretched_pe
+
+    swapped = copy.deepcopy(module)
+    swapped.temporal_transformer.max_len = 40
+    for encoder in swapped.modules():
+        if isinstance(encoder, PositionalEncoding):
+            encoder.pe = stretched_pe(40, 24, encoder.pe.shape[-1]).clone()
+    assert torch.equal(out, swapped(long, 40))
 
 
 def test_per_frame_norm_makes_frames_independent_of_other_frames_stats():

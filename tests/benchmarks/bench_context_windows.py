@@ -7,11 +7,12 @@ loaded and latents allocated. Memory should stay flat and time should grow with 
 windows. Needs COMFYUI_PATH.
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/benchmarks/bench_context_windows.py \\
-        [--sizes tiny full] [--frames 16 32 64 128 256] [--steps 2] [--allocator default no-cache]
+        [--sizes tiny full] [--frames 16 32 64 128 256] [--steps 2] [--memory trim keep no-cache] [--warmup]
 
-``--allocator no-cache`` runs each subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc
-returns large freed blocks to the system at once: the peak then shows what sampling needs rather
-than what the allocator keeps cached (CPU only; CUDA has its own caching allocator).
+``--memory``: ``trim`` (default) is the pack as shipped, which hands freed pages back to the
+system between windows on CPU; ``keep`` skips that, showing what glibc's heaps alone do;
+``no-cache`` also skips it but runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns large
+blocks at once (the peak then shows what sampling needs, not what the allocator keeps).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_one(size: str, frames: int, steps: int) -> dict:
+def run_one(size: str, frames: int, steps: int, trim: bool = True, warmup: bool = False) -> dict:
     import torch
 
     import bench_comfy_overhead as overhead
@@ -41,7 +42,10 @@ def run_one(size: str, frames: int, steps: int) -> dict:
     import comfy.sample
 
     from animatediff_suite.motion_modules import ContextOptions, context_windows
-    from animatediff_suite.nodes import injection
+    from animatediff_suite.nodes import context_sampling, injection
+
+    if not trim:  # measure what the allocator alone does
+        context_sampling.release_freed_memory = lambda device: None
 
     options = ContextOptions(16, 4)
     model, side, context_dim = overhead.build_unet(size)
@@ -53,6 +57,10 @@ def run_one(size: str, frames: int, steps: int) -> dict:
     latent = torch.zeros(frames, 4, side, side)
     noise = comfy.sample.prepare_noise(latent, 0)
     comfy.model_management.load_models_gpu([model, *model.get_nested_additional_models()])
+    if warmup:  # one 16-frame step first, so one-time costs (kernel caches, thread pools) are not counted
+        with torch.no_grad():
+            comfy.sample.sample(model, noise[:16], 1, 7.0, "euler", "normal", cond, negative, latent[:16],
+                                disable_pbar=True)
     base_rss = overhead.reset_peak_rss()
     stamps = [time.perf_counter()]
     with torch.no_grad():
@@ -67,26 +75,28 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "full"])
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--allocator", choices=["default", "no-cache"], default="default")
+    parser.add_argument("--memory", choices=["trim", "keep", "no-cache"], default="trim")
+    parser.add_argument("--warmup", action="store_true", help="sample 16 frames once before measuring")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         size, frames = args.one.split(":")
-        print(json.dumps(run_one(size, int(frames), args.steps)))
+        print(json.dumps(run_one(size, int(frames), args.steps, trim=args.memory == "trim", warmup=args.warmup)))
         return
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH=/path/to/ComfyUI")
     env = dict(os.environ)
-    if args.allocator == "no-cache":
+    if args.memory == "no-cache":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     print(f"context 16, overlap 4, standard_static + pyramid, cfg 7, euler, {args.steps} steps, CPU fp32, "
-          f"{args.allocator} allocator")
+          f"memory: {args.memory}{', after a warm-up' if args.warmup else ''}")
     print("| UNet | frames | windows | s/step | s/step per window | peak RSS over loaded MiB | vs 16 frames |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         first = None
         for frames in args.frames:
-            out = subprocess.run([sys.executable, __file__, "--one", f"{size}:{frames}", "--steps", str(args.steps)],
+            out = subprocess.run([sys.executable, __file__, "--one", f"{size}:{frames}", "--steps", str(args.steps),
+                                  "--memory", args.memory] + (["--warmup"] if args.warmup else []),
                                  check=True, capture_output=True, text=True, env=env).stdout
             row = json.loads(out.strip().splitlines()[-1])
             first = first or row

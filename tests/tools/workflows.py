@@ -75,7 +75,7 @@ def _long_loop() -> dict:
     graph["16"] = {"class_type": "ADS_ContextOptions", "inputs": {
         "context_length": 16, "context_overlap": 4, "context_stride": 1, "closed_loop": True,
         "schedule": "looped_uniform", "fuse_method": "pyramid", "noise_type": "repeated_context",
-        "scope": "whole_model"}}
+        "scope": "whole_model", "stretch_pe": False}}
     graph["3"]["inputs"]["context_options"] = ["16", 0]
     graph["4"] = {"class_type": "ADS_PromptTravel", "inputs": {
         "clip": ["1", 1], "frames": 64, "prefix": "masterpiece, best quality", "suffix": "", "interpolation": "slerp",
