@@ -525,6 +525,42 @@ def test_controlnet_hints_are_windowed_with_their_frames(env):
     assert (eps(windowed) - eps(wrong)).abs().max() > 1e-2
 
 
+def test_per_frame_conditioning_masks_are_windowed_with_their_frames(env):
+    """A 40-frame mask batch (ConditioningSetMask): each window's masked cond gets its frames' masks,
+    so a windowed step equals the fused per-window steps with the sliced masks (ComfyUI alone would
+    take the first frames' masks for every window)."""
+    from animatediff_suite.motion_modules import ContextOptions, context_windows, fuse_windows
+
+    frames, cfg = 40, 7.0
+    options = ContextOptions(16, 4)
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v2", seed=1)
+    gen = torch.Generator().manual_seed(6)
+    masks = (torch.rand(frames, 64, 64, generator=gen) > 0.5).float()
+    masks[::3] = 0.0  # some frames entirely outside the masked prompt
+    noise = torch.randn(frames, 4, 8, 8, generator=gen)
+    other = env["nodes"].CLIPTextEncode().encode(env["demo"].tiny_clip(0), "a dog")[0]
+
+    def positive(mask):
+        masked = env["nodes"].ConditioningSetMask().append(other, mask, "default", 1.0)[0]
+        return env["cond"] + masked
+
+    windowed = sample_with_noise(env, apply(env, model, loaded, context=options), noise, positive(masks),
+                                 env["negative"], cfg)
+    plain = apply(env, model, loaded)
+    windows = context_windows(frames, options)
+    expected = fuse_windows([(w, sample_with_noise(env, plain, noise[w], positive(masks[w]), env["negative"], cfg))
+                             for w in windows], frames, options)
+    truncated = fuse_windows([(w, sample_with_noise(env, plain, noise[w], positive(masks[:16]), env["negative"], cfg))
+                              for w in windows], frames, options)
+    sampling = model.get_model_object("model_sampling")
+    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    eps = lambda out: (x - out * scale) / sigma  # noqa: E731
+    torch.testing.assert_close(eps(windowed), eps(expected), atol=1e-4 * (2 * cfg - 1), rtol=0)
+    assert (eps(windowed) - eps(truncated)).abs().max() > 1e-3
+
+
 def test_prompt_travel_node(env):
     from animatediff_suite.nodes.prompt_nodes import PromptTravel
 
