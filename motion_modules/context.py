@@ -214,7 +214,7 @@ class WindowAccumulator:
 
     def __init__(self, num_frames: int, options: ContextOptions | None, dim: int = 0):
         self.num_frames, self.options, self.dim = num_frames, options, dim
-        self.total = self.counts = self.whole = None
+        self.total = self.counts = self.whole = self._whole_weights = None
 
     def add(self, window: Sequence[int], output: torch.Tensor, weights: Sequence[float] | None = None) -> None:
         """Add one window's output; ``weights`` default to the options' fuse method."""
