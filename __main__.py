@@ -214,6 +214,19 @@ def customise(graph: dict, args) -> dict:
             graph[by_type["ADS_ApplyMotionModel"][0]]["inputs"]["motion_lora"] = [previous, 0]
     else:
         graph = use_tiny_models(graph, seed=args.seed)
+    apply_id = by_type["ADS_ApplyMotionModel"][0]
+    if args.frames > args.context_length or args.freenoise:
+        graph["context"] = {"class_type": "ADS_ContextOptions", "inputs": {
+            "context_length": args.context_length, "context_overlap": args.context_length // 4, "context_stride": 1,
+            "closed_loop": False, "schedule": "standard_static", "fuse_method": "pyramid",
+            "noise_type": "shuffle_context" if args.freenoise else "default", "scope": "whole_model",
+            "stretch_pe": False}}
+        graph[apply_id]["inputs"]["context_options"] = ["context", 0]
+    if args.freeinit > 1:
+        graph["freeinit"] = {"class_type": "ADS_FreeInit", "inputs": {
+            "model": [apply_id, 0], "iterations": args.freeinit, "filter": "butterworth", "spatial_stop": 0.25,
+            "temporal_stop": 0.25, "butterworth_order": 4, "fast_sampling": False}}
+        graph[by_type["KSampler"][0]]["inputs"]["model"] = ["freeinit", 0]
     return graph
 
 
@@ -235,6 +248,10 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--fps", type=float, default=8.0)
+    parser.add_argument("--context-length", type=int, default=16,
+                        help="more frames than this are sampled in overlapping windows of this many")
+    parser.add_argument("--freenoise", action="store_true", help="FreeNoise shuffled noise (adds context windows)")
+    parser.add_argument("--freeinit", type=int, default=1, metavar="N", help="FreeInit with N sampling passes")
     args = parser.parse_args(argv)
     demo = not args.checkpoint
     args.width = args.width or (64 if demo else 512)

@@ -150,6 +150,17 @@ def test_48_frames_with_windows_prompt_travel_and_controlnet(server, variant):
     assert frame_counts(server, server.run(graph)) == {"webp": 48, "mp4": 48}
 
 
+def test_runner_long_clip_with_freenoise_and_freeinit(server):
+    """The headless runner's options build a windowed FreeNoise + FreeInit graph that runs."""
+    args = runner.parse_args(["--frames", "40", "--freenoise", "--freeinit", "2", "--steps", "2"])
+    graph = runner.customise(runner.load_example("txt2vid_sd15"), args)
+    assert graph["context"]["inputs"]["noise_type"] == "shuffle_context"
+    assert graph["7"]["inputs"]["model"] == ["freeinit", 0]
+    assert frame_counts(server, server.run(graph)) == {"webp": 40, "mp4": 40}
+    plain = runner.customise(runner.load_example("txt2vid_sd15"), runner.parse_args([]))
+    assert "context" not in plain and "freeinit" not in plain
+
+
 def test_malformed_prompt_travel_line_is_a_node_error(server):
     graph = tiny(runner.load_example("long_loop_sd15"))
     graph["4"]["inputs"]["text"] = "0: a forest\nforest in winter"
