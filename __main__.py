@@ -214,7 +214,11 @@ def customise(graph: dict, args) -> dict:
             graph[by_type["ADS_ApplyMotionModel"][0]]["inputs"]["motion_lora"] = [previous, 0]
     else:
         graph = use_tiny_models(graph, seed=args.seed)
-    apply_id = by_type["ADS_ApplyMotionModel"][0]
+    return _add_long_clip_nodes(graph, args, by_type["ADS_ApplyMotionModel"][0], by_type["KSampler"][0])
+
+
+def _add_long_clip_nodes(graph: dict, args, apply_id: str, sampler_id: str) -> dict:
+    """Context Options past ``--context-length`` frames (or with ``--freenoise``), and FreeInit."""
     if args.frames > args.context_length or args.freenoise:
         graph["context"] = {"class_type": "ADS_ContextOptions", "inputs": {
             "context_length": args.context_length, "context_overlap": args.context_length // 4, "context_stride": 1,
@@ -226,7 +230,7 @@ def customise(graph: dict, args) -> dict:
         graph["freeinit"] = {"class_type": "ADS_FreeInit", "inputs": {
             "model": [apply_id, 0], "iterations": args.freeinit, "filter": "butterworth", "spatial_stop": 0.25,
             "temporal_stop": 0.25, "butterworth_order": 4, "fast_sampling": False}}
-        graph[by_type["KSampler"][0]]["inputs"]["model"] = ["freeinit", 0]
+        graph[sampler_id]["inputs"]["model"] = ["freeinit", 0]
     return graph
 
 

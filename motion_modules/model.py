@@ -33,6 +33,16 @@ class ModuleSpec:
     prefix: str
     channels: int
 
+    @property
+    def block(self) -> str:
+        """The block holding the module, e.g. ``down_blocks.1`` or ``mid_block``."""
+        return self.prefix.split(".motion_modules.")[0]
+
+    @property
+    def index(self) -> int:
+        """The module's position within its block."""
+        return int(self.prefix.split(".motion_modules.")[1])
+
 
 @dataclass(frozen=True)
 class MotionSpec:
@@ -81,7 +91,7 @@ class MotionSpec:
     @property
     def channels(self) -> dict[str, int]:
         """Channels per block, e.g. ``{"down_blocks.0": 320, ..., "mid_block": 1280}``."""
-        return {m.prefix.split(".motion_modules.")[0]: m.channels for m in self.modules}
+        return {m.block: m.channels for m in self.modules}
 
     @classmethod
     def standard(cls, version: str, channels: tuple[int, ...], layers_per_block: int = 2,
@@ -143,10 +153,9 @@ class MotionModel(nn.Module):
         self.up_blocks = nn.ModuleDict()
         self.mid_block = None
         for module in spec.modules:
-            block_name, index = module.prefix.split(".motion_modules.")
-            block = self._block(block_name)
-            if int(index) != len(block.motion_modules):
-                raise ValueError(f"modules of {block_name} are not numbered 0..n in order")
+            block = self._block(module.block)
+            if module.index != len(block.motion_modules):
+                raise ValueError(f"modules of {module.block} are not numbered 0..n in order")
             block.motion_modules.append(VanillaTemporalModule(
                 module.channels, spec.heads, spec.pe_length, spec.norm_mode,
                 spec.transformer_layers, zero_init=zero_init, ops=operations,
@@ -168,7 +177,6 @@ class MotionModel(nn.Module):
         modules = dict(self.named_modules())
         for spec in self.spec.modules:
             yield spec.prefix, modules[spec.prefix]
-
 
     def reset_positional_encodings(self) -> None:
         """Recompute every PE table (after building on the meta device, or a dtype change)."""

@@ -216,10 +216,11 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
             fresh = noise_of(fresh.to(noise.dtype), fresh_seed)
             pass_noise = reinitialised_noise(guider.model_patcher, output, noise, fresh, latent_image,
                                              pass_sigmas[0], free_init)
-        token = _PASSES.set((sum(totals[:k]), sum(totals)))
+        before = sum(totals[:k])
+        token = _PASSES.set((before, sum(totals)))
         try:
             output = executor(pass_noise, latent_image, sampler, pass_sigmas, denoise_mask,
-                              _overall_callback(callback, sum(totals[:k]), sum(totals)), disable_pbar, seed,
+                              _overall_callback(callback, before, sum(totals)), disable_pbar, seed,
                               *args, **kwargs)
         finally:
             _PASSES.reset(token)

@@ -19,7 +19,7 @@ from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy_api.latest import io
 
 from ..motion_modules import MotionModel, MotionSpec
-from .injection import LoadedMotionModel
+from .injection import LoadedMotionModel, wrap_motion_model
 from .motion_nodes import CATEGORY, MotionModel as MotionModelType
 
 TINY_CHANNELS = (32, 64, 64, 64)
@@ -122,10 +122,7 @@ def tiny_motion_model(seed: int = 0, version: str = "v3", operations=comfy.ops.m
 
 
 def tiny_motion_patcher(seed: int = 0, version: str = "v3") -> LoadedMotionModel:
-    patcher = comfy.model_patcher.ModelPatcher(
-        tiny_motion_model(seed, version), load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
-    return LoadedMotionModel(f"tiny demo {version} (seed {seed})", patcher)
+    return wrap_motion_model(tiny_motion_model(seed, version), f"tiny demo {version} (seed {seed})")
 
 
 class TinyDemoModels(io.ComfyNode):

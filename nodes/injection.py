@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -41,6 +42,8 @@ from .context_sampling import CONTEXT_KEY, add_context_windows, step_index
 log = logging.getLogger(__name__)
 KEY = "animatediff_suite"
 _FRAMES = contextvars.ContextVar("animatediff_suite_frames", default=None)
+# every motion slot of a UNet call asks for the same plan: compute it once per (frames, options, step)
+_attention_windows = functools.lru_cache(maxsize=64)(weighted_windows)
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,19 @@ class MotionSettings:
         return self.sigma_end <= sigma <= self.sigma_start
 
 
-def load_motion_patcher(path: str, name: str) -> LoadedMotionModel:
-    """Load a motion model file in the UNet dtype with ComfyUI's casting layers."""
-    model = load_motion_model(path, dtype=comfy.model_management.unet_dtype(),
-                              operations=comfy.ops.manual_cast)
+def wrap_motion_model(model: MotionModel, name: str) -> LoadedMotionModel:
+    """A MotionModel in its own ModelPatcher, loaded and offloaded where the UNet is."""
     patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device())
     return LoadedMotionModel(name, patcher)
+
+
+def load_motion_patcher(path: str, name: str) -> LoadedMotionModel:
+    """Load a motion model file in the UNet dtype with ComfyUI's casting layers."""
+    model = load_motion_model(path, dtype=comfy.model_management.unet_dtype(),
+                              operations=comfy.ops.manual_cast)
+    return wrap_motion_model(model, name)
 
 
 class MotionSlot(torch.nn.Module):
@@ -114,7 +122,7 @@ class MotionSlot(torch.nn.Module):
         windows = None
         if context is not None and context.scope == "motion_attention" and frames > context.context_length:
             step = step_index(transformer_options, transformer_options.get("sigmas"))
-            windows = weighted_windows(frames, context, step)
+            windows = _attention_windows(frames, context, step)
         stretch_pe = context is not None and context.stretch_pe
         return self._module[0](x, frames, settings.scale, windows, stretch_pe)
 
@@ -140,20 +148,17 @@ def _model_family(model) -> str:
     return type(config).__name__ if config is not None else type(model.model).__name__
 
 
-def _layout(spec) -> tuple[int, int, dict[str, int]]:
-    blocks: dict[str, int] = {}
-    for module in spec.modules:
-        block = module.prefix.split(".motion_modules.")[0]
-        blocks[block] = blocks.get(block, 0) + 1
-    levels = sum(1 for b in blocks if b.startswith("down_blocks."))
-    return levels, blocks["down_blocks.0"], blocks
+def _layout(spec) -> tuple[int, int]:
+    """(down levels, modules per down block) of a motion model."""
+    levels = sum(1 for block in spec.channels if block.startswith("down_blocks."))
+    return levels, sum(1 for m in spec.modules if m.block == "down_blocks.0")
 
 
 def check_compatible(model, motion: LoadedMotionModel) -> None:
     """Raise a MotionModelError when the motion model does not fit the UNet's structure."""
     unet = unet_of(model)
     spec = motion.spec
-    levels, layers, _ = _layout(spec)
+    levels, layers = _layout(spec)
     mults = list(unet.channel_mult)
     family = _model_family(model)
     if len(mults) != levels:
@@ -164,7 +169,7 @@ def check_compatible(model, motion: LoadedMotionModel) -> None:
         raise MotionModelError(f"motion model '{motion.name}' has {layers} modules per down block but the "
                                f"model ({family}) has {res_blocks} ResNet blocks per level")
     for module in spec.modules:
-        block = module.prefix.split(".motion_modules.")[0]
+        block = module.block
         kind, _, index = block.partition(".")
         level = levels - 1 if kind == "mid_block" else int(index)
         if kind == "up_blocks":
@@ -177,18 +182,18 @@ def check_compatible(model, motion: LoadedMotionModel) -> None:
 
 def _targets(unet: UNetModel, spec) -> list[tuple[torch.nn.Sequential, str, str]]:
     """(container, placement, prefix) for every module, per REFERENCE §1 / §6."""
-    _, layers, _ = _layout(spec)
+    _, layers = _layout(spec)
     targets = []
     for module in spec.modules:
-        block, j = module.prefix.split(".motion_modules.")
-        if block == "mid_block":
+        if module.block == "mid_block":
             targets.append((unet.middle_block, "before_last", module.prefix))
             continue
-        kind, i = block.split(".")
+        kind, i = module.block.split(".")
+        position = int(i) * (layers + 1) + module.index
         if kind == "down_blocks":
-            targets.append((unet.input_blocks[1 + int(i) * (layers + 1) + int(j)], "append", module.prefix))
+            targets.append((unet.input_blocks[1 + position], "append", module.prefix))
         else:
-            targets.append((unet.output_blocks[int(i) * (layers + 1) + int(j)], "before_upsample", module.prefix))
+            targets.append((unet.output_blocks[position], "before_upsample", module.prefix))
     return targets
 
 

@@ -431,6 +431,15 @@ def sample_with_noise(env, model, noise, positive, negative, cfg=7.0, steps=1):
                                 disable_pbar=True)
 
 
+def eps_of(model, noise):
+    """The UNet output behind a one-step euler result from ``noise`` at sigma_max: (x - x0) / sigma.
+    Comparing these keeps tolerances on the UNet's scale whatever sigma_max is."""
+    sampling = model.get_model_object("model_sampling")
+    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    return lambda out: (x - out * scale) / sigma
+
+
 def test_clips_within_one_window_are_bit_identical_to_no_context_options(env):
     from animatediff_suite.motion_modules import ContextOptions
 
@@ -465,12 +474,9 @@ def test_windowed_step_equals_fused_per_window_reference(env, schedule, fuse):
     parts = [(w, sample_with_noise(env, plain, noise[w], [[per_frame[w], {}]], env["negative"], cfg))
              for w in windows]
     expected = fuse_windows(parts, frames, options)
-    sampling = model.get_model_object("model_sampling")
-    sigma = sampling.sigma_max
-    scale = model.model.latent_format.scale_factor
-    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    eps = eps_of(model, noise)
     tolerance = 1e-4 * (abs(cfg) + abs(cfg - 1))
-    torch.testing.assert_close((x - windowed * scale) / sigma, (x - expected * scale) / sigma, atol=tolerance, rtol=0)
+    torch.testing.assert_close(eps(windowed), eps(expected), atol=tolerance, rtol=0)
 
 
 def test_context_options_validation(env):
@@ -517,10 +523,7 @@ def test_controlnet_hints_are_windowed_with_their_frames(env):
     first_16 = [(w, sample_with_noise(env, plain, noise[w], *with_hints(hints[:16]), cfg))
                 for w in context_windows(frames, options)]
     wrong = fuse_windows(first_16, frames, options)  # what truncating the hints to the batch would give
-    sampling = model.get_model_object("model_sampling")
-    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
-    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
-    eps = lambda out: (x - out * scale) / sigma  # noqa: E731
+    eps = eps_of(model, noise)
     torch.testing.assert_close(eps(windowed), eps(expected), atol=1e-4 * (2 * cfg - 1), rtol=0)
     assert (eps(windowed) - eps(wrong)).abs().max() > 1e-2
 
@@ -553,10 +556,7 @@ def test_per_frame_conditioning_masks_are_windowed_with_their_frames(env):
                              for w in windows], frames, options)
     truncated = fuse_windows([(w, sample_with_noise(env, plain, noise[w], positive(masks[:16]), env["negative"], cfg))
                               for w in windows], frames, options)
-    sampling = model.get_model_object("model_sampling")
-    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
-    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
-    eps = lambda out: (x - out * scale) / sigma  # noqa: E731
+    eps = eps_of(model, noise)
     torch.testing.assert_close(eps(windowed), eps(expected), atol=1e-4 * (2 * cfg - 1), rtol=0)
     assert (eps(windowed) - eps(truncated)).abs().max() > 1e-3
 

@@ -161,20 +161,23 @@ def test_runner_long_clip_with_freenoise_and_freeinit(server):
     assert "context" not in plain and "freeinit" not in plain
 
 
+def refused(server, graph) -> dict:
+    """The node_errors of a prompt the server refuses at queue time."""
+    with pytest.raises(runner.ComfyServerError) as raised:
+        server.queue(graph)
+    return raised.value.detail["node_errors"]
+
+
 def test_malformed_prompt_travel_line_is_a_node_error(server):
     graph = tiny(runner.load_example("long_loop_sd15"))
     graph["4"]["inputs"]["text"] = "0: a forest\nforest in winter"
-    with pytest.raises(runner.ComfyServerError) as raised:
-        server.queue(graph)
-    assert "line 2" in json.dumps(raised.value.detail["node_errors"]["4"])
+    assert "line 2" in json.dumps(refused(server, graph)["4"])
 
 
 def test_unknown_motion_model_is_a_node_error_and_the_next_prompt_runs(server):
     graph = tiny(runner.load_example("txt2vid_sd15"))
     graph["2"]["inputs"]["model_name"] = "no_such_motion_model.ckpt"
-    with pytest.raises(runner.ComfyServerError) as raised:
-        server.queue(graph)
-    node_errors = raised.value.detail["node_errors"]
+    node_errors = refused(server, graph)
     assert "2" in node_errors and "no_such_motion_model.ckpt" in json.dumps(node_errors["2"])
     assert frame_counts(server, server.run(tiny(runner.load_example("txt2vid_sd15"))))["webp"] == 16
 
@@ -182,10 +185,9 @@ def test_unknown_motion_model_is_a_node_error_and_the_next_prompt_runs(server):
 def test_negative_frame_count_is_a_node_error(server):
     graph = tiny(runner.load_example("txt2vid_sd15"))
     graph["6"]["inputs"]["batch_size"] = -3
-    with pytest.raises(runner.ComfyServerError) as raised:
-        server.queue(graph)
-    assert "6" in raised.value.detail["node_errors"]
-    assert "batch_size" in json.dumps(raised.value.detail["node_errors"]["6"])
+    node_errors = refused(server, graph)
+    assert "6" in node_errors
+    assert "batch_size" in json.dumps(node_errors["6"])
 
 
 def test_mismatched_family_is_an_execution_error_naming_the_node(server):
