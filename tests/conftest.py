@@ -26,6 +26,6 @@ def comfyui():
     """Path of a real ComfyUI, imported in-process on the CPU; skips the test when there is none."""
     path = comfy_env.comfyui_path()
     if path is None:
-        pytest.skip(comfy_env.SKIP_REASON)
+        comfy_env.skip_or_fail(comfy_env.SKIP_REASON)
     comfy_env.import_comfyui(path)
     return path

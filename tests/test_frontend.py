@@ -1,0 +1,63 @@
+"""Browser tier: every UI example loads in the real ComfyUI frontend (headless Chromium driven by
+playwright-core) with the pack's nodes and web extension, and the frontend's own graphToPrompt()
+gives exactly the API example. Screenshots are kept in tests/_artifacts/frontend/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+
+import comfy_env
+from ads_package import ROOT
+
+pytestmark = pytest.mark.comfyui
+ARTIFACTS = os.path.join(ROOT, "tests", "_artifacts", "frontend")
+
+
+def _frontend_check():
+    spec = importlib.util.spec_from_file_location("ads_frontend_check",
+                                                  os.path.join(ROOT, "tests", "tools", "frontend_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+frontend_check = _frontend_check()
+EXAMPLES = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "example_workflows", "api")) if f.endswith(".json"))
+
+
+@pytest.fixture(scope="module")
+def shown(comfyui, tmp_path_factory):
+    missing = frontend_check.missing_browser_tools()
+    if missing:
+        comfy_env.skip_or_fail(f"browser tier skipped: {missing}")
+    results = frontend_check.check_examples(comfyui, str(tmp_path_factory.mktemp("frontend")))
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    for result in results:
+        shutil.copy(result.screenshot, os.path.join(ARTIFACTS, f"{result.name}.png"))
+    return {result.name: result for result in results}
+
+
+def test_every_example_was_loaded(shown):
+    assert sorted(shown) == EXAMPLES
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_frontend_graph_to_prompt_equals_the_api_example(shown, name):
+    result = shown[name]
+    assert result.missing == [], f"{name}: the frontend could not build nodes {result.missing}"
+    assert result.prompt == result.expected
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_no_console_error_from_the_pack(shown, name):
+    ours = [entry for entry in shown[name].console
+            if entry["type"] in ("error", "pageerror")
+            and any(word in entry["text"] for word in ("animatediff_suite", "ADS_", "AnimateDiff"))]
+    assert ours == [], ours
