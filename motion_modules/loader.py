@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from .checkpoint_io import MAX_KEYS, read_weights
-from .errors import MotionModelError
+from .errors import MotionModelError, check_finite
 from .formats import check_keys_and_shapes, infer_spec, to_file_keys, to_original_keys, unwrap_state_dict
 from .model import VERSIONS, MotionModel, MotionSpec
 
@@ -41,6 +41,7 @@ def load_motion_model(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     sd, naming = to_original_keys(unwrap_state_dict(data, source))
     spec = _spec_from_metadata(infer_spec(sd, naming, source), metadata, source)
     params = check_keys_and_shapes(sd, spec, source)
+    check_finite(params, source)
     if dtype is None:
         dtype = params[f"{spec.modules[0].prefix}.temporal_transformer.proj_in.weight"].dtype
     if not dtype.is_floating_point:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint_io import read_weights
-from .errors import MotionModelError, describe_keys
+from .errors import MotionModelError, check_finite, describe_keys
 from .model import MotionModel
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Any], kind: s
                                f"'...processor.to_q_lora.down.weight', found {describe_keys(tensors, 3)}")
     if foreign:
         raise MotionModelError(f"{name}: unexpected keys in a {kind}: {describe_keys(foreign)}")
+    check_finite(tensors, name, what=f"{kind} weights")
     return LoRA(name, {t: _pair(name, t, h) for t, h in halves.items()})
 
 

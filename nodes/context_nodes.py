@@ -8,6 +8,7 @@ from ..motion_modules import FILTERS, FUSE_METHODS, NOISE_TYPES, SCHEDULES, SCOP
 from ..motion_modules.context import schedule_image
 from .context_sampling import add_free_init
 from .motion_nodes import CATEGORY, ContextOptionsType
+from .validation import check_widgets
 
 
 class ContextOptionsNode(io.ComfyNode):
@@ -59,8 +60,12 @@ class ContextOptionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, context_length=16, context_overlap=4, **_) -> bool | str:
-        if context_overlap >= context_length:
+    def validate_inputs(cls, **values) -> bool | str:
+        widgets = check_widgets(cls, values)
+        if widgets is not True:
+            return widgets
+        context_length, context_overlap = values.get("context_length"), values.get("context_overlap")
+        if context_length is not None and context_overlap is not None and context_overlap >= context_length:
             return f"context_overlap ({context_overlap}) must be less than context_length ({context_length})"
         return True
 
@@ -88,6 +93,10 @@ class ContextScheduleImage(io.ComfyNode):
             ],
             outputs=[io.Image.Output(tooltip="The schedule as an image (preview or save it).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, context_options, frames: int, steps: int) -> io.NodeOutput:
@@ -127,6 +136,10 @@ class FreeInitNode(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model; sampling with it runs the FreeInit passes.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, model, iterations: int, filter: str, spatial_stop: float, temporal_stop: float,

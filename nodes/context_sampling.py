@@ -31,8 +31,10 @@ import comfy.utils
 from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, context_windows, free_noise
 from ..motion_modules.context import WindowAccumulator
 from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
+from .sampling_checks import check_inputs, check_memory, check_output
 
 log = logging.getLogger(__name__)
+KEY = "animatediff_suite"  # transformer_options entry of Apply Motion Model's MotionSettings
 CONTEXT_KEY = "animatediff_suite.context"
 FREE_INIT_KEY = "animatediff_suite.free_init"
 SAMPLE_KEY = "animatediff_suite.sample"
@@ -56,6 +58,11 @@ def add_context_windows(model, options: ContextOptions, frame_limit: int, motion
 def add_free_init(model, options: FreeInitOptions) -> None:
     """Make sampling with ``model`` (a clone we own) run FreeInit's passes."""
     model.model_options["transformer_options"][FREE_INIT_KEY] = options
+    _add_sample_wrapper(model)
+
+
+def add_sampling_checks(model) -> None:
+    """Check inputs, memory and outputs of every sampling with ``model`` (sampling_checks.py)."""
     _add_sample_wrapper(model)
 
 
@@ -184,11 +191,23 @@ def _copy_chain(control, index: torch.Tensor, frames: int):
 
 def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                    disable_pbar=False, seed=None, *args, **kwargs):
-    """OUTER_SAMPLE: FreeNoise's initial noise, then one sampling pass or FreeInit's passes."""
+    """OUTER_SAMPLE: checks, FreeNoise's initial noise, then one sampling pass or FreeInit's passes."""
     transformer_options = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
     context: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
     free_init: FreeInitOptions | None = transformer_options.get(FREE_INIT_KEY)
+    motion = transformer_options.get(KEY)
+    if motion is not None:
+        check_inputs(executor.class_obj, noise, latent_image)
+        check_memory(executor.class_obj, noise, context, motion.heads)
+    output = _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,
+                     denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
+    if motion is not None:
+        check_output(output)
+    return output
 
+
+def _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,
+            denoise_mask, callback, disable_pbar, seed, *args, **kwargs):
     def noise_of(tensor: torch.Tensor, noise_seed: int) -> torch.Tensor:
         if context is None or context.noise_type == "default" or not bool(tensor.any()):
             return tensor  # all-zero noise means "add noise: disable": keep it so

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 from ..motion_modules import MotionModel, MotionSpec
 from .injection import LoadedMotionModel, wrap_motion_model
 from .motion_nodes import CATEGORY, MotionModel as MotionModelType
+from .validation import check_widgets
 
 TINY_CHANNELS = (32, 64, 64, 64)
 TINY_UNET = {
@@ -148,7 +149,11 @@ class TinyDemoModels(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, family="SD1.5", motion_version="v3", **_) -> bool | str:
+    def validate_inputs(cls, **values) -> bool | str:
+        widgets = check_widgets(cls, values)
+        if widgets is not True:
+            return widgets
+        family, motion_version = values.get("family", "SD1.5"), values.get("motion_version", "v3")
         if motion_version not in FAMILY_VERSIONS.get(family, ()):
             return f"motion_version {motion_version!r} does not fit family {family!r}; " \
                    f"expected one of {list(FAMILY_VERSIONS.get(family, ()))}"

@@ -4,6 +4,8 @@ import os
 
 import folder_paths
 
+from ..motion_modules import MotionModelError
+
 MOTION_MODELS = "animatediff_models"
 MOTION_LORAS = "animatediff_motion_lora"
 EXTENSIONS = {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"}
@@ -20,4 +22,19 @@ def register_folders() -> None:
 
 def full_path(folder: str, name: str) -> str:
     """Resolve a dropdown value through folder_paths only (never a raw path from the user)."""
-    return folder_paths.get_full_path_or_raise(folder, name)
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.isfile(path):
+        raise MotionModelError(f"{name!r} is not in models/{folder} any more (deleted or renamed after the "
+                               "prompt was queued?); refresh the node's list and pick a file that exists")
+    return path
+
+
+def file_fingerprint(folder: str, name: str):
+    """What changes when the file behind a dropdown value is replaced (size, mtime), so ComfyUI re-runs
+    a loader whose file changed under the same name instead of reusing its cached output."""
+    path = folder_paths.get_full_path(folder, name) if name else None
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    return (name, stat.st_size, stat.st_mtime_ns) if stat else (name, None, None)

@@ -37,10 +37,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, 
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
 from ..motion_modules.context import weighted_windows
-from .context_sampling import CONTEXT_KEY, add_context_windows, step_index
+from .context_sampling import CONTEXT_KEY, KEY, add_context_windows, add_sampling_checks, step_index
 
 log = logging.getLogger(__name__)
-KEY = "animatediff_suite"
 _FRAMES = contextvars.ContextVar("animatediff_suite_frames", default=None)
 # every motion slot of a UNet call asks for the same plan: compute it once per (frames, options, step)
 _attention_windows = functools.lru_cache(maxsize=64)(weighted_windows)
@@ -74,6 +73,7 @@ class MotionSettings:
     scale: float = 1.0
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
+    heads: int = 8  # of the temporal attention (memory estimate)
 
     def active(self, sigmas) -> bool:
         if sigmas is None:
@@ -319,7 +319,7 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
                                    f"{len(adapter_patches)} weights exist in this model")
     sampling = patched.get_model_object("model_sampling")
     settings = MotionSettings(scale=float(scale), sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)))
+                              sigma_end=float(sampling.percent_to_sigma(end_percent)), heads=motion.spec.heads)
     patched.set_additional_models(KEY, [motion_patcher])
     patched.set_injections(KEY, [make_injection(motion_patcher.model)])
     _without_our_patch(patched.model_options)
@@ -331,6 +331,7 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         add_context_windows(patched, context, motion.spec.frame_limit, motion.name)
     else:  # a model animated before keeps no stale windows (the wrappers then pass through)
         patched.model_options["transformer_options"].pop(CONTEXT_KEY, None)
+    add_sampling_checks(patched)
     return patched
 
 

@@ -9,9 +9,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..motion_modules import load_domain_adapter, load_lora
-from .folders import MOTION_LORAS, MOTION_MODELS, full_path
+from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path
 from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_motion_patcher,
                         resolve_schedule)
+from .validation import check_widgets
 
 CATEGORY = "AnimateDiff Suite"
 MotionModel = io.Custom("MOTION_MODEL")
@@ -22,9 +23,12 @@ NO_ADAPTER = "none"
 
 def check_listed(folder: str, name: str, what: str) -> bool | str:
     """Queue-time check that a dropdown value names a file ComfyUI lists in ``folder``."""
-    if name in folder_paths.get_filename_list(folder):
-        return True
-    return f"{what} {name!r} is not in models/{folder} (or its extra_model_paths.yaml entries)"
+    if name not in folder_paths.get_filename_list(folder):
+        return f"{what} {name!r} is not in models/{folder} (or its extra_model_paths.yaml entries)"
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.isfile(path):
+        return f"{what} {name!r} is listed in models/{folder} but is not a readable file (a broken symlink?)"
+    return True
 
 
 def read_lora(folder: str, name: str, kind: str):
@@ -60,6 +64,10 @@ class LoadMotionModel(io.ComfyNode):
         return check_listed(MOTION_MODELS, model_name, "motion model")
 
     @classmethod
+    def fingerprint_inputs(cls, model_name: str):
+        return file_fingerprint(MOTION_MODELS, model_name)
+
+    @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
         motion = load_motion_patcher(full_path(MOTION_MODELS, model_name), model_name)
         info = f"{model_name}: {motion.spec.describe()}"
@@ -87,8 +95,13 @@ class LoadMotionLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str, **_) -> bool | str:
-        return check_listed(MOTION_LORAS, lora_name, "MotionLoRA")
+    def validate_inputs(cls, **values) -> bool | str:
+        listed = check_listed(MOTION_LORAS, values.get("lora_name"), "MotionLoRA")
+        return check_widgets(cls, values) if listed is True else listed
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str, **_):
+        return file_fingerprint(MOTION_LORAS, lora_name)
 
     @classmethod
     def execute(cls, lora_name: str, strength: float, prev_motion_lora=None) -> io.NodeOutput:
@@ -133,12 +146,23 @@ class ApplyMotionModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, domain_adapter=NO_ADAPTER, **_) -> bool | str:
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) must not be greater than end_percent ({end_percent})"
-        if domain_adapter and domain_adapter != NO_ADAPTER:
-            return check_listed("loras", domain_adapter, "domain adapter")
+    def validate_inputs(cls, **values) -> bool | str:
+        domain_adapter = values.get("domain_adapter") or NO_ADAPTER
+        if domain_adapter != NO_ADAPTER:
+            listed = check_listed("loras", domain_adapter, "domain adapter")
+            if listed is not True:
+                return listed
+        widgets = check_widgets(cls, values)
+        if widgets is not True:
+            return widgets
+        start, end = values.get("start_percent"), values.get("end_percent")
+        if start is not None and end is not None and start > end:
+            return f"start_percent ({start}) must not be greater than end_percent ({end})"
         return True
+
+    @classmethod
+    def fingerprint_inputs(cls, domain_adapter=NO_ADAPTER, **_):
+        return file_fingerprint("loras", domain_adapter) if domain_adapter and domain_adapter != NO_ADAPTER else None
 
     @classmethod
     def execute(cls, model, motion_model, motion_lora=None, domain_adapter=NO_ADAPTER,

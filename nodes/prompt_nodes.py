@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..motion_modules.prompt_travel import INTERPOLATIONS, parse_keyframes, travel
 from .motion_nodes import CATEGORY
+from .validation import check_widgets
 
 
 class PromptTravel(io.ComfyNode):
@@ -34,9 +35,12 @@ class PromptTravel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text: str = "", **_) -> bool | str:
+    def validate_inputs(cls, **values) -> bool | str:
+        widgets = check_widgets(cls, values)
+        if widgets is not True or values.get("text") is None:
+            return widgets
         try:
-            parse_keyframes(text)
+            parse_keyframes(values["text"])
         except ValueError as exc:
             return str(exc)
         return True
