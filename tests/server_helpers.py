@@ -42,6 +42,7 @@ def write_motion_lora(path, seed: int = 4) -> None:
 def start_server(comfyui: str, root, extra_args=()):
     """A private ComfyUI with the pack, model folders under ``root`` and tiny motion files in them:
     v2.ckpt, v3.ckpt, sdxl.ckpt (motion models) and zoom.ckpt (MotionLoRA)."""
+    root.mkdir(parents=True, exist_ok=True)
     folders = {name: root / name for name in FOLDERS}
     for folder in folders.values():
         folder.mkdir(exist_ok=True)
