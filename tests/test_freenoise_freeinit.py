@@ -17,6 +17,7 @@ from animatediff_suite.motion_modules.context import FUSE_METHODS
 from animatediff_suite.motion_modules.freeinit import (FILTERS, fewer_sigmas, frames_first_mix, frequency_mix,
                                                        low_pass_filter, pass_steps)
 from animatediff_suite.motion_modules.temporal import VanillaTemporalModule
+from comfy_env import import_or_skip
 
 
 # ---------------------------------------------------------------------------------------- FreeNoise
@@ -48,7 +49,7 @@ def test_shuffle_context_copies_frames_from_one_window_back(length, data, frames
 
 
 def diffusers_free_noise(noise_type, length, stride, frames, seed, channels=4, size=3):
-    free_noise_utils = pytest.importorskip("diffusers.pipelines.free_noise_utils")
+    free_noise_utils = import_or_skip("diffusers.pipelines.free_noise_utils")
     pipe = SimpleNamespace(_free_noise_context_length=length, _free_noise_context_stride=stride,
                            _free_noise_noise_type=noise_type, vae_scale_factor=8)
     latents = free_noise_utils.AnimateDiffFreeNoiseMixin._prepare_latents_free_noise(
@@ -117,7 +118,7 @@ def test_windowed_attention_sees_only_its_window():
 @pytest.mark.parametrize("scheme", ["flat", "pyramid", "delayed_reverse_sawtooth"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_windowed_attention_matches_diffusers_freenoise_blocks(scheme, dtype):
-    pytest.importorskip("diffusers")
+    import_or_skip("diffusers")
     from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
     from test_parity_diffusers import TOLERANCE, build_unet, from_diffusers, motion_state_dict
 
@@ -185,7 +186,7 @@ def test_filters_equal_their_formulas(method, shape, ds, dt, order):
 
 @pytest.mark.parametrize("method", ["butterworth", "gaussian", "ideal"])
 def test_filters_and_mixing_match_diffusers(method):
-    free_init_utils = pytest.importorskip("diffusers.pipelines.free_init_utils")
+    free_init_utils = import_or_skip("diffusers.pipelines.free_init_utils")
     mixin = free_init_utils.FreeInitMixin
     shape = (1, 4, 12, 6, 8)
     expected = mixin._get_free_init_freq_filter(None, shape, "cpu", method, 4, 0.3, 0.2)

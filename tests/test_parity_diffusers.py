@@ -11,7 +11,9 @@ import pytest
 import torch
 from einops import rearrange
 
-diffusers = pytest.importorskip("diffusers")
+from comfy_env import import_or_skip
+
+diffusers = import_or_skip("diffusers")
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel  # noqa: E402
 
 from ads_helpers import from_diffusers, motion_lora_state_dict  # noqa: E402
@@ -179,7 +181,7 @@ def to_peft(lora_sd: dict) -> dict:
 
 
 def test_motion_lora_merge_equals_diffusers_peft_path():
-    pytest.importorskip("peft")
+    import_or_skip("peft")
     dtype = torch.float64
     unet = build_unet("sd15_v2", dtype)
     ours = load_motion_model(from_diffusers(motion_state_dict(unet)), dtype=dtype)
