@@ -46,6 +46,8 @@ def server(comfyui, tmp_path_factory):
     lora = torch.load(instance.folders["animatediff_motion_lora"] / "zoom.ckpt")
     next(iter(lora.values()))[0, 0] = float("inf")
     torch.save(lora, instance.folders["animatediff_motion_lora"] / "inf_lora.ckpt")
+    huge = {k: v * 1e20 for k, v in torch.load(instance.folders["animatediff_motion_lora"] / "zoom.ckpt").items()}
+    torch.save(huge, instance.folders["animatediff_motion_lora"] / "huge_lora.ckpt")  # finite, overflows fp32
     write_latent(root / "input" / "nan.latent", torch.full((16, 4, 8, 8), float("nan")))
     write_latent(root / "input" / "sd3.latent", torch.randn(16, 16, 8, 8))
     from PIL import Image
@@ -194,6 +196,10 @@ CASES = [
                                        "inputs": {"lora_name": "inf_lora.ckpt", "strength": 1.0}}},
                                **{"3.motion_lora": ["12", 0]}), "run", "12",
      ["'inf_lora.ckpt': MotionLoRA weights contain NaN or Inf values"]),
+    ("overflow_during_sampling", _with({"12": {"class_type": "ADS_LoadMotionLora",
+                                               "inputs": {"lora_name": "huge_lora.ckpt", "strength": 1.0}}},
+                                       **{"3.motion_lora": ["12", 0]}), "run", "7",
+     ["sampling produced NaN or Inf latents although every input was finite"]),
 ]
 
 
@@ -226,29 +232,25 @@ def _block(server, seconds_of_work: int = 12):
     return server.queue(graph("v3.ckpt", frames=48, steps=seconds_of_work, context={}, prefix="slow"))
 
 
-def test_file_deleted_between_queue_and_run(server):
-    victim = server.folders["animatediff_models"] / "victim.ckpt"
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda path: path.unlink(), " is not in models/animatediff_models any more"),
+    (_truncate, ": truncated or corrupt checkpoint"),
+], ids=["deleted", "replaced_by_garbage"])
+def test_file_changed_between_queue_and_run(server, change, words):
+    name = f"victim_{server.turn}.ckpt"
+    victim = server.folders["animatediff_models"] / name
     write_motion_model(victim, "v2", seed=7)
     slow = _block(server)
-    waiting = server.queue(graph("victim.ckpt", prefix="victim"))  # validated now: the file exists
-    victim.unlink()
+    waiting = server.queue(graph(name, prefix="victim"))  # validated now: the file is fine
+    change(victim)
     server.wait(slow)
     kind, data = failure(server.wait(waiting))
     assert kind == "execution_error" and data["node_id"] == "2"
-    assert "'victim.ckpt' is not in models/animatediff_models any more" in data["exception_message"]
-    still_fresh(server)
-
-
-def test_file_replaced_by_garbage_between_queue_and_run(server):
-    victim = server.folders["animatediff_models"] / "garbage.ckpt"
-    write_motion_model(victim, "v2", seed=7)
-    slow = _block(server)
-    waiting = server.queue(graph("garbage.ckpt", prefix="garbage"))
-    victim.write_bytes(victim.read_bytes()[:1000])
-    server.wait(slow)
-    kind, data = failure(server.wait(waiting))
-    assert kind == "execution_error" and data["node_id"] == "2"
-    assert "'garbage.ckpt': truncated or corrupt checkpoint" in data["exception_message"]
+    assert f"'{name}'{words}" in data["exception_message"], data["exception_message"]
     still_fresh(server)
 
 
