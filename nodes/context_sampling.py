@@ -52,21 +52,18 @@ def add_context_windows(model, options: ContextOptions, frame_limit: int, motion
     if not model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY):
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY,
                                    windowed_calc_cond_batch)
-    _add_sample_wrapper(model)
+    add_sample_wrapper(model)
 
 
 def add_free_init(model, options: FreeInitOptions) -> None:
     """Make sampling with ``model`` (a clone we own) run FreeInit's passes."""
     model.model_options["transformer_options"][FREE_INIT_KEY] = options
-    _add_sample_wrapper(model)
+    add_sample_wrapper(model)
 
 
-def add_sampling_checks(model) -> None:
-    """Check inputs, memory and outputs of every sampling with ``model`` (sampling_checks.py)."""
-    _add_sample_wrapper(model)
-
-
-def _add_sample_wrapper(model) -> None:
+def add_sample_wrapper(model) -> None:
+    """Install ``sample_wrapper`` once on ``model`` (a clone we own): the sampling checks of an animated
+    model (sampling_checks.py), FreeNoise's noise and FreeInit's passes."""
     if not model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLE_KEY):
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLE_KEY, sample_wrapper)
 

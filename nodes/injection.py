@@ -37,7 +37,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, 
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
 from ..motion_modules.context import weighted_windows
-from .context_sampling import CONTEXT_KEY, KEY, add_context_windows, add_sampling_checks, step_index
+from .context_sampling import CONTEXT_KEY, KEY, add_context_windows, add_sample_wrapper, step_index
 
 log = logging.getLogger(__name__)
 _FRAMES = contextvars.ContextVar("animatediff_suite_frames", default=None)
@@ -331,7 +331,7 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         add_context_windows(patched, context, motion.spec.frame_limit, motion.name)
     else:  # a model animated before keeps no stale windows (the wrappers then pass through)
         patched.model_options["transformer_options"].pop(CONTEXT_KEY, None)
-    add_sampling_checks(patched)
+    add_sample_wrapper(patched)  # input, memory and output checks of every sampling
     return patched
 
 

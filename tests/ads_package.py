@@ -18,3 +18,14 @@ def register():
         sys.modules[PACKAGE] = module
         spec.loader.exec_module(module)
     return sys.modules[PACKAGE]
+
+
+def load_module(name: str, relative_path: str):
+    """Import a file of this repository that is not a package module (the runner ``__main__.py``,
+    ``tests/tools/*.py``) under ``name``; registered in sys.modules, which dataclasses need."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -4,7 +4,6 @@ latents come back bit-exact (SaveLatent), interrupts at a chosen progress value,
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 
@@ -12,17 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model
-from ads_package import ROOT
+from ads_package import load_module
 
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load("ads_runner", os.path.join(ROOT, "__main__.py"))
+runner = load_module("ads_runner", "__main__.py")
 FOLDERS = ("animatediff_models", "animatediff_motion_lora", "loras")
 
 

@@ -90,8 +90,7 @@ def _with(extra: dict, **links):
 
 
 def _sdxl_model_sd15_motion(nodes, server):
-    nodes = graph("v2.ckpt", family="SDXL")
-    return nodes
+    return graph("v2.ckpt", family="SDXL")
 
 
 def _context(**inputs):

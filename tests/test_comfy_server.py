@@ -8,7 +8,6 @@ checkpoint file as SD1.5/SDXL, so a tiny checkpoint *file* is not possible).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -17,27 +16,11 @@ import torch
 from PIL import Image
 
 from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model
-from ads_package import ROOT
+from ads_package import ROOT, load_module
+from server_helpers import refused, runner
 
 pytestmark = pytest.mark.comfyui
-
-
-def _runner():
-    spec = importlib.util.spec_from_file_location("ads_runner", os.path.join(ROOT, "__main__.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _workflows():
-    spec = importlib.util.spec_from_file_location("ads_workflows", os.path.join(ROOT, "tests", "tools", "workflows.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _runner()
-workflows = _workflows()
+workflows = load_module("ads_workflows", "tests/tools/workflows.py")
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +142,6 @@ def test_runner_long_clip_with_freenoise_and_freeinit(server):
     assert frame_counts(server, server.run(graph)) == {"webp": 40, "mp4": 40}
     plain = runner.customise(runner.load_example("txt2vid_sd15"), runner.parse_args([]))
     assert "context" not in plain and "freeinit" not in plain
-
-
-def refused(server, graph) -> dict:
-    """The node_errors of a prompt the server refuses at queue time."""
-    with pytest.raises(runner.ComfyServerError) as raised:
-        server.queue(graph)
-    return raised.value.detail["node_errors"]
 
 
 def test_malformed_prompt_travel_line_is_a_node_error(server):

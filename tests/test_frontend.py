@@ -5,30 +5,17 @@ gives exactly the API example. Screenshots are kept in tests/_artifacts/frontend
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 
 import pytest
 
 import comfy_env
-from ads_package import ROOT
+from ads_package import ROOT, load_module
 
 pytestmark = pytest.mark.comfyui
 ARTIFACTS = os.path.join(ROOT, "tests", "_artifacts", "frontend")
-
-
-def _frontend_check():
-    spec = importlib.util.spec_from_file_location("ads_frontend_check",
-                                                  os.path.join(ROOT, "tests", "tools", "frontend_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-frontend_check = _frontend_check()
+frontend_check = load_module("ads_frontend_check", "tests/tools/frontend_check.py")
 EXAMPLES = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "example_workflows", "api")) if f.endswith(".json"))
 
 
