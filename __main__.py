@@ -224,7 +224,7 @@ def _add_long_clip_nodes(graph: dict, args, apply_id: str, sampler_id: str) -> d
             "context_length": args.context_length, "context_overlap": args.context_length // 4, "context_stride": 1,
             "closed_loop": False, "schedule": "standard_static", "fuse_method": "pyramid",
             "noise_type": "shuffle_context" if args.freenoise else "default", "scope": "whole_model",
-            "stretch_pe": False}}
+            "stretch_pe": False, "window_batch": 1}}
         graph[apply_id]["inputs"]["context_options"] = ["context", 0]
     if args.freeinit > 1:
         graph["freeinit"] = {"class_type": "ADS_FreeInit", "inputs": {

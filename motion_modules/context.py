@@ -48,6 +48,8 @@ class ContextOptions:
             only the motion modules' attention is windowed and fused (memory grows with frames).
         stretch_pe: allow ``context_length`` beyond the motion model's frame limit; longer passes
             get stretched positional encodings (``temporal.stretched_pe``).
+        window_batch: ``whole_model`` scope: windows run together in one UNet call, at most this
+            many (1 = one window per call; 0 = as many as the free memory allows, decided per step).
     """
 
     context_length: int = 16
@@ -59,6 +61,7 @@ class ContextOptions:
     noise_type: str = "default"
     scope: str = "whole_model"
     stretch_pe: bool = False
+    window_batch: int = 1
 
     def __post_init__(self):
         if self.context_length < 1:
@@ -74,6 +77,8 @@ class ContextOptions:
             raise ValueError(f"unknown fuse method {self.fuse_method!r}; expected one of {sorted(FUSE_METHODS)}")
         if self.noise_type not in NOISE_TYPES:
             raise ValueError(f"unknown noise type {self.noise_type!r}; expected one of {list(NOISE_TYPES)}")
+        if self.window_batch < 0:
+            raise ValueError(f"window_batch must be 0 (auto) or more, got {self.window_batch}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown window scope {self.scope!r}; expected one of {list(SCOPES)}")
 
@@ -202,6 +207,21 @@ def weighted_windows(num_frames: int, options: ContextOptions, step: int = 0) ->
     """The windows of ``context_windows`` with their fuse weights: the plan a windowed layer runs."""
     return [(window, FUSE_METHODS[options.fuse_method](window, num_frames, options))
             for window in context_windows(num_frames, options, step)]
+
+
+def window_groups(plan: Sequence[tuple[list[int], list[float]]], per_call: int) -> list[list]:
+    """Split a step's ``(window, weights)`` plan into the groups that run in one UNet call each:
+    consecutive windows of equal length (a batch has one sequence length), at most ``per_call``."""
+    if per_call < 1:
+        raise ValueError(f"per_call must be at least 1, got {per_call}")
+    groups: list[list] = []
+    for entry in plan:
+        last = groups[-1] if groups else None
+        if last and len(last) < per_call and len(last[0][0]) == len(entry[0]):
+            last.append(entry)
+        else:
+            groups.append([entry])
+    return groups
 
 
 class WindowAccumulator:

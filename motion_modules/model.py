@@ -43,6 +43,17 @@ class ModuleSpec:
         """The module's position within its block."""
         return int(self.prefix.split(".motion_modules.")[1])
 
+    @property
+    def kind(self) -> str:
+        """``down_blocks``, ``mid_block`` or ``up_blocks``."""
+        return self.block.split(".")[0]
+
+    @property
+    def block_index(self) -> int:
+        """The block's number among its kind (0 for the mid block)."""
+        kind, _, number = self.block.partition(".")
+        return int(number) if number else 0
+
 
 @dataclass(frozen=True)
 class MotionSpec:

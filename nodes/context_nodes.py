@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..motion_modules import FILTERS, FUSE_METHODS, NOISE_TYPES, SCHEDULES, SCOPES, ContextOptions, FreeInitOptions
 from ..motion_modules.context import schedule_image
 from .context_sampling import add_free_init
-from .motion_nodes import CATEGORY, ContextOptionsType
+from .sockets import CATEGORY, CONTEXT_OPTIONS
 from .validation import check_widgets
 
 
@@ -55,8 +55,12 @@ class ContextOptionsNode(io.ComfyNode):
                                          "32 on a 24-frame v1 model): longer windows squeeze the trained "
                                          "positional encoding over their frames. Off: such a length is an "
                                          "error."),
+                io.Int.Input("window_batch", default=1, min=0, max=64, optional=True,
+                             tooltip="whole_model scope: run up to this many windows in one UNet call (faster "
+                                     "on a GPU, more memory; same result within float rounding). 1: one window "
+                                     "per call. 0 (auto): as many as the free memory allows."),
             ],
-            outputs=[ContextOptionsType.Output(display_name="CONTEXT_OPTIONS")],
+            outputs=[CONTEXT_OPTIONS.Output(display_name="CONTEXT_OPTIONS")],
         )
 
     @classmethod
@@ -72,9 +76,9 @@ class ContextOptionsNode(io.ComfyNode):
     @classmethod
     def execute(cls, context_length: int, context_overlap: int, context_stride: int, closed_loop: bool,
                 schedule: str, fuse_method: str, noise_type: str = "default",
-                scope: str = "whole_model", stretch_pe: bool = False) -> io.NodeOutput:
+                scope: str = "whole_model", stretch_pe: bool = False, window_batch: int = 1) -> io.NodeOutput:
         return io.NodeOutput(ContextOptions(context_length, context_overlap, context_stride, closed_loop,
-                                            schedule, fuse_method, noise_type, scope, stretch_pe))
+                                            schedule, fuse_method, noise_type, scope, stretch_pe, window_batch))
 
 
 class ContextScheduleImage(io.ComfyNode):
@@ -87,7 +91,7 @@ class ContextScheduleImage(io.ComfyNode):
             description="Draws which frames each context window covers at each step (frames across, one row "
                         "per window, brightness = fuse weight, grey lines between steps).",
             inputs=[
-                ContextOptionsType.Input("context_options", tooltip="From Context Options."),
+                CONTEXT_OPTIONS.Input("context_options", tooltip="From Context Options."),
                 io.Int.Input("frames", default=64, min=1, max=4096, tooltip="Number of frames of the clip."),
                 io.Int.Input("steps", default=4, min=1, max=200, tooltip="Sampling steps to draw."),
             ],

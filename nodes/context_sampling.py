@@ -28,14 +28,16 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
 
-from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, context_windows, free_noise
-from ..motion_modules.context import WindowAccumulator
+from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, free_noise, weighted_windows
+from ..motion_modules.context import WindowAccumulator, window_groups
+from ..motion_modules.layout import FrameLayout, clip_count
 from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
-from .sampling_checks import check_inputs, check_memory, check_output
+from .sampling_checks import call_plan, check_inputs, check_memory, check_output, motion_bytes
 
 log = logging.getLogger(__name__)
 KEY = "animatediff_suite"  # transformer_options entry of Apply Motion Model's MotionSettings
 CONTEXT_KEY = "animatediff_suite.context"
+LAYOUT_KEY = "animatediff_suite.layout"  # transformer_options entry: the FrameLayout of one UNet call
 FREE_INIT_KEY = "animatediff_suite.free_init"
 SAMPLE_KEY = "animatediff_suite.sample"
 # (steps before this pass, steps of all passes) while FreeInit runs its passes
@@ -49,9 +51,16 @@ def add_context_windows(model, options: ContextOptions, frame_limit: int, motion
                                f"'{motion_name}' can see at once ({frame_limit} frames); lower it or "
                                f"turn on stretch_pe in Context Options")
     model.model_options["transformer_options"][CONTEXT_KEY] = options
-    if not model.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY):
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CONTEXT_KEY,
-                                   windowed_calc_cond_batch)
+
+
+def add_sampling_wrappers(model) -> None:
+    """Install, once, the wrappers every sampling with an animated ``model`` (a clone we own) runs through:
+    the clip layout of each UNet call and context windows (CALC_COND_BATCH), the memory plan of the
+    model load (PREPARE_SAMPLING), and checks, FreeNoise and FreeInit (OUTER_SAMPLE)."""
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, layout_calc_cond_batch),
+                          (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, prepare_sampling_wrapper)):
+        if not model.get_wrappers(kind, LAYOUT_KEY):
+            model.add_wrapper_with_key(kind, LAYOUT_KEY, wrapper)
     add_sample_wrapper(model)
 
 
@@ -88,8 +97,9 @@ class _WindowProgress:
         self.base, self.total = (before + min(step, steps - 1)) * windows, total_steps * windows
         self.bar = comfy.utils.ProgressBar(self.total)
 
-    def done(self, window: int) -> None:
-        self.bar.update_absolute(self.base + window + 1, self.total)
+    def done(self, windows: int) -> None:
+        """``windows`` of this step are done."""
+        self.bar.update_absolute(self.base + windows, self.total)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,28 +127,110 @@ def release_freed_memory(device: torch.device) -> None:
         trim(0)
 
 
-def windowed_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+def with_layout(model_options: dict, layout: FrameLayout) -> dict:
+    """A copy of ``model_options`` whose transformer_options carry ``layout`` (the input is not modified)."""
+    transformer_options = {**model_options.get("transformer_options", {}), LAYOUT_KEY: layout}
+    return {**model_options, "transformer_options": transformer_options}
+
+
+def frame_layout(transformer_options: dict, where: str) -> FrameLayout:
+    """The layout of the running UNet call; an error naming ``where`` when the call has none."""
+    layout = transformer_options.get(LAYOUT_KEY)
+    if layout is None:
+        raise MotionModelError(f"{where} ran in a UNet call without AnimateDiff Suite's clip layout: the "
+                               "model was called outside ComfyUI's sampling (calc_cond_batch), or another "
+                               "tool replaced the sampling wrappers after Apply Motion Model")
+    return layout
+
+
+def clips_of(transformer_options: dict, frames: int) -> int:
+    """Clips in a latent batch of ``frames`` under Apply Motion Model's frames_per_clip."""
+    settings = transformer_options.get(KEY)
+    return clip_count(frames, getattr(settings, "frames_per_clip", 0))
+
+
+def layout_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH: give every UNet call its clip layout; with ``whole_model`` context windows, run the
+    windows (several per call with ``window_batch``) and fuse their outputs per frame."""
     transformer_options = model_options.get("transformer_options", {})
     options: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
-    frames = x_in.shape[0]
-    if options is None or frames <= options.context_length or options.scope != "whole_model":
-        return executor(model, conds, x_in, timestep, model_options)
+    batch = x_in.shape[0]
+    clips = clips_of(transformer_options, batch)
+    clip_frames = batch // clips
+    if options is None or clip_frames <= options.context_length or options.scope != "whole_model":
+        return executor(model, conds, x_in, timestep, with_layout(model_options, FrameLayout.whole(clips, clip_frames)))
     step = step_index(transformer_options, timestep)
-    windows = context_windows(frames, options, step)
-    progress = _WindowProgress(transformer_options, step, len(windows))
-    fused = [WindowAccumulator(frames, options) for _ in conds]
-    for number, window in enumerate(windows):
+    plan = weighted_windows(clip_frames, options, step)
+    per_call = options.window_batch or auto_window_batch(model, x_in, len(conds), clips, plan)
+    progress = _WindowProgress(transformer_options, step, len(plan))
+    fused = [WindowAccumulator(batch, None) for _ in conds]
+    done = 0
+    for group in window_groups(plan, per_call):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        index = torch.as_tensor(window, device=x_in.device)
-        sub_conds = [None if c is None else [_window_cond(item, index, frames, model) for item in c] for c in conds]
-        sub_timestep = timestep[index] if timestep.ndim and timestep.shape[0] == frames else timestep
-        outputs = executor(model, sub_conds, x_in[index], sub_timestep, model_options)
+        layout = FrameLayout.of_windows([window for window, _ in group], clips, clip_frames)
+        index = torch.as_tensor(layout.batch_index(), device=x_in.device)
+        sub_conds = [None if c is None else [_window_cond(item, index, batch, model) for item in c] for c in conds]
+        sub_timestep = timestep[index] if timestep.ndim and timestep.shape[0] == batch else timestep
+        outputs = executor(model, sub_conds, x_in[index], sub_timestep, with_layout(model_options, layout))
+        weights = [weights for _, weights in group for _ in range(clips)]
         for accumulator, output in zip(fused, outputs):
-            accumulator.add(window, output)
+            for number, (positions, clip) in enumerate(zip(layout.positions, layout.clip_ids)):
+                rows = output[number * layout.frames:(number + 1) * layout.frames]
+                accumulator.add([clip * clip_frames + i for i in positions], rows, weights[number])
         del outputs
         release_freed_memory(x_in.device)
-        progress.done(number)
+        done += len(group)
+        progress.done(done)
     return [accumulator.result() for accumulator in fused]
+
+
+def auto_window_batch(model, x_in: torch.Tensor, chunks: int, clips: int, plan) -> int:
+    """``window_batch`` 0: the most windows per UNet call whose estimate fits the free memory with
+    ComfyUI's own margin (``memory_required * 1.5 < free``, as calc_cond_batch batches conds)."""
+    memory_required = getattr(model, "memory_required", None)
+    if memory_required is None:
+        return 1
+    free = comfy.model_management.get_free_memory(x_in.device)
+    rows = len(plan[0][0]) * clips * chunks
+    best = 1
+    for count in range(2, len(plan) + 1):
+        if memory_required([count * rows, *x_in.shape[1:]]) * 1.5 >= free:
+            break
+        best = count
+    return best
+
+
+def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
+    """PREPARE_SAMPLING: ComfyUI sizes the model load for ``noise_shape``; give it the shape of one UNet
+    call (``planned_noise_shape``), so a long clip never pushes the UNet into partial loading."""
+    model_options = kwargs.get("model_options") or (args[1] if len(args) > 1 else {})
+    transformer_options = (model_options or {}).get("transformer_options", {})
+    return executor(model, planned_noise_shape(model.model, transformer_options, noise_shape), *args, **kwargs)
+
+
+def planned_noise_shape(base_model, transformer_options: dict, noise_shape) -> list[int]:
+    """The noise shape ComfyUI should plan the model load for:
+
+    - the frames of one UNet call: ``clips x context_length x window_batch`` with ``whole_model``
+      windows (``window_batch`` 0 plans for one window, as ComfyUI's own context handler does), else
+      the whole batch;
+    - plus the motion modules' own peak (``sampling_checks.motion_bytes``), which ComfyUI's estimate
+      (linear in frames) cannot see, as the frames that estimate would give the same bytes for.
+    """
+    shape = list(noise_shape)
+    settings = transformer_options.get(KEY)
+    if settings is None:
+        return shape
+    options: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
+    clips = clips_of(transformer_options, shape[0])
+    unet_frames, attention_frames, _ = call_plan(shape[0], options, clips)
+    shape[0] = unet_frames
+    memory_required = getattr(base_model, "memory_required", None)
+    if memory_required is not None:
+        per_frame = memory_required([2, *shape[1:]]) / 2  # ComfyUI plans cond + uncond: 2 x frames
+        extra = motion_bytes(base_model, shape, 2 * unet_frames, attention_frames, settings.heads, settings.channels)
+        shape[0] += math.ceil(extra / max(per_frame, 1) / 2)
+    return shape
 
 
 def _window_cond(cond: dict, index: torch.Tensor, frames: int, model) -> dict:
@@ -195,7 +287,8 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
     motion = transformer_options.get(KEY)
     if motion is not None:
         check_inputs(executor.class_obj, noise, latent_image)
-        check_memory(executor.class_obj, noise, context, motion.heads)
+        check_memory(executor.class_obj, noise, context, motion.heads, motion.channels,
+                     clips_of(transformer_options, noise.shape[0]))
     output = _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,
                      denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
     if motion is not None:
@@ -205,11 +298,15 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
 
 def _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,
             denoise_mask, callback, disable_pbar, seed, *args, **kwargs):
+    clips = clips_of(transformer_options, noise.shape[0])
+
     def noise_of(tensor: torch.Tensor, noise_seed: int) -> torch.Tensor:
         if context is None or context.noise_type == "default" or not bool(tensor.any()):
             return tensor  # all-zero noise means "add noise: disable": keep it so
-        generator = torch.Generator().manual_seed(noise_seed)
-        return free_noise(tensor, context.noise_type, context.context_length, context.advance, generator)
+        # per clip, each from the seed: a clip gets the noise it would get sampled alone
+        return torch.cat([free_noise(clip, context.noise_type, context.context_length, context.advance,
+                                     torch.Generator().manual_seed(noise_seed))
+                          for clip in tensor.chunk(clips)])
 
     noise = noise_of(noise, seed or 0)
     if free_init is not None and free_init.iterations > 1 and not bool(noise.any()):
@@ -231,7 +328,7 @@ def _sample(executor, transformer_options, context, free_init, noise, latent_ima
             fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(fresh_seed), dtype=torch.float32)
             fresh = noise_of(fresh.to(noise.dtype), fresh_seed)
             pass_noise = reinitialised_noise(guider.model_patcher, output, noise, fresh, latent_image,
-                                             pass_sigmas[0], free_init)
+                                             pass_sigmas[0], free_init, clips)
         before = sum(totals[:k])
         token = _PASSES.set((before, sum(totals)))
         try:
@@ -251,14 +348,16 @@ def _overall_callback(callback, offset: int, total: int):
 
 
 def reinitialised_noise(patcher, output: torch.Tensor, initial: torch.Tensor, fresh: torch.Tensor,
-                        latent_image: torch.Tensor, sigma: torch.Tensor, options: FreeInitOptions) -> torch.Tensor:
+                        latent_image: torch.Tensor, sigma: torch.Tensor, options: FreeInitOptions,
+                        clips: int = 1) -> torch.Tensor:
     """The noise that makes the sampler start the next FreeInit pass from
 
         low_pass(start(x0, initial noise)) + high_pass(start(latent, fresh noise))
 
     where ``start(latent, n)`` is where the sampler starts at ``sigma`` from ``latent`` and noise
     ``n`` (the model's own ``noise_scaling``: x0 + sigma n for SD), i.e. the last result noised
-    back with the first pass's noise, its high frequencies replaced by fresh noise. For a pure
+    back with the first pass's noise, its high frequencies replaced by fresh noise (filtered per clip
+    when the batch holds ``clips`` clips). For a pure
     txt2vid start this is diffusers' FreeInit (up to sqrt(1 - alpha_bar_999) = 0.998 on the noise).
     """
     base_model = patcher.model
@@ -274,7 +373,8 @@ def reinitialised_noise(patcher, output: torch.Tensor, initial: torch.Tensor, fr
     def start(image: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return sampling.noise_scaling(sigma, n.float().cpu().clone(), image.clone(), max_denoise)
 
-    target = frames_first_mix(start(x0, initial), start(latent, fresh), options)
+    low, high = start(x0, initial), start(latent, fresh)
+    target = torch.cat([frames_first_mix(a, b, options) for a, b in zip(low.chunk(clips), high.chunk(clips))])
     offset = start(latent, torch.zeros_like(latent))
     gain = start(torch.zeros_like(latent), torch.ones_like(latent))  # noise_scaling is affine in n
     return ((target - offset) / gain).to(initial.dtype)

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 
 from ..motion_modules import MotionModel, MotionSpec
 from .injection import LoadedMotionModel, wrap_motion_model
-from .motion_nodes import CATEGORY, MotionModel as MotionModelType
+from .sockets import CATEGORY, MOTION_MODEL
 from .validation import check_widgets
 
 TINY_CHANNELS = (32, 64, 64, 64)
@@ -144,7 +144,7 @@ class TinyDemoModels(io.ComfyNode):
                                                      "(v1/v2/v3 for SD1.5, sdxl_beta/hotshotxl for SDXL)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
-                     MotionModelType.Output(display_name="MOTION_MODEL"),
+                     MOTION_MODEL.Output(display_name="MOTION_MODEL"),
                      io.ControlNet.Output(tooltip="A tiny ControlNet for RGB hint images, matching MODEL.")],
         )
 
@@ -166,32 +166,3 @@ class TinyDemoModels(io.ComfyNode):
 
 
 NODES = [TinyDemoModels]
-
-
-def _random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    down = torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
-    up = torch.randn(out_features, rank, generator=gen) / rank ** 0.5
-    return up, down
-
-
-def tiny_domain_adapter_state_dict(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random domain adapter (original naming) for the tiny UNet's spatial attention layers."""
-    import re
-
-    import comfy.utils
-
-    model_config = comfy.supported_models.SD15(dict(TINY_UNET))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model_config.get_model({}).diffusion_model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    pattern = re.compile(r"^(.*attentions\.\d+\.transformer_blocks\.\d+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(model_config.unet_config).items()):
-        match = pattern.match(diffusers_key)
-        if match and comfy_key in shapes:
-            out_features, in_features = shapes[comfy_key]
-            proj = match[2].replace(".0", "")
-            up, down = _random_pair(gen, out_features, in_features, rank)
-            base = f"{match[1]}.processor.{proj}_lora"
-            sd[f"{base}.up.weight"], sd[f"{base}.down.weight"] = up, down
-    return sd

@@ -10,14 +10,11 @@ from comfy_api.latest import io
 
 from ..motion_modules import load_domain_adapter, load_lora
 from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path
-from .injection import (SCHEDULE_OPTIONS, MotionLoraEntry, apply_motion, load_motion_patcher,
-                        resolve_schedule)
+from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule
+from .injection import MotionLoraEntry, apply_motion, load_motion_patcher
+from .sockets import CATEGORY, CONTEXT_OPTIONS, MOTION_LORA, MOTION_MODEL
 from .validation import check_widgets
 
-CATEGORY = "AnimateDiff Suite"
-MotionModel = io.Custom("MOTION_MODEL")
-MotionLora = io.Custom("MOTION_LORA")
-ContextOptionsType = io.Custom("CONTEXT_OPTIONS")
 NO_ADAPTER = "none"
 
 
@@ -55,7 +52,7 @@ class LoadMotionModel(io.ComfyNode):
             inputs=[io.Combo.Input("model_name", options=folder_paths.get_filename_list(MOTION_MODELS),
                                    tooltip="Motion module file in models/animatediff_models (or a path "
                                            "from extra_model_paths.yaml). The format is detected from its weights.")],
-            outputs=[MotionModel.Output(display_name="MOTION_MODEL"),
+            outputs=[MOTION_MODEL.Output(display_name="MOTION_MODEL"),
                      io.String.Output(display_name="info", tooltip="What was loaded: family, version, frame limit.")],
         )
 
@@ -88,10 +85,10 @@ class LoadMotionLora(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Multiplier of the LoRA's weights (W += strength * up @ down); "
                                        "negative values reverse the motion."),
-                MotionLora.Input("prev_motion_lora", optional=True,
+                MOTION_LORA.Input("prev_motion_lora", optional=True,
                                  tooltip="Optional earlier MotionLoRAs; all are applied, added together."),
             ],
-            outputs=[MotionLora.Output(display_name="MOTION_LORA")],
+            outputs=[MOTION_LORA.Output(display_name="MOTION_LORA")],
         )
 
     @classmethod
@@ -121,8 +118,8 @@ class ApplyMotionModel(io.ComfyNode):
                         "latent batch size is the number of frames.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 or SDXL model (any checkpoint, LoRAs applied or not)."),
-                MotionModel.Input("motion_model", tooltip="From Load Motion Model; its family must match MODEL."),
-                MotionLora.Input("motion_lora", optional=True, tooltip="Optional MotionLoRA chain."),
+                MOTION_MODEL.Input("motion_model", tooltip="From Load Motion Model; its family must match MODEL."),
+                MOTION_LORA.Input("motion_lora", optional=True, tooltip="Optional MotionLoRA chain."),
                 io.Combo.Input("domain_adapter", options=[NO_ADAPTER, *folder_paths.get_filename_list("loras")],
                                default=NO_ADAPTER, optional=True,
                                tooltip="AnimateDiff v3 domain adapter (v3_sd15_adapter) from models/loras."),
@@ -138,9 +135,14 @@ class ApplyMotionModel(io.ComfyNode):
                 io.Combo.Input("beta_schedule", options=SCHEDULE_OPTIONS, default="auto", optional=True,
                                tooltip="Noise schedule. auto picks the one the motion model was trained with "
                                        "(AnimateDiff SD1.5: sqrt_linear 0.00085-0.012); 'use existing' keeps MODEL's."),
-                ContextOptionsType.Input("context_options", optional=True,
+                CONTEXT_OPTIONS.Input("context_options", optional=True,
                                          tooltip="Sliding context windows (from Context Options) for more frames "
                                                  "than the motion model sees at once."),
+                io.Int.Input("frames_per_clip", default=0, min=0, max=4096, optional=True,
+                             tooltip="0: the latent batch is one clip. N: the batch holds clips of N frames "
+                                     "each (e.g. 32 = two 16-frame clips: two variations of a prompt, or one "
+                                     "clip per prompt with batched conditioning), sampled in one pass but "
+                                     "independently; the batch size must be a multiple of N."),
             ],
             outputs=[io.Model.Output(tooltip="A copy of MODEL that animates; the input MODEL is unchanged.")],
         )
@@ -167,14 +169,15 @@ class ApplyMotionModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, motion_model, motion_lora=None, domain_adapter=NO_ADAPTER,
                 domain_adapter_strength=1.0, motion_scale=1.0, start_percent=0.0, end_percent=1.0,
-                beta_schedule="auto", context_options=None) -> io.NodeOutput:
+                beta_schedule="auto", context_options=None, frames_per_clip=0) -> io.NodeOutput:
         adapter = None
         if domain_adapter and domain_adapter != NO_ADAPTER:
             adapter = (read_lora("loras", domain_adapter, "domain adapter"), float(domain_adapter_strength))
         patched = apply_motion(model, motion_model, loras=motion_lora or (), scale=motion_scale,
                                start_percent=start_percent, end_percent=end_percent,
                                schedule=resolve_schedule(beta_schedule, motion_model.spec),
-                               domain_adapter=adapter, context=context_options)
+                               domain_adapter=adapter, context=context_options,
+                               frames_per_clip=int(frames_per_clip or 0))
         return io.NodeOutput(patched)
 
 

@@ -12,7 +12,7 @@ import torch
 import comfy.model_management
 
 from ..motion_modules import MotionModelError
-from ..motion_modules.memory import temporal_attention_bytes
+from ..motion_modules.memory import temporal_module_bytes
 
 GIB = 1024 ** 3
 
@@ -53,26 +53,46 @@ def check_inputs(guider, noise: torch.Tensor, latent_image: torch.Tensor) -> Non
                 control = getattr(control, "previous_controlnet", None)
 
 
-def estimated_peak_bytes(model, noise_shape, frames_per_unet_call: int, frames_per_attention: int,
-                         heads: int) -> int:
+def call_plan(frames: int, context, clips: int = 1) -> tuple[int, int, int]:
+    """(UNet frames, attention length, sequences) of the largest UNet call one cond chunk makes for a
+    latent batch of ``frames`` holding ``clips`` clips, under ``context`` (ContextOptions or None)."""
+    clip_frames = frames // clips
+    windowed = context is not None and clip_frames > context.context_length
+    if not windowed:
+        return frames, clip_frames, clips
+    windows = clips * max(1, context.window_batch)
+    if context.scope == "whole_model":
+        return windows * context.context_length, context.context_length, windows
+    return frames, context.context_length, clips
+
+
+def motion_bytes(model, noise_shape, unet_frames: int, attention_frames: int, heads: int, channels: int) -> int:
+    """Peak bytes the motion modules add to a UNet call on ``unet_frames`` frames (``temporal_module_bytes``
+    of the largest module, in the model's compute dtype)."""
+    dtype = getattr(model, "manual_cast_dtype", None) or (model.get_dtype() if hasattr(model, "get_dtype") else None)
+    dtype_bytes = comfy.model_management.dtype_size(dtype) if dtype is not None else 4
+    positions = int(noise_shape[-2]) * int(noise_shape[-1])
+    return temporal_module_bytes(positions, unet_frames, channels, attention_frames, heads, dtype_bytes)
+
+
+def estimated_peak_bytes(model, noise_shape, unet_frames: int, attention_frames: int, heads: int,
+                         channels: int) -> int:
     """ComfyUI's own activation estimate for the smallest UNet call it can make (one cond chunk of the
-    frames that must go through the UNet together: a window, or the whole clip) plus the temporal
-    attention scores (``temporal_attention_bytes``) of that call."""
-    call_shape = (frames_per_unet_call, *noise_shape[1:])
+    frames that must go through the UNet together) plus what the motion modules add to it."""
+    call_shape = (unet_frames, *noise_shape[1:])
     memory_required = getattr(model, "memory_required", None)
     unet = int(memory_required(call_shape)) if memory_required is not None else 0
-    positions = int(noise_shape[-2]) * int(noise_shape[-1])
-    return unet + temporal_attention_bytes(positions, frames_per_attention, heads)
+    return unet + motion_bytes(model, noise_shape, unet_frames, attention_frames, heads, channels)
 
 
-def check_memory(guider, noise: torch.Tensor, context, heads: int) -> None:
+def check_memory(guider, noise: torch.Tensor, context, heads: int, channels: int, clips: int = 1) -> None:
     """Refuse a clip whose estimated peak exceeds the device's total memory, with both numbers."""
     frames = int(noise.shape[0])
-    windowed = context is not None and frames > context.context_length
-    attention_frames = context.context_length if windowed else frames
-    unet_frames = context.context_length if windowed and context.scope == "whole_model" else frames
+    windowed = context is not None and frames // clips > context.context_length
+    unet_frames, attention_frames, _ = call_plan(frames, context, clips)
     patcher = guider.model_patcher
-    estimate = estimated_peak_bytes(patcher.model, tuple(noise.shape), unet_frames, attention_frames, heads)
+    estimate = estimated_peak_bytes(patcher.model, tuple(noise.shape), unet_frames, attention_frames, heads,
+                                    channels)
     total = comfy.model_management.get_total_memory(patcher.load_device)
     if estimate > total:
         size = f"{noise.shape[-1] * 8}x{noise.shape[-2] * 8}"
@@ -81,6 +101,8 @@ def check_memory(guider, noise: torch.Tensor, context, heads: int) -> None:
         elif context.scope != "whole_model":
             advice = ("set Context Options' scope to whole_model (the UNet then sees one window at a time), or use "
                       "fewer frames or a smaller size")
+        elif context.window_batch > 1:
+            advice = "lower Context Options' window_batch (or 0 = auto), or lower context_length"
         else:
             advice = "lower context_length, or use a smaller size"
         raise MotionModelError(f"{frames} frames at {size} need about {estimate / GIB:.1f} GiB at once "

@@ -106,3 +106,35 @@ def motion_lora_state_dict(spec: MotionSpec, rank: int = 4, seed: int = 3, mid=T
                 sd[f"{base}.{proj}_lora.down.weight"] = torch.randn(rank, c, generator=gen) / c ** 0.5
                 sd[f"{base}.{proj}_lora.up.weight"] = torch.randn(c, rank, generator=gen) / rank ** 0.5
     return sd
+
+
+def _random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    down = torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
+    up = torch.randn(out_features, rank, generator=gen) / rank ** 0.5
+    return up, down
+
+
+def tiny_domain_adapter_state_dict(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random domain adapter (original naming) for the tiny UNet's spatial attention layers."""
+    import re
+
+    import comfy.supported_models
+    import comfy.utils
+
+    from animatediff_suite.nodes.demo import TINY_UNET
+
+    model_config = comfy.supported_models.SD15(dict(TINY_UNET))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in model_config.get_model({}).diffusion_model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    pattern = re.compile(r"^(.*attentions\.\d+\.transformer_blocks\.\d+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(model_config.unet_config).items()):
+        match = pattern.match(diffusers_key)
+        if match and comfy_key in shapes:
+            out_features, in_features = shapes[comfy_key]
+            proj = match[2].replace(".0", "")
+            up, down = _random_pair(gen, out_features, in_features, rank)
+            base = f"{match[1]}.processor.{proj}_lora"
+            sd[f"{base}.up.weight"], sd[f"{base}.down.weight"] = up, down
+    return sd

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ads_helpers import motion_lora_state_dict
+from ads_helpers import motion_lora_state_dict, tiny_domain_adapter_state_dict
 from ads_package import ROOT
 
 pytestmark = pytest.mark.comfyui
@@ -199,7 +199,7 @@ def test_v1_norms_really_span_frames(env):
     spanning = ksample(env, patched, steps=1)
     per_frame = patched.clone()
     norm_paths = [p for p in per_frame.object_patches if p.startswith("diffusion_model.")]
-    assert len(norm_paths) == 2 * 22 + 1  # 8 + 2 + 12 ResBlocks in the tiny UNet, plus out.0
+    assert len(norm_paths) == 22 + 1  # 8 + 2 + 12 ResBlock stand-ins in the tiny UNet, plus out.0
     for path in norm_paths:
         per_frame.object_patches.pop(path)
     assert (ksample(env, per_frame, steps=1) - spanning).abs().max() > 1e-3
@@ -339,7 +339,7 @@ def test_domain_adapter_is_applied_exactly(env, tmp_path):
     from animatediff_suite.motion_modules import load_domain_adapter
 
     model = env["demo"].tiny_model(0)
-    adapter_sd = env["demo"].tiny_domain_adapter_state_dict(seed=9)
+    adapter_sd = tiny_domain_adapter_state_dict(seed=9)
     adapter = load_domain_adapter(adapter_sd)
     patched = apply(env, model, motion(env, "v3"), domain_adapter=(adapter, 0.7))
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
@@ -385,8 +385,11 @@ def test_sdxl_injection_equals_core_reference(env, version):
     t = torch.full((FRAMES,), 700.0)
     context = torch.randn(FRAMES, 77, 32, generator=gen)
     y = torch.randn(FRAMES, unet.label_emb[0][0].in_features, generator=gen)
+    from animatediff_suite.motion_modules.layout import FrameLayout
+    from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
+
     options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0],
-               "sigmas": torch.tensor([5.0])}
+               "sigmas": torch.tensor([5.0]), LAYOUT_KEY: FrameLayout.whole(1, FRAMES)}
     mm.load_models_gpu([patched, *patched.get_nested_additional_models()])
     with torch.no_grad():
         got = unet(x, t, context=context, y=y, transformer_options=options)

@@ -25,7 +25,8 @@ workflows = load_module("ads_workflows", "tests/tools/workflows.py")
 
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
-    from animatediff_suite.nodes.demo import TINY_CHANNELS, TINY_SDXL_CHANNELS, tiny_domain_adapter_state_dict
+    from ads_helpers import tiny_domain_adapter_state_dict
+    from animatediff_suite.nodes.demo import TINY_CHANNELS, TINY_SDXL_CHANNELS
 
     root = tmp_path_factory.mktemp("comfy_e2e")
     folders = {name: root / name for name in ("animatediff_models", "animatediff_motion_lora", "loras")}

@@ -97,7 +97,11 @@ def run_one(size: str, variant: str, steps: int) -> dict:
     sampling_peak = peak_rss_mib()
     unet = model.model.diffusion_model
     comfy.model_management.load_models_gpu([model, *model.get_nested_additional_models()])
-    options = {**model.model_options["transformer_options"], "cond_or_uncond": [0, 1]}
+    from animatediff_suite.motion_modules.layout import FrameLayout
+    from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
+
+    options = {**model.model_options["transformer_options"], "cond_or_uncond": [0, 1],
+               LAYOUT_KEY: FrameLayout.whole(1, frames)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(torch.randn(2 * frames, 4, latent_side, latent_side), torch.full((2 * frames,), 500.0),
              context=torch.randn(2 * frames, 77, context_dim), transformer_options=options)

@@ -35,7 +35,7 @@ def _txt2vid(checkpoint: str, motion: str, prompt: str, prefix: str, size: int =
         "3": {"class_type": "ADS_ApplyMotionModel", "inputs": {
             "model": ["1", 0], "motion_model": ["2", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
             "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
-            **(apply_extra or {})}},
+            "frames_per_clip": 0, **(apply_extra or {})}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 16}},
@@ -75,7 +75,7 @@ def _long_loop() -> dict:
     graph["16"] = {"class_type": "ADS_ContextOptions", "inputs": {
         "context_length": 16, "context_overlap": 4, "context_stride": 1, "closed_loop": True,
         "schedule": "looped_uniform", "fuse_method": "pyramid", "noise_type": "repeated_context",
-        "scope": "whole_model", "stretch_pe": False}}
+        "scope": "whole_model", "stretch_pe": False, "window_batch": 1}}
     graph["3"]["inputs"]["context_options"] = ["16", 0]
     graph["4"] = {"class_type": "ADS_PromptTravel", "inputs": {
         "clip": ["1", 1], "frames": 64, "prefix": "masterpiece, best quality", "suffix": "", "interpolation": "slerp",

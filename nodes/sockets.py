@@ -1,0 +1,8 @@
+"""The pack's node category and its custom socket types, in one place (node API only)."""
+
+from comfy_api.latest import io
+
+CATEGORY = "AnimateDiff Suite"
+MOTION_MODEL = io.Custom("MOTION_MODEL")  # carries an injection.LoadedMotionModel
+MOTION_LORA = io.Custom("MOTION_LORA")  # a tuple of injection.MotionLoraEntry
+CONTEXT_OPTIONS = io.Custom("CONTEXT_OPTIONS")  # a motion_modules.ContextOptions

@@ -1,0 +1,30 @@
+"""The motion modules' memory estimate against a measured peak on CPU (a fresh process per case)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from animatediff_suite.motion_modules.memory import temporal_module_bytes
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("positions,frames,channels,backend", [
+    (512, 32, 320, "sdpa"),     # feed-forward bound: a 16-32 frame window at SD1.5's first level
+    (512, 128, 64, "sdpa"),     # a long single pass; the fused kernel holds no scores
+    (512, 128, 64, "naive"),    # the materialising kernel: frames^2 scores dominate
+])
+def test_module_estimate_is_within_a_factor_of_the_measured_peak(positions, frames, channels, backend):
+    out = subprocess.run([sys.executable, os.path.join(TESTS, "tools", "module_peak.py"), str(positions),
+                          str(frames), str(channels), backend, TESTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    measured = int(out.stdout.strip())
+    # the formula written out: 20 activations of (rows x positions x channels) fp32, plus for the naive
+    # kernel scores and softmax of (positions x heads, frames, frames)
+    formula = 20 * frames * positions * channels * 4 + (2 * positions * 8 * frames ** 2 * 4 if backend == "naive" else 0)
+    estimate = temporal_module_bytes(positions, frames, channels, frames, materialised_scores=backend == "naive")
+    assert estimate == formula
+    assert 0.5 < measured / estimate < 2, (measured / 2 ** 20, estimate / 2 ** 20)
