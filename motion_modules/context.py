@@ -282,6 +282,38 @@ def fuse_windows(results: Sequence[tuple[Sequence[int], torch.Tensor]], num_fram
     return accumulator.result()
 
 
+def window_costs(num_frames: int, options: ContextOptions, step: int = 0) -> list[tuple[list[int], int, float]]:
+    """Per window of one step: (window, frames no earlier window of the step covered, share of the step's
+    UNet work). Every window costs the same (one UNet call on ``len(window)`` frames), so a window that
+    adds few new frames (e.g. the static schedule's last one, aligned to the clip's end) is mostly
+    repeated work; the share tells what dropping or moving it would save."""
+    windows = context_windows(num_frames, options, step)
+    total = sum(len(w) for w in windows)
+    seen: set[int] = set()
+    costs = []
+    for window in windows:
+        new = len(set(window) - seen)
+        seen.update(window)
+        costs.append((window, new, len(window) / total))
+    return costs
+
+
+def window_report(num_frames: int, options: ContextOptions, steps: int = 1) -> str:
+    """Text summary of the windows per step for the preview node: count, frames per step, and every
+    window that adds fewer than half a window of new frames, with its cost share."""
+    lines = []
+    for step in range(steps):
+        costs = window_costs(num_frames, options, step)
+        frames = sum(len(w) for w, _, _ in costs)
+        lines.append(f"step {step}: {len(costs)} window(s), {frames} frames through the UNet for "
+                     f"{num_frames} ({frames / num_frames:.2f}x)")
+        for number, (window, new, share) in enumerate(costs):
+            if new * 2 < len(window):
+                lines.append(f"  window {number} (frames {window[0]}..{window[-1]}) adds {new} new frame(s) "
+                             f"for {share:.0%} of the step's cost")
+    return "\n".join(lines)
+
+
 def schedule_image(num_frames: int, options: ContextOptions, steps: int, cell: int = 6) -> torch.Tensor:
     """Render the window schedule as an RGB image (H, W, 3) in [0, 1].
 

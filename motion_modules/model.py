@@ -213,7 +213,8 @@ class MotionModel(nn.Module):
         return self
 
     def set_attention_backend(self, name: str) -> "MotionModel":
-        """Choose the attention kernel of every module: "sdpa" (default) or "naive" (reference)."""
+        """Choose the attention kernel of every module: "auto" (default: "naive" for at most
+        ``temporal.AUTO_NAIVE_FRAMES`` frames on the CPU, else "sdpa"), "sdpa" or "naive" (reference)."""
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
         for module in self.modules():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..motion_modules import FILTERS, FUSE_METHODS, NOISE_TYPES, SCHEDULES, SCOPES, ContextOptions, FreeInitOptions
-from ..motion_modules.context import schedule_image
+from ..motion_modules.context import schedule_image, window_report
 from .context_sampling import add_free_init
 from .sockets import CATEGORY, CONTEXT_OPTIONS
 from .validation import check_widgets
@@ -89,13 +89,18 @@ class ContextScheduleImage(io.ComfyNode):
             display_name="Preview Context Windows (AnimateDiff)",
             category=CATEGORY,
             description="Draws which frames each context window covers at each step (frames across, one row "
-                        "per window, brightness = fuse weight, grey lines between steps).",
+                        "per window, brightness = fuse weight, grey lines between steps), and reports windows "
+                        "that add few new frames with their share of the step's cost.",
             inputs=[
                 CONTEXT_OPTIONS.Input("context_options", tooltip="From Context Options."),
                 io.Int.Input("frames", default=64, min=1, max=4096, tooltip="Number of frames of the clip."),
                 io.Int.Input("steps", default=4, min=1, max=200, tooltip="Sampling steps to draw."),
             ],
-            outputs=[io.Image.Output(tooltip="The schedule as an image (preview or save it).")],
+            outputs=[io.Image.Output(tooltip="The schedule as an image (preview or save it)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="Windows per step, frames through the UNet per step, and every "
+                                              "window that adds fewer than half a window of new frames, with "
+                                              "its share of the step's cost (also shown on the node).")],
         )
 
     @classmethod
@@ -105,7 +110,9 @@ class ContextScheduleImage(io.ComfyNode):
     @classmethod
     def execute(cls, context_options, frames: int, steps: int) -> io.NodeOutput:
         cell = max(1, min(12, 1024 // frames))
-        return io.NodeOutput(schedule_image(frames, context_options, steps, cell).unsqueeze(0))
+        report = window_report(frames, context_options, steps)
+        return io.NodeOutput(schedule_image(frames, context_options, steps, cell).unsqueeze(0), report,
+                             ui={"text": [report]})
 
 
 class FreeInitNode(io.ComfyNode):

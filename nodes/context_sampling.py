@@ -15,7 +15,6 @@ the noise between passes (``motion_modules.freeinit``).
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -40,8 +39,8 @@ CONTEXT_KEY = "animatediff_suite.context"
 LAYOUT_KEY = "animatediff_suite.layout"  # transformer_options entry: the FrameLayout of one UNet call
 FREE_INIT_KEY = "animatediff_suite.free_init"
 SAMPLE_KEY = "animatediff_suite.sample"
-# (steps before this pass, steps of all passes) while FreeInit runs its passes
-_PASSES = contextvars.ContextVar("animatediff_suite_passes", default=None)
+# transformer_options entry while FreeInit runs its passes: (steps before this pass, steps of all passes)
+PASSES_KEY = "animatediff_suite.free_init_pass"
 
 
 def add_context_windows(model, options: ContextOptions, frame_limit: int, motion_name: str) -> None:
@@ -93,7 +92,7 @@ class _WindowProgress:
     def __init__(self, transformer_options: dict, step: int, windows: int):
         sigmas = transformer_options.get("sample_sigmas")
         steps = max(1, (sigmas.shape[-1] - 1) if sigmas is not None else 1)
-        before, total_steps = _PASSES.get() or (0, steps)
+        before, total_steps = transformer_options.get(PASSES_KEY) or (0, steps)
         self.base, self.total = (before + min(step, steps - 1)) * windows, total_steps * windows
         self.bar = comfy.utils.ProgressBar(self.total)
 
@@ -330,13 +329,15 @@ def _sample(executor, transformer_options, context, free_init, noise, latent_ima
             pass_noise = reinitialised_noise(guider.model_patcher, output, noise, fresh, latent_image,
                                              pass_sigmas[0], free_init, clips)
         before = sum(totals[:k])
-        token = _PASSES.set((before, sum(totals)))
+        # the guider's options are ComfyUI's copy for this one sampling: the pass is a per-call fact there
+        pass_options = guider.model_options.setdefault("transformer_options", {})
+        pass_options[PASSES_KEY] = (before, sum(totals))
         try:
             output = executor(pass_noise, latent_image, sampler, pass_sigmas, denoise_mask,
                               _overall_callback(callback, before, sum(totals)), disable_pbar, seed,
                               *args, **kwargs)
         finally:
-            _PASSES.reset(token)
+            pass_options.pop(PASSES_KEY, None)
     return output
 
 

@@ -30,7 +30,6 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
 from ..motion_modules.context import weighted_windows
-from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule  # noqa: F401  (re-exported for the nodes)
 from .context_sampling import (CONTEXT_KEY, KEY, add_context_windows, add_sampling_wrappers, frame_layout,
                                step_index)
 from .v1_norms import add_frame_spanning_norms, remove_frame_spanning_norms

@@ -13,6 +13,7 @@ import comfy.model_management
 
 from ..motion_modules import MotionModelError
 from ..motion_modules.memory import temporal_module_bytes
+from ..motion_modules.temporal import AUTO_NAIVE_FRAMES
 
 GIB = 1024 ** 3
 
@@ -68,11 +69,14 @@ def call_plan(frames: int, context, clips: int = 1) -> tuple[int, int, int]:
 
 def motion_bytes(model, noise_shape, unet_frames: int, attention_frames: int, heads: int, channels: int) -> int:
     """Peak bytes the motion modules add to a UNet call on ``unet_frames`` frames (``temporal_module_bytes``
-    of the largest module, in the model's compute dtype)."""
+    of the largest module, in the model's compute dtype; the attention scores count where the "auto"
+    kernel materialises them: short sequences on the CPU)."""
     dtype = getattr(model, "manual_cast_dtype", None) or (model.get_dtype() if hasattr(model, "get_dtype") else None)
     dtype_bytes = comfy.model_management.dtype_size(dtype) if dtype is not None else 4
     positions = int(noise_shape[-2]) * int(noise_shape[-1])
-    return temporal_module_bytes(positions, unet_frames, channels, attention_frames, heads, dtype_bytes)
+    device = getattr(model, "device", None) or comfy.model_management.get_torch_device()
+    materialised = torch.device(device).type == "cpu" and attention_frames <= AUTO_NAIVE_FRAMES
+    return temporal_module_bytes(positions, unet_frames, channels, attention_frames, heads, dtype_bytes, materialised)
 
 
 def estimated_peak_bytes(model, noise_shape, unet_frames: int, attention_frames: int, heads: int,

@@ -89,9 +89,12 @@ def expected_frames(graph: dict) -> int:
 def test_every_api_example_runs_and_writes_all_frames(server, name):
     graph = runner.load_example(name)
     frames = expected_frames(graph)
-    assert frames == (64 if name == "long_loop_sd15" else 16)
+    assert frames == {"long_loop_sd15": 64, "two_clips_sd15": 32}.get(name, 16)
     entry = server.run(tiny(graph))
-    assert frame_counts(server, entry) == {"webp": frames, "mp4": frames}
+    per_file = 16 if name == "two_clips_sd15" else frames  # one file per 16-frame clip
+    assert frame_counts(server, entry) == {"webp": per_file, "mp4": per_file}
+    files = [item["filename"] for item in runner.output_files(entry) if item["filename"].endswith(".webp")]
+    assert len(files) == (2 if name == "two_clips_sd15" else 1)
 
 
 @pytest.mark.parametrize("variant", ["windows", "freenoise_freeinit"])

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from animatediff_suite.motion_modules.context import (FUSE_METHODS, SCHEDULES, ContextOptions,
-                                                      context_windows, fuse_windows, ordered_halving)
+                                                      context_windows, fuse_windows, ordered_halving, window_costs,
+                                                      window_report)
 
 
 @st.composite
@@ -136,3 +137,13 @@ def test_schedule_image_draws_every_window_of_every_step():
     assert sorted(set(lit.tolist())) == first  # the first row lights exactly the first window's frames
     with pytest.raises(ValueError, match="steps must be at least 1"):
         schedule_image(40, options, steps=0)
+
+
+def test_window_costs_name_the_end_aligned_window_that_adds_little():
+    # 30 frames, 16/4, static: windows start at 0, 12 and 14 (aligned to the end); the last adds frames
+    # 28 and 29 only, for a third of the step's 48 frames of UNet work
+    costs = window_costs(30, ContextOptions(16, 4))
+    assert [(w[0], new, share) for w, new, share in costs] == [(0, 16, 1 / 3), (12, 12, 1 / 3), (14, 2, 1 / 3)]
+    report = window_report(30, ContextOptions(16, 4))
+    assert report.splitlines() == ["step 0: 3 window(s), 48 frames through the UNet for 30 (1.60x)",
+                                   "  window 2 (frames 14..29) adds 2 new frame(s) for 33% of the step's cost"]

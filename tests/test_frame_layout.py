@@ -12,6 +12,7 @@ import torch
 from animatediff_suite.motion_modules.context import window_groups
 from animatediff_suite.motion_modules.errors import MotionModelError
 from animatediff_suite.motion_modules.layout import FrameLayout, clip_count
+from comfy_helpers import eps_of
 
 FRAMES = 16
 
@@ -60,9 +61,17 @@ def env(comfyui):
                 positive=encode(clip, "a cat walking")[0], negative=encode(clip, "blurry")[0])
 
 
-def sample(env, model, noise, positive=None, cfg=7.0, steps=2):
-    return env["sample"].sample(model, noise, steps, cfg, "euler", "normal", positive or env["positive"],
-                                env["negative"], torch.zeros_like(noise), disable_pbar=True, seed=3)
+CFG = 7.0
+# a 1e-4 error per UNet output can grow to (|cfg| + |cfg - 1|) 1e-4 in the guided output
+TOLERANCE = 1e-4 * (abs(CFG) + abs(CFG - 1))
+
+
+def sample(env, model, noise, positive=None):
+    """One euler step from sigma_max, returned as the UNet output behind it (eps_of): comparisons then
+    stay on the UNet's scale (the tiny model's latents are ~300, where 1e-4 would be a few ulps)."""
+    out = env["sample"].sample(model, noise, 1, CFG, "euler", "normal", positive or env["positive"],
+                               env["negative"], torch.zeros_like(noise), disable_pbar=True, seed=3)
+    return eps_of(model, noise)(out)
 
 
 def animated(env, version="v2", **kwargs):
@@ -94,10 +103,10 @@ def test_each_clip_of_a_batch_equals_that_clip_sampled_alone(env, version, windo
     for clip in range(2):
         rows = slice(clip * FRAMES, (clip + 1) * FRAMES)
         expected = sample(env, alone, noise[rows], [[per_frame[rows], {}]])
-        torch.testing.assert_close(both[rows], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(both[rows], expected, atol=TOLERANCE, rtol=0)
     if windows or version != "v1":  # (v1 sees at most 24 frames in one pass)
         one_clip = sample(env, animated(env, version, context=options), noise, [[per_frame, {}]])
-        assert (one_clip - both).abs().max() > 1e-3  # frames_per_clip really separates the clips
+        assert (one_clip - both).abs().max() > 1e-2  # frames_per_clip really separates the clips
 
 
 @pytest.mark.comfyui
@@ -124,11 +133,11 @@ def test_batched_windows_equal_one_window_at_a_time(env, window_batch):
         import comfy.patcher_extension
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.count", count)
         calls.clear()
-        return sample(env, model, noise, steps=1), list(calls)
+        return sample(env, model, noise), list(calls)
 
     single, single_calls = run(1)
     batched, batched_calls = run(window_batch)
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched, single, atol=TOLERANCE, rtol=0)
     windows = len(single_calls)  # cond and uncond go in one call on this CPU: one call per window
     assert set(single_calls) == {2 * 2 * 8}
     per_call = window_batch or windows  # auto: all windows fit the free memory of this machine
@@ -168,9 +177,13 @@ def test_model_load_is_planned_for_one_window_whatever_the_clip_length(env, monk
 
     def expected(frames, attention_frames):
         """ComfyUI's estimate for cond + uncond of ``frames`` frames, plus the largest motion module's
-        activations on them (32 channels at 8x8 in the tiny model, fp32), rounded up to whole frames."""
+        activations on them (32 channels at 8x8 in the tiny model, fp32) and, as the CPU's "auto" kernel
+        materialises them up to 32 frames, its attention scores and softmax (8 heads), rounded up to
+        whole frames."""
         per_frame = plain.model.memory_required([1, 4, 8, 8])
         extra = MODULE_ACTIVATIONS * 2 * frames * 64 * 32 * 4
+        if attention_frames <= 32:
+            extra += 2 * (2 * frames // attention_frames) * 64 * 8 * attention_frames ** 2 * 4
         return plain.model.memory_required([2 * (frames + math.ceil(extra / per_frame / 2)), 4, 8, 8])
 
     windowed = animated(env, context=context(context_length=16, context_overlap=4))

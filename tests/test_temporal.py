@@ -142,8 +142,11 @@ def test_attention_backends_agree():
     model = random_model(make_spec("v2"), dtype=torch.float64)
     _, module = next(model.named_temporal_modules())
     x = frames_input(32, frames=16, dtype=torch.float64)
+    model.set_attention_backend("sdpa")
     sdpa = module(x, 16)
     model.set_attention_backend("naive")
+    torch.testing.assert_close(module(x, 16), sdpa, atol=1e-12, rtol=0)
+    model.set_attention_backend("auto")
     torch.testing.assert_close(module(x, 16), sdpa, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
         model.set_attention_backend("flash9")
@@ -174,3 +177,40 @@ def test_custom_operations_are_used():
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"MyLinear", "MyGroupNorm", "MyLayerNorm"} <= kinds
     assert "Linear" not in kinds and "LayerNorm" not in kinds
+
+
+def test_auto_attention_picks_the_kernel_by_device_and_length(monkeypatch):
+    from animatediff_suite.motion_modules import temporal
+
+    used = []
+    monkeypatch.setattr(temporal, "naive_attention", lambda q, k, v: used.append("naive") or q)
+    monkeypatch.setattr(temporal.F, "scaled_dot_product_attention", lambda q, k, v: used.append("sdpa") or q)
+    q = torch.zeros(2, 8, temporal.AUTO_NAIVE_FRAMES, 4)
+    temporal.auto_attention(q, q, q)
+    longer = torch.zeros(2, 8, temporal.AUTO_NAIVE_FRAMES + 1, 4)
+    temporal.auto_attention(longer, longer, longer)
+    assert used == ["naive", "sdpa"]
+
+
+def test_onednn_linear_equals_f_linear_and_steps_aside_when_it_does_not_apply(monkeypatch):
+    """The CPU fast path (oneDNN 1x1 convolution) gives F.linear's result to fp32 rounding, for
+    contiguous and strided inputs; fp64 inputs and layers with weight functions take layer(x)."""
+    from animatediff_suite.motion_modules import temporal
+
+    real_conv, calls = temporal.F.conv2d, []
+    monkeypatch.setattr(temporal.F, "conv2d", lambda *a, **k: calls.append(1) or real_conv(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    x = torch.randn(3, 50, 48, generator=gen)
+    strided = torch.randn(3, 48, 50, generator=gen).transpose(1, 2)
+    for tensor in (x, strided):
+        expected = torch.nn.functional.linear(tensor.double(), layer.weight.double(), layer.bias.double())
+        got = temporal.linear(layer, tensor)
+        assert got.shape == (3, 50, 80) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    assert len(calls) == (2 if torch.backends.mkldnn.is_available() else 0)  # the fast path ran
+    calls.clear()
+    temporal.linear(layer.double(), x.double())
+    layer.float().weight_function = [lambda w: w]  # a host's on-the-fly weight (e.g. a LoRA function)
+    temporal.linear(layer, x)
+    assert calls == []

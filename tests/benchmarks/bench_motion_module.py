@@ -1,7 +1,8 @@
 """Forward time, peak memory and achieved GFLOP/s of a full-size SD1.5 v2 motion model.
 
 Feeds every one of the 21 temporal modules the feature map it sees in the UNet for 16 frames
-(batch 1, no CFG) at 256x256 and 512x512, with the SDPA and the naive attention kernels.
+(batch 1, no CFG) at 256x256 and 512x512, with the SDPA and the naive attention kernels, and with
+the Linear layers on oneDNN (1x1 convolutions, the default on CPU) or on torch's F.linear.
 Each configuration runs in a fresh subprocess so peak RSS is its own.
 
     python tests/benchmarks/bench_motion_module.py [--sizes 256 512] [--repeats 3]
@@ -41,7 +42,7 @@ def feature_shapes(spec, size: int, frames: int) -> list[tuple[str, tuple[int, i
     return shapes
 
 
-def run_one(size: int, backend: str, repeats: int, frames: int) -> dict:
+def run_one(size: int, backend: str, linear: str, repeats: int, frames: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,6 +50,9 @@ def run_one(size: int, backend: str, repeats: int, frames: int) -> dict:
 
     ads_package.register()
     from ads_helpers import FULL_SD15, make_spec, random_model
+    from animatediff_suite.motion_modules import temporal
+
+    temporal.ONEDNN_LINEAR = linear == "onednn"
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_model(make_spec("v2", channels=FULL_SD15)).to(device)
@@ -79,7 +83,7 @@ def run_one(size: int, backend: str, repeats: int, frames: int) -> dict:
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024)
-    return {"size": size, "backend": backend, "seconds": statistics.median(times), "flops": flops,
+    return {"size": size, "backend": backend, "linear": linear, "seconds": statistics.median(times), "flops": flops,
             "peak_mib": peak, "device": device, "threads": torch.get_num_threads()}
 
 
@@ -91,28 +95,29 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        size, backend = args.one.split(":")
-        print(json.dumps(run_one(int(size), backend, args.repeats, args.frames)))
+        size, backend, linear = args.one.split(":")
+        print(json.dumps(run_one(int(size), backend, linear, args.repeats, args.frames)))
         return
     rows = []
     for size in args.sizes:
-        for backend in ("naive", "sdpa"):
-            out = subprocess.run([sys.executable, __file__, "--one", f"{size}:{backend}",
+        for backend, linear in (("naive", "onednn"), ("sdpa", "onednn"), ("sdpa", "torch")):
+            out = subprocess.run([sys.executable, __file__, "--one", f"{size}:{backend}:{linear}",
                                   "--repeats", str(args.repeats), "--frames", str(args.frames)],
                                  check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-        rows[-1]["flops"] = rows[-2]["flops"]  # same arithmetic; the counter cannot see CPU SDPA
+        rows[-1]["flops"] = rows[-2]["flops"] = rows[-3]["flops"]  # same arithmetic; the counter cannot see CPU SDPA
     print(f"SD1.5 v2 motion model (21 modules, 453.2M params), {args.frames} frames, batch 1, "
           f"fp32, {rows[0]['device']} ({rows[0]['threads']} threads), median of {args.repeats}")
-    print("| size | attention | forward s | GFLOP | GFLOP/s | peak MiB over weights |")
-    print("|---|---|---|---|---|---|")
+    print("| size | attention | linear | forward s | GFLOP | GFLOP/s | peak MiB over weights |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         gflop = row["flops"] / 1e9
-        print(f"| {row['size']}x{row['size']} | {row['backend']} | {row['seconds']:.3f} | {gflop:.1f} | "
+        print(f"| {row['size']}x{row['size']} | {row['backend']} | {row['linear']} | {row['seconds']:.3f} | {gflop:.1f} | "
               f"{gflop / row['seconds']:.1f} | {row['peak_mib']:.0f} |")
     for size in args.sizes:
-        naive, sdpa = (r for r in rows if r["size"] == size)
-        print(f"{size}x{size}: SDPA is {naive['seconds'] / sdpa['seconds']:.2f}x the speed of naive attention")
+        naive, sdpa, torch_linear = (r for r in rows if r["size"] == size)
+        print(f"{size}x{size}: SDPA is {naive['seconds'] / sdpa['seconds']:.2f}x the speed of naive attention; "
+              f"oneDNN linears are {torch_linear['seconds'] / sdpa['seconds']:.2f}x the speed of F.linear")
 
 
 if __name__ == "__main__":

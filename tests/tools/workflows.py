@@ -86,6 +86,24 @@ def _long_loop() -> dict:
     return graph
 
 
+def _two_clips() -> dict:
+    """Two 16-frame clips in one 32-latent batch (frames_per_clip 16), one prompt each, saved apart."""
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "", "AnimateDiff/clip_a", cfg=7.5,
+                     apply_extra={"frames_per_clip": 16})
+    graph["4"] = {"class_type": "ADS_PromptTravel", "inputs": {
+        "clip": ["1", 1], "frames": 32, "prefix": "masterpiece, best quality", "suffix": "", "interpolation": "linear",
+        "text": "0: a red fox running through snow\n15: a red fox running through snow\n"
+                "16: a sailing boat on a stormy sea\n31: a sailing boat on a stormy sea"}}
+    graph["6"]["inputs"]["batch_size"] = 32
+    graph["16"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["8", 0], "batch_index": 0, "length": 16}}
+    graph["17"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["8", 0], "batch_index": 16, "length": 16}}
+    graph.update(_save("AnimateDiff/clip_a", images="16"))
+    second = _save("AnimateDiff/clip_b", images="17")
+    graph["18"], graph["19"], graph["20"] = second["9"], second["10"], second["11"]
+    graph["20"]["inputs"]["video"] = ["19", 0]
+    return graph
+
+
 def _free_init() -> dict:
     graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt",
                      "a hot air balloon over green hills, clouds drifting, masterpiece", "AnimateDiff/freeinit")
@@ -136,6 +154,12 @@ EXAMPLES = {
          "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
         "Text to video with FreeInit: 3 sampling passes (coarse to fine: 8, 16, 25 steps), the low "
         "frequencies of each result seeding the next, for steadier subjects and motion."),
+    "two_clips_sd15": (
+        _two_clips(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
+        "Two 16-frame clips sampled in one pass: a 32-latent batch with Apply Motion Model's frames_per_clip "
+        "16, one prompt per clip (Prompt Travel holding each prompt over its clip), each clip saved on its own."),
     "txt2vid_sdxl": (
         _txt2vid("sd_xl_base_1.0.safetensors", "mm_sdxl_v10_beta.ckpt",
                  "a paper boat drifting down a stream, autumn leaves, detailed", "AnimateDiff/sdxl", size=1024,

@@ -1,0 +1,148 @@
+"""Shared pieces of the in-process ComfyUI tests: the tiny models and conditioning, sampling helpers,
+and the block-by-block reference forward built from the core."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+FRAMES = 16
+
+
+def make_env() -> dict:
+    """Modules and tiny models shared by the tests of one file (needs ComfyUI imported)."""
+    import comfy.model_management as mm
+    import comfy.sample
+    import nodes
+
+    from animatediff_suite.nodes import beta_schedules, demo, injection, motion_nodes
+
+    clip = demo.tiny_clip(0)
+    cond = nodes.CLIPTextEncode().encode(clip, "a cat walking")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    return dict(mm=mm, nodes=nodes, sample=comfy.sample, demo=demo, injection=injection, beta_schedules=beta_schedules,
+                motion_nodes=motion_nodes, cond=cond, negative=negative)
+
+
+def ksample(env, model, cfg=7.0, steps=2, seed=5, frames=FRAMES, sampler="euler", callback=None,
+            positive=None):
+    latent = {"samples": torch.zeros(frames, 4, 8, 8)}
+    if callback is None:
+        return env["nodes"].common_ksampler(model, seed, steps, cfg, sampler, "normal", positive or env["cond"],
+                                            env["negative"], latent)[0]["samples"]
+    noise = env["sample"].prepare_noise(latent["samples"], seed)
+    return env["sample"].sample(model, noise, steps, cfg, sampler, "normal", positive or env["cond"],
+                                env["negative"], latent["samples"], callback=callback, disable_pbar=True, seed=seed)
+
+
+def motion(env, version="v3", seed=0, zero_proj_out=False):
+    loaded = env["demo"].tiny_motion_patcher(seed, version)
+    if zero_proj_out:
+        for _, module in loaded.patcher.model.named_temporal_modules():
+            torch.nn.init.zeros_(module.temporal_transformer.proj_out.weight)
+            torch.nn.init.zeros_(module.temporal_transformer.proj_out.bias)
+    return loaded
+
+
+def apply(env, model, loaded, schedule="use existing", **kwargs):
+    schedule = env["beta_schedules"].resolve_schedule(schedule, loaded.spec)
+    return env["injection"].apply_motion(model, loaded, schedule=schedule, **kwargs)
+
+
+def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None, windows=None):
+    """UNet forward walked block by block, calling the core's temporal modules where the original
+    AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample, forward_timestep_embed
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    modules = {name: (lambda h, frames, m=m: m(h, frames, 1.0, windows))
+               for name, m in motion_model.named_temporal_modules()}
+    layers = 2
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
+    if y is not None:
+        emb = emb + unet.label_emb(y)
+
+    def run(seq, h, output_shape=None):
+        return forward_timestep_embed(list(seq), h, emb, context, {}, output_shape)
+
+    with frame_spanning_resnet_norms(unet, frames) if spanning else contextlib.nullcontext():
+        h, skips = x, []
+        for index, block in enumerate(unet.input_blocks):
+            h = run(block, h)
+            level, j = divmod(index - 1, layers + 1)
+            if index and j < layers:
+                h = modules[f"down_blocks.{level}.motion_modules.{j}"](h, frames)
+            skips.append(h)
+        mid = list(unet.middle_block)
+        h = run(mid[:-1], h)
+        if "mid_block.motion_modules.0" in modules:
+            h = modules["mid_block.motion_modules.0"](h, frames)
+        h = run(mid[-1:], h)
+        for index, block in enumerate(unet.output_blocks):
+            h = torch.cat([h, skips.pop()], dim=1)
+            shape = skips[-1].shape if skips else None
+            level, j = divmod(index, layers + 1)
+            module = modules[f"up_blocks.{level}.motion_modules.{j}"]
+            seq = list(block)
+            if isinstance(seq[-1], Upsample):
+                h = run(seq[-1:], module(run(seq[:-1], h), frames), shape)
+            else:
+                h = module(run(seq, h), frames)
+        return unet.out(h)
+
+
+@contextlib.contextmanager
+def frame_spanning_resnet_norms(unet, frames):
+    """Temporarily give every ResBlock GroupNorm and out.0 statistics over (c/g, f, h, w): the
+    original v1 semantics, written directly as a 5D group norm."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    norms = [m.in_layers[0] for m in unet.modules() if isinstance(m, ResBlock)]
+    norms += [m.out_layers[0] for m in unet.modules() if isinstance(m, ResBlock)] + [unet.out[0]]
+
+    def spanning(norm):
+        def forward(x):
+            y = F.group_norm(rearrange(x, "(b f) c h w -> b c f h w", f=frames), norm.num_groups,
+                             norm.weight, norm.bias, norm.eps)
+            return rearrange(y, "b c f h w -> (b f) c h w")
+        return forward
+
+    for norm in norms:
+        norm.forward = spanning(norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+def sample_with_noise(env, model, noise, positive, negative, cfg=7.0, steps=1):
+    latent = torch.zeros_like(noise)
+    return env["sample"].sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                disable_pbar=True)
+
+
+def eps_of(model, noise):
+    """The UNet output behind a one-step euler result from ``noise`` at sigma_max: (x - x0) / sigma.
+    Comparing these keeps tolerances on the UNet's scale whatever sigma_max is."""
+    sampling = model.get_model_object("model_sampling")
+    sigma, scale = sampling.sigma_max, model.model.latent_format.scale_factor
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    return lambda out: (x - out * scale) / sigma
+
+
+class SamplerSpy:
+    """A SAMPLER_SAMPLE wrapper recording each pass's noise and sigmas."""
+
+    def __init__(self, model):
+        import comfy.patcher_extension
+
+        self.passes = []
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "test.spy", self)
+
+    def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
+        self.passes.append((noise.clone(), sigmas.clone()))
+        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)

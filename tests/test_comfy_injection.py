@@ -1,0 +1,237 @@
+"""ComfyUI tier, in-process: motion modules in a real ComfyUI UNet (tiny models): loading, the
+patched UNet against the core reference, v1 norms, SDXL, schedules, adapters, clear errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from ads_helpers import tiny_domain_adapter_state_dict
+from ads_package import ROOT
+from comfy_helpers import FRAMES, apply, ksample, motion, reference_unet
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def env(comfyui):
+    from comfy_helpers import make_env
+
+    return make_env()
+
+def test_pack_loads_like_comfyui_loads_it(env):
+    nodes = env["nodes"]
+    assert asyncio.run(nodes.load_custom_node(ROOT)) is True
+    for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
+                    "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit"):
+        assert node_id in nodes.NODE_CLASS_MAPPINGS
+    assert os.path.dirname(nodes.__file__) != ROOT
+    ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
+    assert len(ours) == 8
+    for node_id in ours:
+        node = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert node.CATEGORY.startswith("AnimateDiff Suite")
+        for section, inputs in node.INPUT_TYPES().items():
+            if section == "hidden":
+                continue
+            for name, spec in inputs.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_zero_proj_out_is_bit_identical_frame_by_frame(env):
+    model = env["demo"].tiny_model(0)
+    plain = ksample(env, model)
+    animated = ksample(env, apply(env, model, motion(env, zero_proj_out=True)))
+    for frame in range(FRAMES):
+        assert torch.equal(animated[frame], plain[frame]), frame
+
+
+@pytest.mark.parametrize("version", ["v3", "v2", "v1"])
+@pytest.mark.parametrize("cfg", [1.0, 7.0], ids=["cond_only", "cond_and_uncond"])
+def test_patched_unet_equals_core_reference(env, version, cfg):
+    """One euler step returns the x0 prediction; recompute it with the reference forward."""
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, version, seed=1)
+    patched = apply(env, model, loaded)
+    out = ksample(env, patched, cfg=cfg, steps=1)
+    plain = ksample(env, model, cfg=cfg, steps=1)  # also unloads `patched`: the UNet is ejected again
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigma_max.reshape(1)
+    noise = env["sample"].prepare_noise(torch.zeros(FRAMES, 4, 8, 8), 5)
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    t = sampling.timestep(sigma).float().expand(FRAMES)
+    unet = model.model.diffusion_model
+
+    def x0(conditioning):
+        context = conditioning[0][0].expand(FRAMES, -1, -1)
+        with torch.no_grad():
+            eps = reference_unet(unet, loaded.patcher.model, sampling.calculate_input(sigma, x), t, context,
+                                 FRAMES, spanning=version == "v1")
+        return sampling.calculate_denoised(sigma, eps, x)
+
+    expected = x0(env["cond"])
+    if cfg != 1.0:
+        uncond = x0(env["negative"])
+        expected = uncond + cfg * (expected - uncond)
+    got = model.model.latent_format.process_in(out)
+    assert (got - model.model.latent_format.process_in(plain)).abs().max() > 1e-2
+    # compare the noise predictions, i.e. the UNet outputs: eps = (x - x0) / sigma. With guidance,
+    # eps = u + cfg (c - u), so a 1e-4 error per UNet output can grow to (|cfg| + |cfg - 1|) 1e-4.
+    tolerance = 1e-4 * (abs(cfg) + abs(cfg - 1))
+    torch.testing.assert_close((x - got) / sigma, (x - expected) / sigma, atol=tolerance, rtol=0)
+
+
+def test_v1_norms_really_span_frames(env):
+    model = env["demo"].tiny_model(0)
+    patched = apply(env, model, motion(env, "v1", seed=1))
+    spanning = ksample(env, patched, steps=1)
+    per_frame = patched.clone()
+    norm_paths = [p for p in per_frame.object_patches if p.startswith("diffusion_model.")]
+    assert len(norm_paths) == 22 + 1  # 8 + 2 + 12 ResBlock stand-ins in the tiny UNet, plus out.0
+    for path in norm_paths:
+        per_frame.object_patches.pop(path)
+    assert (ksample(env, per_frame, steps=1) - spanning).abs().max() > 1e-3
+
+
+def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
+    import comfy.model_patcher
+
+    from animatediff_suite.motion_modules import MotionModel, MotionModelError, MotionSpec
+
+    model = env["demo"].tiny_model(0)
+    sdxl = MotionModel(MotionSpec.standard("sdxl_beta", (32, 64, 64)))
+    loaded = env["injection"].LoadedMotionModel(
+        "mm_sdxl_v10_beta.safetensors", comfy.model_patcher.ModelPatcher(sdxl, torch.device("cpu"), torch.device("cpu")))
+    with pytest.raises(MotionModelError, match=r"'mm_sdxl_v10_beta.safetensors' is SDXL \(3 down blocks\) "
+                                               r"but the model is SD15 \(4 UNet levels\)"):
+        apply(env, model, loaded)
+    wide = MotionModel(MotionSpec.standard("v3", (320, 640, 1280, 1280)), operations=torch.nn)
+    loaded = env["injection"].LoadedMotionModel(
+        "v3_sd15_mm.ckpt", comfy.model_patcher.ModelPatcher(wide, torch.device("cpu"), torch.device("cpu")))
+    with pytest.raises(MotionModelError, match="expects 320 channels at down_blocks.0 but the model"):
+        apply(env, model, loaded)
+
+
+def test_motion_scale_and_percent_range(env):
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3")
+    base = ksample(env, apply(env, model, loaded))
+    assert (ksample(env, apply(env, model, loaded, scale=2.0)) - base).abs().max() > 1e-3
+    # a range that excludes every step is exactly the plain model
+    off = apply(env, model, loaded, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(ksample(env, off, steps=2), ksample(env, model, steps=2))
+
+
+def test_beta_schedules(env):
+    import comfy.model_sampling
+
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3")
+    existing = model.get_model_object("model_sampling")
+    assert apply(env, model, loaded).get_model_object("model_sampling") is existing
+    auto = apply(env, model, loaded, schedule="auto").get_model_object("model_sampling")
+    betas = torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64)  # diffusers "linear"
+    expected = ((1 - torch.cumprod(1 - betas, 0)) / torch.cumprod(1 - betas, 0)) ** 0.5
+    torch.testing.assert_close(auto.sigmas.double(), expected, rtol=1e-5, atol=0)
+    assert isinstance(auto, comfy.model_sampling.EPS)
+    lcm = apply(env, model, loaded, schedule="lcm (AnimateLCM)").get_model_object("model_sampling")
+    assert {"ModelSamplingDiscreteDistilled", "LCM"} <= {c.__name__ for c in type(lcm).__mro__}
+    with pytest.raises(ValueError, match="unknown beta schedule 'cosmic'"):
+        env["beta_schedules"].resolve_schedule("cosmic", loaded.spec)
+
+
+def test_domain_adapter_is_applied_exactly(env, tmp_path):
+    import comfy.model_management as mm
+
+    from animatediff_suite.motion_modules import load_domain_adapter
+
+    model = env["demo"].tiny_model(0)
+    adapter_sd = tiny_domain_adapter_state_dict(seed=9)
+    adapter = load_domain_adapter(adapter_sd)
+    patched = apply(env, model, motion(env, "v3"), domain_adapter=(adapter, 0.7))
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    comfy_key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    before = model.model.state_dict()[comfy_key].clone()
+    mm.load_models_gpu([patched])
+    up, down = adapter.pairs[key]
+    torch.testing.assert_close(patched.model.state_dict()[comfy_key], before + 0.7 * up @ down)
+    mm.load_models_gpu([model])
+    assert torch.equal(model.model.state_dict()[comfy_key], before)
+
+
+def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
+    import folder_paths
+
+    from animatediff_suite.motion_modules import save_motion_model
+
+    folder = tmp_path / "animatediff_models"
+    folder.mkdir()
+    save_motion_model(env["demo"].tiny_motion_model(3, "v2", operations=torch.nn), folder / "tiny_v2.safetensors")
+    folder_paths.add_model_folder_path("animatediff_models", str(folder))
+    out = env["motion_nodes"].LoadMotionModel.execute("tiny_v2.safetensors")
+    loaded, info = out.result
+    assert loaded.spec.version == "v2" and "SD1.5 v2" in info and "32 frames" in info
+    assert out.ui["text"] == [info]
+    model = env["demo"].tiny_model(0)
+    patched = env["motion_nodes"].ApplyMotionModel.execute(model, loaded).result[0]
+    assert patched is not model and ksample(env, patched).shape == (FRAMES, 4, 8, 8)
+    assert env["motion_nodes"].ApplyMotionModel.validate_inputs(start_percent=0.6, end_percent=0.2) != True
+
+
+@pytest.mark.parametrize("version", ["sdxl_beta", "hotshotxl"])
+def test_sdxl_injection_equals_core_reference(env, version):
+    """Tiny SDXL (3 levels): the injected UNet equals the block-by-block reference."""
+    import comfy.model_management as mm
+
+    model = env["demo"].tiny_model(0, family="SDXL")
+    loaded = motion(env, version, seed=2)
+    patched = apply(env, model, loaded, schedule="auto")
+    unet = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FRAMES, 4, 8, 8, generator=gen)
+    t = torch.full((FRAMES,), 700.0)
+    context = torch.randn(FRAMES, 77, 32, generator=gen)
+    y = torch.randn(FRAMES, unet.label_emb[0][0].in_features, generator=gen)
+    from animatediff_suite.motion_modules.layout import FrameLayout
+    from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
+
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0],
+               "sigmas": torch.tensor([5.0]), LAYOUT_KEY: FrameLayout.whole(1, FRAMES)}
+    mm.load_models_gpu([patched, *patched.get_nested_additional_models()])
+    with torch.no_grad():
+        got = unet(x, t, context=context, y=y, transformer_options=options)
+    mm.load_models_gpu([model])  # ejects the motion modules again
+
+    with torch.no_grad():
+        expected = reference_unet(unet, loaded.patcher.model, x, t, context, FRAMES, y=y)
+        plain = unet(x, t, context=context, y=y)
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert loaded.spec.norm_mode == ("across_frames" if version == "sdxl_beta" else "per_frame")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_motion_weights_run_in_an_fp32_unet(env, dtype, tmp_path):
+    """Half/bfloat16 motion weights are cast per layer (ComfyUI's manual_cast ops): no dtype errors."""
+    import comfy.model_patcher
+    import comfy.ops
+
+    from animatediff_suite.motion_modules import load_motion_model, save_motion_model
+
+    fp32 = motion(env, "v2", seed=1)
+    save_motion_model(fp32.patcher.model, tmp_path / "mm.safetensors")
+    low = load_motion_model(tmp_path / "mm.safetensors", dtype=dtype, operations=comfy.ops.manual_cast)
+    assert {p.dtype for p in low.parameters()} == {dtype}
+    loaded = env["injection"].LoadedMotionModel(
+        "low precision", comfy.model_patcher.ModelPatcher(low, torch.device("cpu"), torch.device("cpu")))
+    model = env["demo"].tiny_model(0)
+    reference = ksample(env, apply(env, model, fp32), steps=1)
+    got = ksample(env, apply(env, model, loaded), steps=1)
+    assert torch.isfinite(got).all()
+    # bfloat16 keeps 8 mantissa bits (fp16: 11); the random tiny UNet amplifies rounding noise
+    tolerance = {torch.float16: 0.05, torch.bfloat16: 0.15}[dtype]
+    assert (got - reference).abs().max() < tolerance * reference.abs().max()
