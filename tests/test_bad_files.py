@@ -209,3 +209,16 @@ def test_v3_without_pe_tables_but_with_mid_block_is_an_error(good_sd):
     sd = {k: v for k, v in good_sd.items() if not k.endswith(".pe")}
     with pytest.raises(MotionModelError, match="v2 motion module without positional encodings"):
         load_motion_model(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_names_every_kind_of_non_finite_weight(dtype):
+    from animatediff_suite.motion_modules.errors import check_finite
+
+    good = {"a": torch.randn(64, 64).to(dtype), "empty": torch.zeros(0, dtype=dtype), "int": torch.arange(3)}
+    check_finite(good, "'file.safetensors'")
+    for value in (float("nan"), float("inf"), -float("inf")):
+        weights = dict(good, b=torch.ones(5, 7, dtype=dtype))
+        weights["b"][2, 3] = value
+        with pytest.raises(MotionModelError, match=r"'file.safetensors': weights contain NaN or Inf values \('b'\)"):
+            check_finite(weights, "'file.safetensors'")
