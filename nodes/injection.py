@@ -24,6 +24,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 
