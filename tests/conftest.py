@@ -29,3 +29,12 @@ def comfyui():
         comfy_env.skip_or_fail(comfy_env.SKIP_REASON)
     comfy_env.import_comfyui(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def env(comfyui):
+    """The tiny models, conditioning and modules of the in-process ComfyUI tests (comfy_helpers.make_env),
+    built once per test module."""
+    from comfy_helpers import make_env
+
+    return make_env()

@@ -11,12 +11,6 @@ from comfy_helpers import SamplerSpy, apply, ksample, motion, sample_with_noise
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def env(comfyui):
-    from comfy_helpers import make_env
-
-    return make_env()
-
 @pytest.mark.parametrize("noise_type", ["random", "repeated_context", "shuffle_context"])
 def test_noise_types_replace_the_samplers_noise_by_their_freenoise_version(env, noise_type):
     """Sampling with a noise type equals sampling with default noise that was transformed first

@@ -17,12 +17,6 @@ from comfy_helpers import FRAMES, apply, ksample, motion, reference_unet
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def env(comfyui):
-    from comfy_helpers import make_env
-
-    return make_env()
-
 def test_pack_loads_like_comfyui_loads_it(env):
     nodes = env["nodes"]
     assert asyncio.run(nodes.load_custom_node(ROOT)) is True

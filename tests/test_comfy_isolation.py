@@ -13,12 +13,6 @@ from comfy_helpers import apply, ksample, motion
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def env(comfyui):
-    from comfy_helpers import make_env
-
-    return make_env()
-
 def test_unpatched_model_is_bit_identical_after_runs_errors_and_interrupts(env):
     model = env["demo"].tiny_model(0)
     never_patched = ksample(env, model)

@@ -12,12 +12,6 @@ from comfy_helpers import apply, eps_of, ksample, motion, reference_unet, sample
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def env(comfyui):
-    from comfy_helpers import make_env
-
-    return make_env()
-
 def test_clips_within_one_window_are_bit_identical_to_no_context_options(env):
     from animatediff_suite.motion_modules import ContextOptions
 
