@@ -167,15 +167,16 @@ def layout_calc_cond_batch(executor, model, conds, x_in, timestep, model_options
     for group in window_groups(plan, per_call):
         comfy.model_management.throw_exception_if_processing_interrupted()
         layout = FrameLayout.of_windows([window for window, _ in group], clips, clip_frames)
-        index = torch.as_tensor(layout.batch_index(), device=x_in.device)
+        rows = layout.batch_index()
+        index = torch.as_tensor(rows, device=x_in.device)
         sub_conds = [None if c is None else [_window_cond(item, index, batch, model) for item in c] for c in conds]
         sub_timestep = timestep[index] if timestep.ndim and timestep.shape[0] == batch else timestep
         outputs = executor(model, sub_conds, x_in[index], sub_timestep, with_layout(model_options, layout))
         weights = [weights for _, weights in group for _ in range(clips)]
         for accumulator, output in zip(fused, outputs):
-            for number, (positions, clip) in enumerate(zip(layout.positions, layout.clip_ids)):
-                rows = output[number * layout.frames:(number + 1) * layout.frames]
-                accumulator.add([clip * clip_frames + i for i in positions], rows, weights[number])
+            for number in range(layout.sequences):
+                part = slice(number * layout.frames, (number + 1) * layout.frames)
+                accumulator.add(rows[part], output[part], weights[number])
         del outputs
         release_freed_memory(x_in.device)
         done += len(group)
