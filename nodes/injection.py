@@ -15,11 +15,13 @@ Everything is attached to a *clone* of the user's MODEL under the key ``animated
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.model_patcher
@@ -130,6 +132,58 @@ class MotionSlot(torch.nn.Module):
 
 def _run_slot(layer, x, emb, context, transformer_options, *args, **kwargs):
     return layer.run(x, transformer_options)
+
+
+GRADIENT_CHECKPOINTING = f"{KEY}.gradient_checkpointing"
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute every layer of the UNet blocks during backward instead of keeping its activations.
+
+    ``model`` is a clone we own. A DIFFUSION_MODEL wrapper wraps each layer of the input, middle and
+    output blocks (ResBlocks, transformers, resamplers, motion slots, v1 ResBlock stand-ins) in a
+    non-reentrant ``torch.utils.checkpoint`` for the duration of a forward with gradients on. A
+    recompute calls the layer with the arguments of its forward, ``transformer_options`` (and so the
+    ``FrameLayout``) included, so the frames per clip are the same in both passes.
+    """
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GRADIENT_CHECKPOINTING)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GRADIENT_CHECKPOINTING,
+                               _checkpointed_forward)
+
+
+def _checkpointed_forward(executor, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return executor(*args, **kwargs)
+    with checkpointed_layers(executor.class_obj):  # the wrapper runs around UNetModel._forward
+        return executor(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(unet: UNetModel):
+    """Within the block: each layer of ``unet``'s blocks runs under ``torch.utils.checkpoint``.
+
+    The per-instance attribute (``forward``, or ``run`` for the layers our patches call) is removed
+    again on exit, also after an exception; a recompute in backward calls the original method.
+    """
+    patched = []
+    try:
+        for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks):
+            for layer in block:
+                name = "run" if hasattr(type(layer), "run") else "forward"
+                if name in layer.__dict__:
+                    continue
+                setattr(layer, name, _checkpointed(getattr(layer, name)))
+                patched.append((layer, name))
+        yield
+    finally:
+        for layer, name in patched:
+            layer.__dict__.pop(name, None)
+
+
+def _checkpointed(method):
+    def call(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(method, *args, use_reentrant=False, **kwargs)
+    return call
 
 
 def unet_of(model) -> UNetModel:

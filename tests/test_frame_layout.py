@@ -198,7 +198,7 @@ def test_model_load_is_planned_for_one_window_whatever_the_clip_length(env, monk
 def test_gradient_checkpointing_of_unet_blocks_gives_the_same_gradients(env, version):
     """Training recomputes checkpointed blocks during backward, after the forward call returned: the
     frame layout (and v1's frame-spanning norms) must hold there too. Gradients of the motion weights
-    with every UNet block checkpointed equal those without."""
+    with every layer of the UNet blocks checkpointed (the recompute is counted) equal those without."""
     import comfy.model_management as mm
 
     from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
@@ -213,34 +213,39 @@ def test_gradient_checkpointing_of_unet_blocks_gives_the_same_gradients(env, ver
     text = torch.randn(FRAMES, 77, 32, generator=gen)
     params = list(loaded.patcher.model.parameters())
 
-    def gradients(checkpointed: bool):
-        options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0],
-                   "sigmas": torch.tensor([5.0]), LAYOUT_KEY: FrameLayout.whole(1, FRAMES)}
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-        if checkpointed:
-            for block in blocks:
-                block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
-                                                  use_reentrant=False)
+    checkpointed_model = patched.clone()
+    env["injection"].enable_gradient_checkpointing(checkpointed_model)
+    calls = []
+    first_module = next(iter(loaded.patcher.model.named_temporal_modules()))[1]
+    hook = first_module.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+
+    def gradients(model):
+        options = {**model.model_options["transformer_options"], "cond_or_uncond": [0],
+                   "sigmas": torch.tensor([5.0]), LAYOUT_KEY: FrameLayout.whole(1, FRAMES),
+                   "wrappers": model.wrappers}  # as sampler_helpers.prepare_model_patcher passes them
+        calls.clear()
         try:
             for p in params:
                 p.requires_grad_(True)
                 p.grad = None
             out = unet(x, t, context=text, transformer_options=options)
             (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-            return out.detach(), [p.grad.clone() for p in params]
+            return out.detach(), [p.grad.clone() for p in params], len(calls)
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-            for block in blocks:
-                block.__dict__.pop("forward", None)
 
     mm.load_models_gpu([patched, *patched.get_nested_additional_models()])
     try:
-        plain_out, plain_grads = gradients(False)
-        ckpt_out, ckpt_grads = gradients(True)
+        plain_out, plain_grads, plain_calls = gradients(patched)
+        ckpt_out, ckpt_grads, ckpt_calls = gradients(checkpointed_model)
     finally:
+        hook.remove()
         mm.load_models_gpu([model])  # ejects the motion modules again
+    assert (plain_calls, ckpt_calls) == (1, 2)  # the checkpointed run recomputed the module in backward
+    assert not any("forward" in layer.__dict__ or "run" in layer.__dict__
+                   for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) for layer in block)
     torch.testing.assert_close(ckpt_out, plain_out, atol=1e-5, rtol=0)
     assert max(g.abs().max() for g in plain_grads) > 1e-3
     for got, expected in zip(ckpt_grads, plain_grads):
