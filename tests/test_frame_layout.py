@@ -3,7 +3,6 @@ windows, the memory plan of the model load, and v1 under gradient checkpointing.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
