@@ -1,4 +1,4 @@
-"""Run an AnimateDiff text-to-video job through a real ComfyUI, headless, over its HTTP API.
+"""Run an AnimateDiff text-to-video job through a real ComfyUI, headless, over its HTTP API; or train.
 
     python path/to/ComfyUI-AnimateDiff-Suite                 # tiny built-in demo model, no downloads
     python path/to/ComfyUI-AnimateDiff-Suite --checkpoint dreamshaper_8.safetensors \\
@@ -8,6 +8,10 @@ Without ``--server`` it starts a private ComfyUI (``main.py`` of ``--comfyui``, 
 ComfyUI this pack is installed in) on a free loopback port, queues the graph of
 ``example_workflows/api/txt2vid_sd15.json``, waits on ``/history`` and prints the files written to
 ComfyUI's output folder (an animated WebP and an MP4). The same helpers drive the end-to-end tests.
+
+    python path/to/ComfyUI-AnimateDiff-Suite train --config run.toml [--resume] [--dry-run]
+
+trains in this process with ComfyUI imported as a library (training/cli.py; no server).
 """
 
 from __future__ import annotations
@@ -264,7 +268,27 @@ def parse_args(argv=None):
     return args
 
 
+def train(argv) -> int:
+    """Import this folder as the package ``animatediff_suite`` (whatever it is called) and run its trainer."""
+    import importlib.util
+
+    # the script's folder is sys.path[0]: our nodes/ package must not shadow ComfyUI's nodes module
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != ROOT]
+    if "animatediff_suite" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "animatediff_suite", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["animatediff_suite"] = module
+        spec.loader.exec_module(module)
+    from animatediff_suite.training.cli import main as train_main
+
+    return train_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train(argv[1:])
     args = parse_args(argv)
     graph = customise(load_example("txt2vid_sd15"), args)
     with tempfile.TemporaryDirectory(prefix="animatediff_suite_") as workdir:

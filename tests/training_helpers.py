@@ -1,0 +1,84 @@
+"""Shared pieces of the training tests: synthetic clips in memory and files, configs, and a held-out
+loss computed the test's own way (epsilon target written out, models built by the stock nodes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SIZE = 64
+
+
+def shape_clip(seed: int, frames: int = 12, size: int = SIZE) -> tuple[torch.Tensor, str]:
+    """A coloured disc moving in a straight line (direction and colour from the seed), IMAGE + caption."""
+    from animatediff_suite.training.synthetic import COLORS, DIRECTIONS, moving_shapes_clip
+
+    rng = np.random.default_rng(seed)
+    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
+    dx, dy = DIRECTIONS[direction]
+    travel = 3 * (frames - 1)
+    start = (size / 2 - dx * travel / 2, size / 2 - dy * travel / 2)
+    clip = moving_shapes_clip(frames, size, (3 * dx, 3 * dy), COLORS[color], start, radius=size / 6)
+    return torch.from_numpy(clip).float() / 255, f"a {color} ball moving {direction}"
+
+
+def config(mode: str, name: str = "run", steps: int = 4, **train):
+    from animatediff_suite.training.config import config_from_dict
+
+    return config_from_dict({
+        "mode": mode, "name": name, "seed": 3, "base": {"demo_seed": 0},
+        "data": {"frames": 8, "stride": 1, "width": SIZE, "height": SIZE, "caption_dropout": 0.0},
+        "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}, clips_given=True)
+
+
+def base_models(mode: str):
+    from animatediff_suite.nodes import demo
+    from animatediff_suite.training.trainer import BaseModels
+
+    motion = demo.tiny_motion_patcher(0, "v2") if mode in ("motion_lora", "motion_director", "motion_module") else None
+    return BaseModels(demo.tiny_model(0), demo.tiny_clip(0), demo.tiny_vae(0), motion, "demo 0")
+
+
+class _Probe:
+    """A comfy Sampler that calls the guider once on the test's own x_t and sigmas."""
+
+    def __new__(cls, xt, sigma):
+        import comfy.samplers
+
+        class Probe(comfy.samplers.Sampler):
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+                       denoise_mask=None, disable_pbar=False):
+                self.denoised = model_wrap(xt, sigma, **extra_args)
+                return torch.zeros_like(latent_image)
+
+        return Probe()
+
+
+def heldout_loss(model, clip, vae, clips, frames: int = 8, seed: int = 99) -> float:
+    """Mean ||eps_pred - eps||^2 over ``clips`` at four fixed noise levels, through a CFGGuider (cfg 1).
+
+    Written for epsilon models (the tiny SD1.5): x_t = x0 + sigma eps, eps_pred = (x_t - denoised) / sigma.
+    """
+    import comfy.samplers
+    import nodes
+
+    generator = torch.Generator().manual_seed(seed)
+    sampling = model.get_model_object("model_sampling")
+    losses = []
+    for pixels, caption in clips:
+        pixels = pixels[:frames]
+        x0 = model.model.process_latent_in(vae.encode(pixels).float())
+        positive = nodes.CLIPTextEncode().encode(clip, caption)[0]
+        for index in (150, 400, 650, 900):
+            sigma = sampling.sigmas[index].float().repeat(frames)
+            eps = torch.randn(x0.shape, generator=generator)
+            xt = x0 + sigma.view(-1, 1, 1, 1) * eps
+            guider = comfy.samplers.CFGGuider(model)
+            guider.inner_set_conds({"positive": positive})
+            guider.set_cfg(1.0)
+            probe = _Probe(xt, sigma)
+            guider.sample(torch.zeros_like(x0), torch.zeros_like(x0), probe, torch.tensor([1.0, 0.0]), seed=0)
+            eps_pred = (xt - probe.denoised) / sigma.view(-1, 1, 1, 1)
+            losses.append(float((eps_pred - eps).pow(2).mean()))
+    return sum(losses) / len(losses)

@@ -1,0 +1,210 @@
+"""The training configuration: a dataclass read from TOML, validated on load, written into outputs.
+
+Example ``run.toml`` (every key has a default except the ones the mode needs)::
+
+    mode = "motion_lora"
+    name = "zoom_in"
+    seed = 0
+
+    [base]
+    checkpoint = "v1-5-pruned-emaonly.safetensors"   # in models/checkpoints
+    motion_model = "mm_sd15_v2.safetensors"          # in models/animatediff_models
+
+    [data]
+    folder = "/data/clips"        # videos (mp4/webm/gif/mov) or folders of frames, with .txt captions
+    frames = 16
+    stride = 4
+    width = 256
+    height = 256
+
+    [train]
+    steps = 300
+    learning_rate = 5e-4
+    rank = 32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..motion_modules import MotionModelError
+
+MODES = ("motion_module", "motion_lora", "domain_adapter", "motion_director")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NEW_MODULE_VERSIONS = ("auto", "v1", "v2", "v3", "sdxl_beta")
+
+
+class ConfigError(MotionModelError):
+    """A training configuration key is missing, unknown or out of range (the message names it)."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    checkpoint: str = ""  # a name in models/checkpoints
+    demo_seed: int = -1  # >= 0: the pack's tiny demo models (no download, for trying the trainer)
+    motion_model: str = ""  # a name in models/animatediff_models; "" with mode motion_module: a new one
+    new_motion_version: str = "auto"  # layout of a new zero-initialised module (auto: v2, SDXL: sdxl_beta)
+    beta_schedule: str = "auto"  # as on Apply Motion Model; auto = the AnimateDiff schedule
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    folder: str = ""  # videos or frame folders, each with a same-named .txt caption
+    csv: str = ""  # alternatively a CSV of path,caption (paths relative to the CSV)
+    frames: int = 16
+    stride: int = 4
+    width: int = 256
+    height: int = 256
+    flip: bool = True  # random horizontal flip
+    caption_dropout: float = 0.1
+    strict: bool = False  # fail on the first unusable file instead of skipping it
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 1  # clips per step
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    rank: int = 32  # LoRA modes
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 on a GPU that has it, else fp16
+    spatial_learning_rate: float = 0.0  # motion_director: the spatial LoRA's (0 = learning_rate)
+    debias_beta: float = 1.0  # motion_director: appearance-debiased loss (MotionDirector eq. 5)
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    save_every: int = 100  # resumable checkpoint every N steps (and at the end / on interrupt)
+    keep_last: int = 2  # resumable checkpoints kept
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = "motion_lora"
+    name: str = "animatediff_training"
+    seed: int = 0
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @property
+    def trains_motion(self) -> bool:
+        return self.mode != "domain_adapter"
+
+
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a TOML file; errors name the file and the key."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"config {path!r}: cannot read it ({error.strerror})") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config {path!r}: not valid TOML ({error})") from error
+    return config_from_dict(raw, source=f"config {path!r}")
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "config", clips_given: bool = False) -> Config:
+    """Build a Config from nested dicts (TOML tables), checking names, types and ranges.
+
+    Args:
+        clips_given: the clips come from a node input, not from ``[data] folder`` / ``csv``.
+    """
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(top)}")
+        if key in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: [{key}] must be a table, got {type(value).__name__}")
+            values[key] = _section(SECTIONS[key], value, f"{source}: [{key}]")
+        else:
+            values[key] = _typed(top[key], value, f"{source}: {key}")
+    config = Config(**values)
+    check_config(config, source, clips_given)
+    return config
+
+
+def _section(cls, raw: Mapping[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; expected one of {sorted(fields)}")
+        values[key] = _typed(fields[key], value, f"{where} {key}")
+    return cls(**values)
+
+
+def _typed(spec: dataclasses.Field, value: Any, where: str):
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(spec.type))
+    if expected is None:
+        raise ConfigError(f"{where}: must be a table")
+    if isinstance(value, bool) and expected is not bool:
+        raise ConfigError(f"{where}: expected {spec.type}, got a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where}: expected {spec.type}, got {type(value).__name__} {value!r}")
+    return float(value) if spec.type == "float" else value
+
+
+def _need(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+def check_config(config: Config, source: str = "config", clips_given: bool = False) -> None:
+    """Ranges and combinations; raises ConfigError naming the key."""
+    base, data, train, out = config.base, config.data, config.train, config.output
+    _need(config.mode in MODES, f"{source}: mode", f"unknown mode {config.mode!r}; expected one of {list(MODES)}")
+    _need(bool(config.name) and all(c.isalnum() or c in "-_." for c in config.name) and config.name[0] != ".",
+          f"{source}: name", f"{config.name!r} must be a plain file-name stem (letters, digits, - _ .)")
+    _need((base.checkpoint != "") != (base.demo_seed >= 0), f"{source}: [base] checkpoint",
+          "set exactly one of checkpoint (a file in models/checkpoints) and demo_seed")
+    if config.mode in ("motion_lora", "motion_director"):
+        _need(bool(base.motion_model) or base.demo_seed >= 0, f"{source}: [base] motion_model",
+              f"mode {config.mode!r} trains a LoRA of a motion model: name one in models/animatediff_models")
+    _need(base.new_motion_version in NEW_MODULE_VERSIONS, f"{source}: [base] new_motion_version",
+          f"{base.new_motion_version!r}; expected one of {list(NEW_MODULE_VERSIONS)}")
+    if not clips_given:
+        _need(bool(data.folder) != bool(data.csv), f"{source}: [data] folder",
+              "set exactly one of folder and csv (the training clips)")
+    _need(1 <= data.frames <= 64, f"{source}: [data] frames", f"{data.frames} must be in 1..64")
+    _need(data.stride >= 1, f"{source}: [data] stride", f"{data.stride} must be >= 1")
+    for key in ("width", "height"):
+        size = getattr(data, key)
+        _need(64 <= size <= 2048 and size % 8 == 0, f"{source}: [data] {key}",
+              f"{size} must be a multiple of 8 in 64..2048")
+    _need(0.0 <= data.caption_dropout <= 1.0, f"{source}: [data] caption_dropout",
+          f"{data.caption_dropout} must be in 0..1")
+    for key in ("steps", "batch_size", "gradient_accumulation", "rank", "max_nonfinite_steps"):
+        _need(getattr(train, key) >= 1, f"{source}: [train] {key}", f"{getattr(train, key)} must be >= 1")
+    _need(train.learning_rate > 0, f"{source}: [train] learning_rate", f"{train.learning_rate} must be > 0")
+    _need(train.spatial_learning_rate >= 0, f"{source}: [train] spatial_learning_rate", "must be >= 0")
+    _need(train.warmup_steps >= 0, f"{source}: [train] warmup_steps", "must be >= 0")
+    _need(train.weight_decay >= 0, f"{source}: [train] weight_decay", "must be >= 0")
+    _need(train.max_grad_norm >= 0, f"{source}: [train] max_grad_norm", "must be >= 0 (0 = no clipping)")
+    _need(train.lr_schedule in LR_SCHEDULES, f"{source}: [train] lr_schedule",
+          f"{train.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
+    _need(train.precision in PRECISIONS, f"{source}: [train] precision",
+          f"{train.precision!r}; expected one of {list(PRECISIONS)}")
+    for key in ("save_every", "keep_last", "log_every"):
+        _need(getattr(out, key) >= 1, f"{source}: [output] {key}", f"{getattr(out, key)} must be >= 1")

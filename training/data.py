@@ -1,0 +1,267 @@
+"""Training clips: a folder of videos (or frame folders) with captions, a CSV, or frames in memory.
+
+Frames are sampled as the original AnimateDiff trainer does (REFERENCE §4): N frames spread with
+``linspace`` over a span of ``(N - 1) * stride + 1`` source frames starting at a random frame (the
+whole video when it is shorter than the span), resized to cover the target size, centre-cropped,
+flipped at random, and returned as ComfyUI IMAGE tensors (frames, height, width, 3) in 0..1.
+Unusable files are skipped with a warning that names them (or raise with ``strict``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..motion_modules import MotionModelError
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(MotionModelError):
+    """The training data cannot be used (the message names the file or folder)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # a video file or a folder of frames
+    caption: str
+    frame_count: int
+
+
+@dataclass
+class ScanReport:
+    """What a scan kept and what it skipped, with the reason per file."""
+
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{len(self.samples)} clips usable, {len(self.skipped)} skipped"
+        reasons: dict[str, int] = {}
+        for _, reason in self.skipped:
+            kind = reason.split(":")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+        return text + "".join(f"; {n} {kind}" for kind, n in sorted(reasons.items()))
+
+
+def scan(config: DataConfig) -> ScanReport:
+    """List the usable clips of ``config.folder`` or ``config.csv``; each file is decoded once to count frames."""
+    report = ScanReport()
+    for path, caption_or_error in _candidates(config):
+        problem = caption_or_error if caption_or_error.startswith("!") else None
+        if problem is None:
+            try:
+                count = frame_count(path)
+            except DataError as error:
+                problem = f"!unreadable: {error}"
+            else:
+                if count < config.frames:
+                    problem = f"!too short: {count} frames, need at least {config.frames}"
+        if problem is not None:
+            reason = problem[1:]
+            if config.strict:
+                raise DataError(f"{path}: {reason} (strict = true)")
+            log.warning("skipping %s: %s", path, reason)
+            report.skipped.append((path, reason))
+        else:
+            report.samples.append(Sample(path, caption_or_error, count))
+    if not report.samples:
+        where = config.folder or config.csv
+        raise DataError(f"no usable training clips in {where!r} ({report.summary()}); expected videos "
+                        f"({', '.join(VIDEO_EXTENSIONS)}) or folders of frames, each with a .txt caption")
+    log.info("training data: %s", report.summary())
+    return report
+
+
+def _candidates(config: DataConfig):
+    """(path, caption) pairs, or (path, '!reason') for a file already known to be unusable."""
+    if config.csv:
+        yield from _csv_candidates(config.csv)
+        return
+    folder = config.folder
+    if not os.path.isdir(folder):
+        raise DataError(f"[data] folder {folder!r} is not a directory")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        stem, ext = os.path.splitext(name)
+        if os.path.isdir(path) or ext.lower() in VIDEO_EXTENSIONS:
+            yield path, _caption(os.path.join(folder, (name if os.path.isdir(path) else stem) + ".txt"))
+
+
+def _csv_candidates(path: str):
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"[data] csv {path!r}: cannot read it ({error})") from error
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "caption"]:
+        rows = rows[1:]
+    root = os.path.dirname(os.path.abspath(path))
+    for number, row in enumerate(rows, start=2):
+        if len(row) < 2:
+            raise DataError(f"[data] csv {path!r} line {number}: expected path,caption; got {row!r}")
+        clip = os.path.join(root, row[0].strip())
+        caption = row[1].strip()
+        yield clip, caption if caption else "!empty caption: the CSV row has no caption"
+
+
+def _caption(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8").strip()
+    except FileNotFoundError:
+        return f"!missing caption: no {os.path.basename(path)}"
+    except UnicodeDecodeError:
+        return f"!caption not UTF-8: {os.path.basename(path)}"
+    except OSError as error:
+        return f"!unreadable caption: {error.strerror}"
+    return text if text else f"!empty caption: {os.path.basename(path)}"
+
+
+def frame_count(path: str) -> int:
+    if os.path.isdir(path):
+        return len(_frame_files(path))
+    return len(decode_video(path))
+
+
+def _frame_files(folder: str) -> list[str]:
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def decode_video(path: str, wanted: set[int] | None = None) -> list[np.ndarray]:
+    """RGB frames (uint8, h w 3) of a video, all or those whose index is in ``wanted``."""
+    import av  # ComfyUI's requirements include PyAV
+
+    frames = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DataError(f"{os.path.basename(path)}: no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                if wanted is None or index in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if wanted is not None and index >= max(wanted):
+                    break
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise DataError(f"{os.path.basename(path)}: cannot decode ({error})") from error
+    if wanted is None and not frames:
+        raise DataError(f"{os.path.basename(path)}: no frames")
+    return frames
+
+
+def frame_indices(count: int, frames: int, stride: int, generator: torch.Generator) -> list[int]:
+    """The original trainer's sampling: ``frames`` indices spread over a random span of the video."""
+    span = min(count, (frames - 1) * stride + 1)
+    start = int(torch.randint(0, count - span + 1, (1,), generator=generator))
+    return np.linspace(start, start + span - 1, frames).astype(int).tolist()
+
+
+def load_clip(sample: Sample, config: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """One training clip of ``sample`` as an IMAGE tensor (frames, height, width, 3) in 0..1."""
+    indices = frame_indices(sample.frame_count, config.frames, config.stride, generator)
+    if os.path.isdir(sample.path):
+        files = _frame_files(sample.path)
+        raw = [np.asarray(Image.open(files[i]).convert("RGB")) for i in indices]
+    else:
+        decoded = dict(zip(sorted(set(indices)), decode_video(sample.path, set(indices))))
+        if len(decoded) < len(set(indices)):
+            raise DataError(f"{os.path.basename(sample.path)}: fewer frames than counted at scan time")
+        raw = [decoded[i] for i in indices]
+    pixels = torch.from_numpy(np.stack(raw)).float().div_(255)
+    flip = config.flip and bool(torch.rand((), generator=generator) < 0.5)
+    return fit_frames(pixels, config.width, config.height, flip)
+
+
+def fit_frames(pixels: torch.Tensor, width: int, height: int, flip: bool = False) -> torch.Tensor:
+    """Resize (f h w c) frames to cover width x height, centre-crop, optionally mirror."""
+    x = pixels.permute(0, 3, 1, 2)  # f h w c -> f c h w
+    scale = max(width / x.shape[3], height / x.shape[2])
+    size = (max(height, round(x.shape[2] * scale)), max(width, round(x.shape[3] * scale)))
+    if size != tuple(x.shape[2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    if flip:
+        x = x.flip(3)
+    return x.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
+
+
+class ClipSource:
+    """Where training clips come from: ``count`` clips, each loadable with random sampling and flip."""
+
+    count: int
+    identity: str  # changes when the data changes (resume refuses then)
+
+    def caption(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FileClips(ClipSource):
+    """Clips from ``[data] folder`` or ``[data] csv``, scanned once."""
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.report = scan(config)
+        self.samples = self.report.samples
+        self.count = len(self.samples)
+        digest = hashlib.sha256()
+        for sample in self.samples:
+            stat = os.stat(sample.path)
+            digest.update(f"{os.path.basename(sample.path)}|{sample.caption}|{sample.frame_count}|"
+                          f"{stat.st_size}\n".encode())
+        self.identity = f"{self.count} clips, sha256 {digest.hexdigest()[:16]}"
+
+    def caption(self, index: int) -> str:
+        return self.samples[index].caption
+
+    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        return load_clip(self.samples[index], self.config, generator)
+
+
+class MemoryClips(ClipSource):
+    """Clips given as IMAGE batches (frames, height, width, 3) with a caption each (the training nodes)."""
+
+    def __init__(self, clips: list[tuple[torch.Tensor, str]], config: DataConfig):
+        self.config = config
+        self.clips = []
+        for number, (pixels, caption) in enumerate(clips, 1):
+            if pixels.ndim != 4 or pixels.shape[-1] != 3:
+                raise DataError(f"clip {number}: expected an IMAGE batch (frames, height, width, 3), "
+                                f"got shape {tuple(pixels.shape)}")
+            if pixels.shape[0] < config.frames:
+                raise DataError(f"clip {number} has {pixels.shape[0]} frames; training takes {config.frames} "
+                                "per clip (lower frames, or give a longer clip)")
+            if not bool(torch.isfinite(pixels).all()):
+                raise DataError(f"clip {number} contains NaN or Inf pixel values")
+            self.clips.append((pixels.detach().float().cpu().clamp(0, 1), caption.strip()))
+        if not self.clips:
+            raise DataError("no training clips given")
+        self.count = len(self.clips)
+        digest = hashlib.sha256()
+        for pixels, caption in self.clips:
+            digest.update(caption.encode())
+            digest.update(pixels.numpy().tobytes())
+        self.identity = f"{self.count} clips, sha256 {digest.hexdigest()[:16]}"
+
+    def caption(self, index: int) -> str:
+        return self.clips[index][1]
+
+    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        pixels = self.clips[index][0]
+        indices = frame_indices(pixels.shape[0], self.config.frames, self.config.stride, generator)
+        flip = self.config.flip and bool(torch.rand((), generator=generator) < 0.5)
+        return fit_frames(pixels[indices], self.config.width, self.config.height, flip)

@@ -1,0 +1,156 @@
+"""One training run from start to files: models, data, plan, the loop, outputs (command line and nodes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import comfy.sd
+import folder_paths
+
+from ..motion_modules import MotionModelError
+from ..nodes.folders import MOTION_MODELS, full_path
+from ..nodes.injection import load_motion_patcher
+from .checkpoints import state_paths
+from .config import Config
+from .data import ClipSource, FileClips
+from .export import model_identity, save_outputs
+from .trainer import BaseModels, Trainer, TrainResult, build_trainables
+
+log = logging.getLogger(__name__)
+TRAINING_FOLDER = "animatediff_training"
+
+
+def run_dir(config: Config) -> str:
+    """``output/animatediff_training/<name>``: the run's resumable states and log."""
+    return os.path.join(folder_paths.get_output_directory(), TRAINING_FOLDER, config.name)
+
+
+def load_base(config: Config) -> BaseModels:
+    """The MODEL, CLIP, VAE (and motion model) named by ``[base]``, loaded the way ComfyUI loads them."""
+    base = config.base
+    if base.demo_seed >= 0:
+        from ..nodes import demo
+
+        needs_motion = config.mode in ("motion_lora", "motion_director")
+        version = "v2" if base.new_motion_version == "auto" else base.new_motion_version
+        motion = demo.tiny_motion_patcher(base.demo_seed, version) if needs_motion else None
+        return BaseModels(demo.tiny_model(base.demo_seed), demo.tiny_clip(base.demo_seed),
+                          demo.tiny_vae(base.demo_seed), motion, f"tiny demo models (seed {base.demo_seed})")
+    path = folder_paths.get_full_path("checkpoints", base.checkpoint)
+    if path is None:
+        raise MotionModelError(f"[base] checkpoint {base.checkpoint!r} is not in models/checkpoints (or the "
+                               "folders extra_model_paths.yaml adds)")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    if clip is None or vae is None:
+        raise MotionModelError(f"[base] checkpoint {base.checkpoint!r} has no text encoder or VAE; training "
+                               "needs a full checkpoint")
+    motion = None
+    if base.motion_model:
+        motion = load_motion_patcher(full_path(MOTION_MODELS, base.motion_model), base.motion_model)
+    return BaseModels(model, clip, vae, motion, f"{base.checkpoint} ({os.path.getsize(path)} bytes)")
+
+
+def plan(config: Config, models: BaseModels, clips: ClipSource) -> str:
+    """What a run will do, with its memory estimate (the dry run prints it)."""
+    trainables = build_trainables(config, models)
+    trained = sum(p.numel() for p in trainables.named_parameters().values())
+    frozen = sum(p.numel() * p.element_size() for p in models.model.model.diffusion_model.parameters())
+    if models.motion is not None:
+        frozen += sum(p.numel() * p.element_size() for p in models.motion.patcher.model.parameters())
+    rows = config.train.batch_size * config.data.frames
+    shape = (rows, models.model.model.latent_format.latent_channels, config.data.height // 8, config.data.width // 8)
+    per_call = models.model.model.memory_required(list(shape))
+    skipped = getattr(getattr(clips, "report", None), "skipped", [])
+    lines = [
+        f"mode {config.mode}: {trained:,} trained parameters; base {models.base_id}"
+        + (f"; motion model {models.motion.name}" if models.motion is not None else ""),
+        f"data: {clips.identity}" + (f"; {len(skipped)} skipped:" if skipped else ""),
+        *[f"  skipped {path}: {reason}" for path, reason in skipped],
+        f"steps {config.train.steps} x {config.train.gradient_accumulation} micro-batches of "
+        f"{config.train.batch_size} clips x {config.data.frames} frames at {config.data.width}x{config.data.height}",
+        f"memory estimate: frozen weights {frozen / 2**30:.2f} GiB + trained weights, gradients and AdamW "
+        f"moments {trained * 16 / 2**30:.3f} GiB + activations: ComfyUI's per-call estimate "
+        f"{per_call / 2**30:.2f} GiB for {rows} latents"
+        + (" (gradient checkpointing keeps about one layer's activations more)"
+           if config.train.gradient_checkpointing else " (without gradient checkpointing every layer's "
+           "activations are kept: several times more)"),
+        f"run folder {run_dir(config)}",
+    ]
+    return "\n".join(lines)
+
+
+def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:
+    from .cli import EXIT_STOPPED, StopRequest
+
+    models = load_base(config)
+    clips = FileClips(config.data)
+    folder = run_dir(config)
+    print(plan(config, models, clips))
+    if dry_run:
+        return 0
+    if not resume and state_paths(folder):
+        raise MotionModelError(f"run {config.name!r} already has saved states in {folder}; pass --resume to "
+                               "continue it, or choose another name")
+    stop = StopRequest()
+    previous = stop.install()
+    bar = _ProgressBar(config)
+    try:
+        trainer = Trainer(config, models, clips, folder, on_step=bar, should_stop=stop)
+        result = trainer.run(resume=resume)
+    except KeyboardInterrupt:
+        print("interrupted; the state of the last finished step is saved: run again with --resume")
+        return EXIT_STOPPED
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if result.interrupted:
+        print(f"stopped at step {result.steps} of {config.train.steps}; state saved in {folder}: run again "
+              "with --resume")
+        return EXIT_STOPPED if stop.signal is None else 128 + stop.signal
+    for kind, path in finish(config, result, models).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def run_in_graph(config: Config, models: BaseModels, clips: ClipSource, resume: bool,
+                 on_step=None) -> tuple[TrainResult, dict[str, str]]:
+    """A run inside a ComfyUI graph: continue the saved run of this name (``resume``) or start over.
+    An interrupt saves the state and propagates (ComfyUI shows the prompt as interrupted)."""
+    folder = run_dir(config)
+    saved = state_paths(folder)
+    if saved and not resume:
+        for path in saved:
+            os.remove(path)
+        log.info("starting run %r over: removed %d saved states", config.name, len(saved))
+    result = Trainer(config, models, clips, folder, on_step=on_step).run(resume=bool(saved) and resume)
+    return result, finish(config, result, models)
+
+
+def finish(config: Config, result: TrainResult, models: BaseModels) -> dict[str, str]:
+    return save_outputs(config, result, models.model)
+
+
+class _ProgressBar:
+    """tqdm with the loss (it/s is tqdm's own)."""
+
+    def __init__(self, config: Config):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=config.train.steps, desc=f"training {config.name}", unit="step")
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self):
+        self.bar.close()
+
+
+def graph_models(model, clip, vae, motion) -> BaseModels:
+    """BaseModels from node inputs (the MODEL's identity is a fingerprint of its weights)."""
+    return BaseModels(model, clip, vae, motion, model_identity(model))
+

@@ -1,0 +1,483 @@
+"""The training loop shared by the command line and the nodes, on ComfyUI's own sampling path.
+
+The base model is a ComfyUI MODEL (any checkpoint ComfyUI loads); motion modules go in through
+``nodes/injection.apply_motion``; LoRAs are ComfyUI weight wrappers; every forward is a call of a
+``CFGGuider`` (cfg 1) from inside a ``Sampler`` whose ``sample`` is the training loop, as ComfyUI's
+own ``TrainLoraNode`` does, so wrappers, patches, the frame layout and the memory plan are the
+inference ones. Noise levels come from the patched model's ``model_sampling`` (``auto``: the
+AnimateDiff schedule), one timestep per clip shared by its frames (REFERENCE §4).
+
+Loss: MSE between the model's raw output and its target (epsilon or v, whatever the model
+predicts), computed from ComfyUI's denoised output as ``(denoised - x0) / c_out`` where
+``c_out = -calculate_denoised(sigma, 1, 0)`` is the output's gain in the model's own parameterisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.utils
+
+from ..motion_modules import MotionModel, MotionModelError, MotionSpec
+from ..nodes.beta_schedules import resolve_schedule
+from ..nodes.context_sampling import KEY
+from ..nodes.injection import LoadedMotionModel, apply_motion, enable_gradient_checkpointing, wrap_motion_model
+from .adapters import SPATIAL_TARGET, TEMPORAL_TARGET, LoRAWeight, attach, make_loras
+from .checkpoints import check_resumable, check_writable, load_state, save_state, state_paths
+from .config import Config
+from .data import ClipSource
+from .losses import debiased_mse, lr_factor
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(MotionModelError):
+    """Training cannot go on (non-finite losses, a model that does not fit the mode)."""
+
+
+@dataclass
+class BaseModels:
+    """What is trained on: a ComfyUI MODEL, CLIP and VAE, and a motion model (or None)."""
+
+    model: object
+    clip: object
+    vae: object
+    motion: LoadedMotionModel | None
+    base_id: str  # names the base weights for the resume check
+
+
+@dataclass
+class Trainables:
+    """The parameters a mode trains: LoRAs (temporal, spatial) and/or a whole motion model."""
+
+    temporal: dict[str, LoRAWeight] = field(default_factory=dict)
+    spatial: dict[str, LoRAWeight] = field(default_factory=dict)
+    motion_model: MotionModel | None = None  # trained in full (mode motion_module)
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        named = {}
+        for group, loras in (("temporal", self.temporal), ("spatial", self.spatial)):
+            for key, lora in loras.items():
+                named[f"{group}/{key}/up"], named[f"{group}/{key}/down"] = lora.up, lora.down
+        if self.motion_model is not None:
+            named.update({f"motion/{k}": p for k, p in self.motion_model.named_parameters()})
+        return named
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    trainables: Trainables
+    run_dir: str
+    interrupted: bool = False
+
+
+@dataclass
+class _Progress:
+    """Mutable loop position, snapshotted at each step start for interrupt-safe saving."""
+
+    step: int = 0
+    order: list[int] = field(default_factory=list)
+    position: int = 0
+    losses: list[float] = field(default_factory=list)
+    nonfinite_in_a_row: int = 0
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_trainables(config: Config, models: BaseModels) -> Trainables:
+    """Fresh trainable parameters for ``config.mode``, seeded by ``config.seed``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    rank = config.train.rank
+    trainables = Trainables()
+    if config.mode == "motion_module":
+        if models.motion is not None:
+            trainables.motion_model = copy.deepcopy(models.motion.patcher.model)  # never the caller's weights
+        else:
+            trainables.motion_model = new_motion_model(config, models.model)
+        trainables.motion_model.float().requires_grad_(True).train()
+    if config.mode in ("motion_lora", "motion_director"):
+        shapes = {k: v.shape for k, v in models.motion.patcher.model.state_dict().items()}
+        trainables.temporal = make_loras(shapes, TEMPORAL_TARGET, rank, generator)
+    if config.mode in ("domain_adapter", "motion_director"):
+        shapes = {k: v.shape for k, v in models.model.model.state_dict().items()}
+        trainables.spatial = make_loras(shapes, SPATIAL_TARGET, rank, generator)
+        if not trainables.spatial:
+            raise TrainingError("the base model has no spatial attention layers to train a LoRA on")
+    return trainables
+
+
+def new_motion_model(config: Config, model) -> MotionModel:
+    """A zero-initialised motion model in ``new_motion_version``'s layout, sized for the UNet."""
+    import comfy.ops
+
+    from ..nodes.injection import unet_of
+
+    unet = unet_of(model)
+    channels = tuple(unet.model_channels * m for m in unet.channel_mult)
+    version = config.base.new_motion_version
+    if version == "auto":
+        version = "sdxl_beta" if len(channels) == 3 else "v2"
+    spec = MotionSpec.standard(version, channels, layers_per_block=unet.num_res_blocks[0])
+    return MotionModel(spec, zero_init=True, operations=comfy.ops.manual_cast)
+
+
+def patched_models(config: Config, models: BaseModels, trainables: Trainables):
+    """A clone of the base MODEL carrying the trainables (animated unless the mode is domain_adapter)."""
+    base = models.model.clone()
+    attach(base, trainables.spatial)
+    if not config.trains_motion:
+        return _maybe_checkpointed(base, config)
+    if trainables.motion_model is not None:
+        name = models.motion.name if models.motion is not None else f"new {config.base.new_motion_version}"
+        motion = wrap_motion_model(trainables.motion_model, name)
+    else:
+        motion = LoadedMotionModel(models.motion.name, models.motion.patcher.clone())
+    attach(motion.patcher, trainables.temporal)
+    schedule = resolve_schedule(config.base.beta_schedule, motion.spec)
+    clips = apply_motion(base, motion, schedule=schedule, frames_per_clip=config.data.frames)
+    return _maybe_checkpointed(clips, config)
+
+
+def _maybe_checkpointed(model, config: Config):
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def make_autograd_ready(module: torch.nn.Module) -> int:
+    """Replace inference-mode tensors (ComfyUI's executor loads models under ``torch.inference_mode``)
+    by equal ordinary ones, which autograd may save for backward; returns how many were replaced.
+    Values, dtypes and devices are unchanged, one tensor at a time."""
+    replaced = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and param.is_inference():
+                    owner._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+                    replaced += 1
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    owner._buffers[name] = buffer.clone()
+                    replaced += 1
+    return replaced
+
+
+class Trainer:
+    """One training run: ``Trainer(config, models, clips, run_dir).run()``."""
+
+    def __init__(self, config: Config, models: BaseModels, clips: ClipSource, run_dir: str,
+                 on_step: Callable[[int, int, float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        self.config, self.models, self.clips, self.run_dir = config, models, clips, run_dir
+        self.on_step, self.should_stop = on_step, should_stop or (lambda: False)
+        with torch.inference_mode(False):  # ComfyUI's executor runs nodes in inference mode
+            self.trainables = build_trainables(config, models)
+        self.parameters = self.trainables.named_parameters()
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.progress = _Progress()
+        self.text_cache: dict[str, list] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _optimizer(self):
+        train = self.config.train
+        groups = []
+        temporal = [p for k, p in self.parameters.items() if not k.startswith("spatial/")]
+        spatial = [p for k, p in self.parameters.items() if k.startswith("spatial/")]
+        if temporal:
+            groups.append({"params": temporal, "lr": train.learning_rate})
+        if spatial:
+            groups.append({"params": spatial, "lr": train.spatial_learning_rate or train.learning_rate})
+        optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(train.lr_schedule, step, train.warmup_steps, train.steps))
+        return optimizer, schedule
+
+    def state(self, optimizer, schedule, scaler, snapshot) -> dict:
+        progress, generator_state = snapshot
+        return {
+            "format": 1, "config": self.config.to_json(), "base_id": self.models.base_id,
+            "data_id": self.clips.identity, "step": progress.step, "order": list(progress.order),
+            "position": progress.position, "losses": list(progress.losses), "generator": generator_state,
+            "parameters": {k: p.detach().cpu().clone() for k, p in self.parameters.items()},
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+        }
+
+    def resume(self, optimizer, schedule, scaler) -> None:
+        paths = state_paths(self.run_dir)
+        if not paths:
+            raise MotionModelError(f"--resume: no saved state (state-*.pt) in {self.run_dir!r}")
+        state = load_state(paths[-1])
+        check_resumable(state, self.config.to_json(), self.models.base_id, self.clips.identity)
+        with torch.no_grad():
+            for key, param in self.parameters.items():
+                param.copy_(state["parameters"][key])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.progress = _Progress(state["step"], list(state["order"]), state["position"], list(state["losses"]))
+        log.info("resumed %s at step %d", os.path.basename(paths[-1]), self.progress.step)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _next_indices(self, count: int) -> list[int]:
+        indices = []
+        for _ in range(count):
+            if self.progress.position >= len(self.progress.order):
+                self.progress.order = torch.randperm(self.clips.count, generator=self.generator).tolist()
+                self.progress.position = 0
+            indices.append(self.progress.order[self.progress.position])
+            self.progress.position += 1
+        return indices
+
+    def _conditioning(self, caption: str) -> list:
+        if caption not in self.text_cache:
+            tokens = self.models.clip.tokenize(caption)
+            cond, pooled = self.models.clip.encode_from_tokens(tokens, return_pooled=True)
+            self.text_cache[caption] = [cond.float(), pooled.float() if pooled is not None else None]
+        return self.text_cache[caption]
+
+    def _batch(self, device) -> tuple[torch.Tensor, list]:
+        """(x0 latents (clips*frames, c, h, w) in the model's space, conditioning with a row per frame)."""
+        data = self.config.data
+        latents, conds, pooled = [], [], []
+        for index in self._next_indices(self.config.train.batch_size):
+            pixels = self.clips.load(index, self.generator)
+            caption = self.clips.caption(index)
+            if float(torch.rand((), generator=self.generator)) < data.caption_dropout:
+                caption = ""
+            with torch.no_grad():
+                latents.append(self.models.vae.encode(pixels).float())
+            cond, pool = self._conditioning(caption)
+            conds.append(cond.expand(pixels.shape[0], -1, -1))
+            if pool is not None:
+                pooled.append(pool.expand(pixels.shape[0], -1))
+        x0 = self.model.model.process_latent_in(torch.cat(latents)).to(device)
+        options = {"pooled_output": torch.cat(pooled)} if pooled else {}
+        return x0, [[_equal_tokens(conds), options]]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        config = self.config
+        check_writable(self.run_dir, 3 * sum(p.numel() * 4 for p in self.parameters.values()) + 2 ** 20)
+        self.model = patched_models(config, self.models, self.trainables)
+        optimizer, schedule = self._optimizer()
+        device = self.model.load_device
+        dtype = resolve_precision(config.train.precision, torch.device(device))
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+        if resume:
+            self.resume(optimizer, schedule, scaler)
+        self.log_path = os.path.join(self.run_dir, "log.csv")
+        interrupted = False
+        with torch.inference_mode(False):
+            comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
+            replaced = sum(make_autograd_ready(m) for m in self._modules())
+            log.debug("made %d inference tensors usable by autograd", replaced)
+            loop = _LoopSampler(self, optimizer, schedule, scaler, dtype)
+            guider = comfy.samplers.CFGGuider(self.model)
+            guider.set_cfg(1.0)
+            cond, pooled = self._conditioning("")
+            guider.inner_set_conds({"positive": [[cond, {} if pooled is None else {"pooled_output": pooled}]]})
+            x0_shape = (config.train.batch_size * config.data.frames, self.model.model.latent_format.latent_channels,
+                        config.data.height // 8, config.data.width // 8)
+            noise = torch.zeros(x0_shape)
+            try:
+                guider.sample(noise, torch.zeros(x0_shape), loop, torch.tensor([1.0, 0.0]), disable_pbar=True,
+                              seed=config.seed)
+            except _Stopped:
+                interrupted = True
+        return TrainResult(self.progress.step, list(self.progress.losses), self.trainables, self.run_dir,
+                           interrupted)
+
+    def _modules(self):
+        yield self.model.model
+        motion = self.trainables.motion_model
+        if motion is None and self.models.motion is not None:
+            motion = self.models.motion.patcher.model
+        if motion is not None:
+            yield motion
+
+    def backward(self, guider, model_options, seed, device, dtype, scaler, divisor: int) -> float:
+        """Loss and backward of one micro-batch; returns the loss (NaN when it was not finite, without
+        a backward). Each path's backward runs while its LoRAs are frozen as the path needs, so a
+        gradient-checkpoint recompute sees the same weights as the forward did."""
+        config = self.config
+        frames = config.data.frames
+        x0, conditioning = self._batch(device)
+        clips = x0.shape[0] // frames
+        sampling = self.model.get_model_object("model_sampling")
+        table = sampling.sigmas.float().cpu()
+        picks = torch.randint(0, table.shape[0], (clips,), generator=self.generator)
+        sigma = table[picks].repeat_interleave(frames).to(device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(device)
+        anchors = torch.randint(0, frames, (clips,), generator=self.generator)
+        single = torch.randint(0, frames, (clips,), generator=self.generator)
+
+        def path(options, rows, frozen, loss_of) -> float:
+            for lora in frozen:
+                lora.frozen = True
+            try:
+                cond = [[conditioning[0][0][rows], {k: v[rows] for k, v in conditioning[0][1].items()}]]
+                err = self._error(guider, options, seed, x0[rows], sigma[rows], noise[rows], cond, dtype)
+                loss = loss_of(err)
+                if not bool(torch.isfinite(loss)):
+                    return math.nan
+                scaler.scale(loss / divisor).backward()
+                return float(loss.detach())
+            finally:
+                for lora in frozen:
+                    lora.frozen = False
+
+        every = torch.arange(x0.shape[0])
+        if config.mode != "motion_director":
+            return path(model_options, every, (), lambda err: err.pow(2).mean())
+        # MotionDirector: the temporal path trains the temporal LoRA on whole clips with the debiased
+        # loss (spatial LoRA applied, not trained); the spatial path the spatial LoRA on one frame per clip
+        temporal = path(model_options, every, self.trainables.spatial.values(),
+                        lambda err: debiased_mse(err, frames, anchors, config.train.debias_beta))
+        if math.isnan(temporal):
+            return temporal
+        rows = torch.arange(clips) * frames + single
+        spatial = path(_single_frame_options(model_options), rows, self.trainables.temporal.values(),
+                       lambda err: err.pow(2).mean())
+        return temporal + spatial
+
+    def _error(self, guider, model_options, seed, x0, sigma, noise, conditioning, dtype) -> torch.Tensor:
+        """target - prediction of the model's raw output (epsilon or v), per element."""
+        sampling = self.model.get_model_object("model_sampling")
+        xt = sampling.noise_scaling(sigma, noise, x0)
+        conds = {"positive": comfy.sampler_helpers.convert_cond(conditioning)}
+        guider.conds = comfy.samplers.process_conds(guider.inner_model, xt, conds, xt.device, None, None, seed)
+        autocast = torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        with autocast:
+            denoised = guider(xt, sigma, model_options=model_options, seed=seed)
+        c_out = -sampling.calculate_denoised(sigma, torch.ones_like(x0[:, :1]), torch.zeros_like(x0[:, :1]))
+        return (denoised.float() - x0) / c_out.float()
+
+    def write_log(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        new = not os.path.exists(self.log_path) or step == 1
+        with open(self.log_path, "w" if new else "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "loss", "learning_rate", "seconds"])
+            writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{seconds:.3f}"])
+
+
+class _Stopped(Exception):
+    """Raised inside the loop when the run is asked to stop (SIGTERM, Ctrl-C handled by the caller)."""
+
+
+def _single_frame_options(model_options: dict) -> dict:
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    transformer_options = options.setdefault("transformer_options", {})
+    transformer_options[KEY] = dataclasses.replace(transformer_options[KEY], frames_per_clip=1)
+    return options
+
+
+def _equal_tokens(conds: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-clip text embeddings whose token counts differ (long captions: 77 x k) by
+    repeating each to the least common multiple, as ComfyUI batches cross-attention conds."""
+    length = math.lcm(*(c.shape[1] for c in conds))
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+
+
+class _LoopSampler(comfy.samplers.Sampler):
+    """A Sampler whose ``sample`` is the training loop: the guider has prepared the models, conds,
+    wrappers and memory exactly as for sampling; each step calls the guider as the sampler would."""
+
+    def __init__(self, trainer: Trainer, optimizer, schedule, scaler, dtype):
+        self.trainer, self.optimizer, self.schedule, self.scaler, self.dtype = trainer, optimizer, schedule, scaler, dtype
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        trainer, config = self.trainer, self.trainer.config
+        model_options, seed = extra_args["model_options"], extra_args.get("seed")
+        progress = trainer.progress
+        accumulation = config.train.gradient_accumulation
+        pbar = comfy.utils.ProgressBar(config.train.steps)
+        pbar.update_absolute(progress.step, config.train.steps)
+        last_saved = progress.step
+        start = time.perf_counter()
+        while progress.step < config.train.steps:
+            snapshot = (copy.deepcopy(progress), trainer.generator.get_state())
+            try:
+                if trainer.should_stop():
+                    raise _Stopped()
+                total = 0.0
+                for _ in range(accumulation):
+                    total += trainer.backward(model_wrap, model_options, seed, noise.device, self.dtype,
+                                              self.scaler, accumulation) / accumulation
+                    if math.isnan(total):
+                        break
+                finite = not math.isnan(total) and self._step()
+            except (_Stopped, KeyboardInterrupt, comfy.model_management.InterruptProcessingException):
+                self._save(snapshot)
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                progress.nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
+                            progress.step + 1, progress.nonfinite_in_a_row)
+                if progress.nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{progress.nonfinite_in_a_row} steps in a row had a non-finite loss (last good state: "
+                        f"step {last_saved}); lower [train] learning_rate ({config.train.learning_rate}) or use "
+                        "fp32/bf16. Nothing non-finite was saved")
+                continue
+            progress.nonfinite_in_a_row = 0
+            progress.step += 1
+            progress.losses.append(total)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.schedule.step()
+            if progress.step % config.output.log_every == 0 or progress.step == config.train.steps:
+                trainer.write_log(progress.step, total, lr, time.perf_counter() - start)
+            pbar.update_absolute(progress.step, config.train.steps)
+            if trainer.on_step is not None:
+                trainer.on_step(progress.step, config.train.steps, total)
+            if progress.step % config.output.save_every == 0 or progress.step == config.train.steps:
+                self._save((progress, trainer.generator.get_state()))
+                last_saved = progress.step
+        return torch.zeros_like(latent_image)
+
+    def _step(self) -> bool:
+        """Clip, check and apply the accumulated gradients; False when they are not finite."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.trainer.config.train.max_grad_norm or float("inf"))
+        if not bool(torch.isfinite(norm)):
+            self.scaler.update()
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return True
+
+    def _save(self, snapshot) -> None:
+        trainer = self.trainer
+        progress = snapshot[0]
+        if not all(bool(torch.isfinite(p).all()) for p in trainer.parameters.values()):
+            raise TrainingError(f"the trained weights became non-finite before step {progress.step + 1}; not "
+                                "saving them. Lower [train] learning_rate or use fp32/bf16")
+        state = trainer.state(self.optimizer, self.schedule, self.scaler, snapshot)
+        path = save_state(trainer.run_dir, progress.step, state, trainer.config.output.keep_last)
+        log.info("saved %s (step %d)", path, progress.step)
