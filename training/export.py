@@ -22,7 +22,7 @@ import folder_paths
 from ..motion_modules import save_motion_model
 from ..nodes.folders import MOTION_LORAS, MOTION_MODELS
 from .adapters import motion_lora_state_dict, sd_lora_state_dict
-from .checkpoints import atomic_write
+from .checkpoints import atomic_write, check_writable
 
 log = logging.getLogger(__name__)
 CONFIG_METADATA_KEY = "animatediff_suite.training"
@@ -38,6 +38,19 @@ def destination(folder_name: str, file_name: str) -> str:
     folder = folder_paths.get_folder_paths(folder_name)[0]
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, file_name)
+
+
+def output_folders(config) -> list[str]:
+    """The model folders this run's files go to."""
+    kinds = {"motion_lora": [MOTION_LORAS], "motion_module": [MOTION_MODELS], "domain_adapter": ["loras"],
+             "motion_director": [MOTION_LORAS, "loras"]}[config.mode]
+    return [folder_paths.get_folder_paths(kind)[0] for kind in kinds]
+
+
+def check_destinations(config) -> None:
+    """Before the first step: the folders the trained files go to are writable."""
+    for folder in output_folders(config):
+        check_writable(folder, 2 ** 20)
 
 
 def save_outputs(config, result, model) -> dict[str, str]:

@@ -15,7 +15,7 @@ from ..nodes.injection import load_motion_patcher
 from .checkpoints import state_paths
 from .config import Config
 from .data import ClipSource, FileClips
-from .export import model_identity, save_outputs
+from .export import check_destinations, model_identity, save_outputs
 from .trainer import BaseModels, Trainer, TrainResult, build_trainables
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:
     if not resume and state_paths(folder):
         raise MotionModelError(f"run {config.name!r} already has saved states in {folder}; pass --resume to "
                                "continue it, or choose another name")
+    check_destinations(config)
     stop = StopRequest()
     previous = stop.install()
     bar = _ProgressBar(config)
@@ -121,6 +122,7 @@ def run_in_graph(config: Config, models: BaseModels, clips: ClipSource, resume: 
     """A run inside a ComfyUI graph: continue the saved run of this name (``resume``) or start over.
     An interrupt saves the state and propagates (ComfyUI shows the prompt as interrupted)."""
     folder = run_dir(config)
+    check_destinations(config)
     saved = state_paths(folder)
     if saved and not resume:
         for path in saved:

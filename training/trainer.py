@@ -424,6 +424,7 @@ class _LoopSampler(comfy.samplers.Sampler):
             try:
                 if trainer.should_stop():
                     raise _Stopped()
+                comfy.model_management.throw_exception_if_processing_interrupted()
                 total = 0.0
                 for _ in range(accumulation):
                     total += trainer.backward(model_wrap, model_options, seed, noise.device, self.dtype,
