@@ -122,10 +122,10 @@ class TrainMotionLora(io.ComfyNode):
                 prev_motion_lora=None, **values) -> io.NodeOutput:
         from ..training.session import graph_models, run_in_graph  # imports nodes.*: not at package import
 
-        config = config_from_dict(_train_config("motion_lora", values), source="Train MotionLoRA", clips_given=True)
+        config = config_from_dict(_train_config("motion_lora", values), source="Train MotionLoRA", in_graph=True)
         clips = MemoryClips(split_clips(images, frames_per_clip, caption), config.data)
         result, written = run_in_graph(config, graph_models(model, clip, vae, motion_model), clips,
-                                       values["resume"], _progress_text(cls.hidden.unique_id))
+                                       values["resume"], _progress_text(getattr(cls.hidden, "unique_id", None)))
         name = os.path.basename(written["motion_lora"])
         chain = tuple(prev_motion_lora or ()) + (MotionLoraEntry(name, load_lora(written["motion_lora"]), strength),)
         return io.NodeOutput(chain, loss_curve_image(result.losses), _summary(result, written))
@@ -177,10 +177,10 @@ class TrainMotion(io.ComfyNode):
         if mode in ("motion_lora", "motion_director") and motion_model is None:
             raise MotionModelError(f"Train Motion: mode {mode} trains a LoRA of a motion model: connect motion_model")
         path = os.path.join(folder_paths.get_input_directory(), folder)
-        config = config_from_dict(_train_config(mode, values, batch_size, path), source="Train Motion")
+        config = config_from_dict(_train_config(mode, values, batch_size, path), source="Train Motion", in_graph=True)
         models = graph_models(model, clip, vae, motion_model)
         result, written = run_in_graph(config, models, FileClips(config.data), values["resume"],
-                                       _progress_text(cls.hidden.unique_id))
+                                       _progress_text(getattr(cls.hidden, "unique_id", None)))
         return io.NodeOutput(loss_curve_image(result.losses), _summary(result, written))
 
 

@@ -1,7 +1,6 @@
 """Each training mode learns (held-out loss, measured the test's own way through the stock nodes),
 trains only what it should, leaves the base bit-identical, and writes files the loaders apply."""
 
-import copy
 import os
 
 import pytest
@@ -23,25 +22,6 @@ RECIPES = {
     "motion_lora": (60, 1e-2, 16, 0.75),
     "motion_director": (60, 1e-2, 16, 0.75),
 }
-
-
-@pytest.fixture
-def folders(comfyui, tmp_path):
-    """ComfyUI's output and model folders pointed at tmp_path for one test, restored after it."""
-    import folder_paths
-
-    saved = copy.deepcopy(folder_paths.folder_names_and_paths), folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    for name in ("animatediff_motion_lora", "animatediff_models", "loras"):
-        folder_paths.add_model_folder_path(name, str(tmp_path / name), is_default=True)
-        folder_paths.filename_list_cache.pop(name, None)
-    try:
-        yield tmp_path
-    finally:
-        folder_paths.folder_names_and_paths.clear()
-        folder_paths.folder_names_and_paths.update(saved[0])
-        folder_paths.set_output_directory(saved[1])
-        folder_paths.filename_list_cache.clear()
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

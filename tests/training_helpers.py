@@ -29,7 +29,7 @@ def config(mode: str, name: str = "run", steps: int = 4, **train):
     return config_from_dict({
         "mode": mode, "name": name, "seed": 3, "base": {"demo_seed": 0},
         "data": {"frames": 8, "stride": 1, "width": SIZE, "height": SIZE, "caption_dropout": 0.0},
-        "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}, clips_given=True)
+        "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}, in_graph=True)
 
 
 def base_models(mode: str):

@@ -123,11 +123,12 @@ def load_config(path: str) -> Config:
     return config_from_dict(raw, source=f"config {path!r}")
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str = "config", clips_given: bool = False) -> Config:
+def config_from_dict(raw: Mapping[str, Any], source: str = "config", in_graph: bool = False) -> Config:
     """Build a Config from nested dicts (TOML tables), checking names, types and ranges.
 
     Args:
-        clips_given: the clips come from a node input, not from ``[data] folder`` / ``csv``.
+        in_graph: the models come from node inputs (no ``[base]`` checks), and the clips too unless
+            ``[data] folder`` is set.
     """
     top = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
@@ -141,7 +142,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config", clips_given
         else:
             values[key] = _typed(top[key], value, f"{source}: {key}")
     config = Config(**values)
-    check_config(config, source, clips_given)
+    check_config(config, source, in_graph)
     return config
 
 
@@ -171,20 +172,21 @@ def _need(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
-def check_config(config: Config, source: str = "config", clips_given: bool = False) -> None:
+def check_config(config: Config, source: str = "config", in_graph: bool = False) -> None:
     """Ranges and combinations; raises ConfigError naming the key."""
     base, data, train, out = config.base, config.data, config.train, config.output
     _need(config.mode in MODES, f"{source}: mode", f"unknown mode {config.mode!r}; expected one of {list(MODES)}")
     _need(bool(config.name) and all(c.isalnum() or c in "-_." for c in config.name) and config.name[0] != ".",
           f"{source}: name", f"{config.name!r} must be a plain file-name stem (letters, digits, - _ .)")
-    _need((base.checkpoint != "") != (base.demo_seed >= 0), f"{source}: [base] checkpoint",
-          "set exactly one of checkpoint (a file in models/checkpoints) and demo_seed")
-    if config.mode in ("motion_lora", "motion_director"):
-        _need(bool(base.motion_model) or base.demo_seed >= 0, f"{source}: [base] motion_model",
-              f"mode {config.mode!r} trains a LoRA of a motion model: name one in models/animatediff_models")
+    if not in_graph:
+        _need((base.checkpoint != "") != (base.demo_seed >= 0), f"{source}: [base] checkpoint",
+              "set exactly one of checkpoint (a file in models/checkpoints) and demo_seed")
+        if config.mode in ("motion_lora", "motion_director"):
+            _need(bool(base.motion_model) or base.demo_seed >= 0, f"{source}: [base] motion_model",
+                  f"mode {config.mode!r} trains a LoRA of a motion model: name one in models/animatediff_models")
     _need(base.new_motion_version in NEW_MODULE_VERSIONS, f"{source}: [base] new_motion_version",
           f"{base.new_motion_version!r}; expected one of {list(NEW_MODULE_VERSIONS)}")
-    if not clips_given:
+    if not in_graph or data.folder:
         _need(bool(data.folder) != bool(data.csv), f"{source}: [data] folder",
               "set exactly one of folder and csv (the training clips)")
     _need(1 <= data.frames <= 64, f"{source}: [data] frames", f"{data.frames} must be in 1..64")

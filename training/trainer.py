@@ -258,57 +258,69 @@ class Trainer:
             self.text_cache[caption] = [cond.float(), pooled.float() if pooled is not None else None]
         return self.text_cache[caption]
 
-    def _batch(self, device) -> tuple[torch.Tensor, list]:
-        """(x0 latents (clips*frames, c, h, w) in the model's space, conditioning with a row per frame)."""
-        data = self.config.data
-        latents, conds, pooled = [], [], []
+    def _batch(self, device) -> _Batch:
+        """One micro-batch. Every random draw of a clip (which clip, its frames and flip, caption
+        dropout, timestep, noise, anchor and single frame) is made clip by clip, so ``batch_size`` 2
+        draws exactly what two micro-batches of 1 draw, and the generator state at a step start
+        fixes the rest of the run."""
+        data, frames = self.config.data, self.config.data.frames
+        sigmas = self.model.get_model_object("model_sampling").sigmas.float().cpu()
+        parts = []
         for index in self._next_indices(self.config.train.batch_size):
             pixels = self.clips.load(index, self.generator)
             caption = self.clips.caption(index)
             if float(torch.rand((), generator=self.generator)) < data.caption_dropout:
                 caption = ""
             with torch.no_grad():
-                latents.append(self.models.vae.encode(pixels).float())
-            cond, pool = self._conditioning(caption)
-            conds.append(cond.expand(pixels.shape[0], -1, -1))
-            if pool is not None:
-                pooled.append(pool.expand(pixels.shape[0], -1))
-        x0 = self.model.model.process_latent_in(torch.cat(latents)).to(device)
-        options = {"pooled_output": torch.cat(pooled)} if pooled else {}
-        return x0, [[_equal_tokens(conds), options]]
+                latent = self.model.model.process_latent_in(self.models.vae.encode(pixels).float())
+            sigma = sigmas[int(torch.randint(0, sigmas.shape[0], (), generator=self.generator))]
+            noise = torch.randn(latent.shape, generator=self.generator)
+            anchor, single = torch.randint(0, frames, (2,), generator=self.generator).tolist()
+            parts.append((latent, self._conditioning(caption), sigma, noise, anchor, single))
+        conds = [cond.expand(frames, -1, -1) for _, (cond, _), *_ in parts]
+        pooled = [pool.expand(frames, -1) for _, (_, pool), *_ in parts if pool is not None]
+        return _Batch(
+            x0=torch.cat([p[0] for p in parts]).to(device),
+            conditioning=[[_equal_tokens(conds), {"pooled_output": torch.cat(pooled)} if pooled else {}]],
+            sigma=torch.stack([p[2] for p in parts]).repeat_interleave(frames).to(device),
+            noise=torch.cat([p[3] for p in parts]).to(device),
+            anchors=torch.tensor([p[4] for p in parts]), single=torch.tensor([p[5] for p in parts]))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
-        config = self.config
+        """Train (from the last saved state with ``resume``); returns when done or asked to stop."""
         check_writable(self.run_dir, 3 * sum(p.numel() * 4 for p in self.parameters.values()) + 2 ** 20)
-        self.model = patched_models(config, self.models, self.trainables)
-        optimizer, schedule = self._optimizer()
-        device = self.model.load_device
-        dtype = resolve_precision(config.train.precision, torch.device(device))
-        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
-        if resume:
-            self.resume(optimizer, schedule, scaler)
         self.log_path = os.path.join(self.run_dir, "log.csv")
-        interrupted = False
-        with torch.inference_mode(False):
-            comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
-            replaced = sum(make_autograd_ready(m) for m in self._modules())
-            log.debug("made %d inference tensors usable by autograd", replaced)
-            loop = _LoopSampler(self, optimizer, schedule, scaler, dtype)
-            guider = comfy.samplers.CFGGuider(self.model)
-            guider.set_cfg(1.0)
-            cond, pooled = self._conditioning("")
-            guider.inner_set_conds({"positive": [[cond, {} if pooled is None else {"pooled_output": pooled}]]})
-            x0_shape = (config.train.batch_size * config.data.frames, self.model.model.latent_format.latent_channels,
-                        config.data.height // 8, config.data.width // 8)
-            noise = torch.zeros(x0_shape)
-            try:
-                guider.sample(noise, torch.zeros(x0_shape), loop, torch.tensor([1.0, 0.0]), disable_pbar=True,
-                              seed=config.seed)
-            except _Stopped:
-                interrupted = True
+        with torch.inference_mode(False):  # ComfyUI's executor runs nodes under inference mode
+            interrupted = self._run(resume)
         return TrainResult(self.progress.step, list(self.progress.losses), self.trainables, self.run_dir,
                            interrupted)
+
+    def _run(self, resume: bool) -> bool:
+        config = self.config
+        self.model = patched_models(config, self.models, self.trainables)
+        optimizer, schedule = self._optimizer()
+        device = torch.device(self.model.load_device)
+        dtype = resolve_precision(config.train.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        if resume:
+            self.resume(optimizer, schedule, scaler)
+        comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
+        replaced = sum(make_autograd_ready(m) for m in self._modules())
+        log.debug("made %d inference tensors usable by autograd", replaced)
+        loop = _LoopSampler(self, optimizer, schedule, scaler, dtype)
+        guider = comfy.samplers.CFGGuider(self.model)
+        guider.set_cfg(1.0)
+        cond, pooled = self._conditioning("")
+        guider.inner_set_conds({"positive": [[cond, {} if pooled is None else {"pooled_output": pooled}]]})
+        shape = (config.train.batch_size * config.data.frames, self.model.model.latent_format.latent_channels,
+                 config.data.height // 8, config.data.width // 8)
+        try:  # the sampling path sizes memory and checks inputs for this batch shape
+            guider.sample(torch.zeros(shape), torch.zeros(shape), loop, torch.tensor([1.0, 0.0]),
+                          disable_pbar=True, seed=config.seed)
+        except _Stopped:
+            return True
+        return False
 
     def _modules(self):
         yield self.model.model
@@ -324,15 +336,9 @@ class Trainer:
         gradient-checkpoint recompute sees the same weights as the forward did."""
         config = self.config
         frames = config.data.frames
-        x0, conditioning = self._batch(device)
+        batch = self._batch(device)
+        x0, conditioning, sigma, noise, anchors = batch.x0, batch.conditioning, batch.sigma, batch.noise, batch.anchors
         clips = x0.shape[0] // frames
-        sampling = self.model.get_model_object("model_sampling")
-        table = sampling.sigmas.float().cpu()
-        picks = torch.randint(0, table.shape[0], (clips,), generator=self.generator)
-        sigma = table[picks].repeat_interleave(frames).to(device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(device)
-        anchors = torch.randint(0, frames, (clips,), generator=self.generator)
-        single = torch.randint(0, frames, (clips,), generator=self.generator)
 
         def path(options, rows, frozen, loss_of) -> float:
             for lora in frozen:
@@ -358,7 +364,7 @@ class Trainer:
                         lambda err: debiased_mse(err, frames, anchors, config.train.debias_beta))
         if math.isnan(temporal):
             return temporal
-        rows = torch.arange(clips) * frames + single
+        rows = torch.arange(clips) * frames + batch.single
         spatial = path(_single_frame_options(model_options), rows, self.trainables.temporal.values(),
                        lambda err: err.pow(2).mean())
         return temporal + spatial
@@ -375,13 +381,24 @@ class Trainer:
         c_out = -sampling.calculate_denoised(sigma, torch.ones_like(x0[:, :1]), torch.zeros_like(x0[:, :1]))
         return (denoised.float() - x0) / c_out.float()
 
-    def write_log(self, step: int, loss: float, lr: float, seconds: float) -> None:
+    def write_log(self, step: int, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
+        """One row of log.csv (grad_norm: of the accumulated gradients, before clipping)."""
         new = not os.path.exists(self.log_path) or step == 1
         with open(self.log_path, "w" if new else "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
-                writer.writerow(["step", "loss", "learning_rate", "seconds"])
-            writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{seconds:.3f}"])
+                writer.writerow(["step", "loss", "grad_norm", "learning_rate", "seconds"])
+            writer.writerow([step, f"{loss:.8g}", f"{grad_norm:.8g}", f"{lr:.6g}", f"{seconds:.3f}"])
+
+
+@dataclass
+class _Batch:
+    x0: torch.Tensor  # (clips frames) c h w, in the model's latent space
+    conditioning: list  # one entry, a row per frame
+    sigma: torch.Tensor  # per row, shared by a clip's frames
+    noise: torch.Tensor
+    anchors: torch.Tensor  # per clip: MotionDirector's anchor frame
+    single: torch.Tensor  # per clip: the spatial path's frame
 
 
 class _Stopped(Exception):
@@ -431,7 +448,8 @@ class _LoopSampler(comfy.samplers.Sampler):
                                               self.scaler, accumulation) / accumulation
                     if math.isnan(total):
                         break
-                finite = not math.isnan(total) and self._step()
+                norm = self._step() if not math.isnan(total) else math.nan
+                finite = not math.isnan(norm)
             except (_Stopped, KeyboardInterrupt, comfy.model_management.InterruptProcessingException):
                 self._save(snapshot)
                 raise
@@ -452,7 +470,7 @@ class _LoopSampler(comfy.samplers.Sampler):
             lr = self.optimizer.param_groups[0]["lr"]
             self.schedule.step()
             if progress.step % config.output.log_every == 0 or progress.step == config.train.steps:
-                trainer.write_log(progress.step, total, lr, time.perf_counter() - start)
+                trainer.write_log(progress.step, total, norm, lr, time.perf_counter() - start)
             pbar.update_absolute(progress.step, config.train.steps)
             if trainer.on_step is not None:
                 trainer.on_step(progress.step, config.train.steps, total)
@@ -461,17 +479,17 @@ class _LoopSampler(comfy.samplers.Sampler):
                 last_saved = progress.step
         return torch.zeros_like(latent_image)
 
-    def _step(self) -> bool:
-        """Clip, check and apply the accumulated gradients; False when they are not finite."""
+    def _step(self) -> float:
+        """Clip, check and apply the accumulated gradients; returns their norm (NaN: not finite, not applied)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.trainer.config.train.max_grad_norm or float("inf"))
-        if not bool(torch.isfinite(norm)):
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.trainer.config.train.max_grad_norm or float("inf")))
+        if not math.isfinite(norm):
             self.scaler.update()
-            return False
+            return math.nan
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return True
+        return norm
 
     def _save(self, snapshot) -> None:
         trainer = self.trainer

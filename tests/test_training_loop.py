@@ -1,0 +1,130 @@
+"""The training loop in-process: interrupts of a training node, non-finite losses, gradient
+checkpointing, gradient accumulation, and the Train MotionLoRA node's outputs."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training_helpers import base_models, config, shape_clip
+
+pytestmark = pytest.mark.comfyui
+
+
+def train(run, clips, resume=False, on_step=None, mode="motion_lora"):
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.session import run_in_graph
+
+    with torch.inference_mode():  # as ComfyUI's executor runs a node
+        return run_in_graph(run, base_models(mode), MemoryClips(clips, run.data), resume, on_step)
+
+
+def lora_file(written) -> dict:
+    return load_file(written["motion_lora"])
+
+
+def test_interrupted_node_resumes_to_the_uninterrupted_weights(env, folders):
+    import comfy.model_management as mm
+
+    clips = [shape_clip(s) for s in range(3)]
+    _, plain = train(config("motion_lora", "plain", steps=6, batch_size=2), clips)
+    expected = lora_file(plain)
+
+    def interrupt_after_three(step, total, loss):
+        if step == 3:
+            mm.interrupt_current_processing(True)  # what ComfyUI's /interrupt does
+
+    run = config("motion_lora", "cut", steps=6, batch_size=2)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(run, clips, on_step=interrupt_after_three)
+    folder = folders / "output" / "animatediff_training" / "cut"
+    assert sorted(os.listdir(folder)) == ["log.csv", "state-00000003.pt"]
+    assert not (folders / "animatediff_motion_lora" / "cut.safetensors").exists()
+    result, written = train(run, clips, resume=True)
+    assert result.steps == 6
+    got = lora_file(written)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_non_finite_losses_stop_the_run_and_nothing_non_finite_is_saved(env, folders):
+    from animatediff_suite.training.trainer import TrainingError
+
+    run = config("motion_lora", "blowup", steps=30, batch_size=1, learning_rate=1e8, max_nonfinite_steps=3,
+                 max_grad_norm=0.0)
+    with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss.*learning_rate"):
+        train(run, [shape_clip(0)])
+    folder = folders / "output" / "animatediff_training" / "blowup"
+    for name in os.listdir(folder):
+        if name.startswith("state-"):
+            state = torch.load(folder / name, weights_only=True)
+            assert all(bool(torch.isfinite(t).all()) for t in state["parameters"].values())
+    assert not (folders / "animatediff_motion_lora" / "blowup.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["motion_lora", "motion_director"])
+def test_gradient_checkpointing_trains_the_same_weights(env, folders, mode):
+    clips = [shape_clip(s) for s in range(2)]
+    _, plain = train(config(mode, "plain", steps=3, gradient_checkpointing=False), clips, mode=mode)
+    _, checkpointed = train(config(mode, "ckpt", steps=3, gradient_checkpointing=True), clips, mode=mode)
+    for kind in plain:
+        a, b = load_file(plain[kind]), load_file(checkpointed[kind])
+        moved = max(float(v.abs().max()) for k, v in a.items() if ".up." in k or "lora_up" in k)
+        assert moved > 1e-4  # the up matrices start at zero: training moved them
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def logged(folders, name) -> list[list[float]]:
+    lines = (folders / "output" / "animatediff_training" / name / "log.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,grad_norm,learning_rate,seconds"
+    return [[float(v) for v in line.split(",")] for line in lines[1:]]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(env, folders):
+    """Two micro-batches of one clip, accumulated, make the same step as one batch of two clips: the
+    batch's loss is the mean over both clips, the accumulated one the mean of the two means, and each
+    clip's random draws are the same either way. So the logged loss and gradient norm agree (summing
+    instead of averaging doubles them) and so do the weights after the step (stepping per micro-batch
+    would move them twice)."""
+    clips = [shape_clip(s) for s in range(4)]
+    _, batched = train(config("motion_lora", "batched", steps=1, batch_size=2), clips)
+    _, accumulated = train(config("motion_lora", "accumulated", steps=1, batch_size=1, gradient_accumulation=2),
+                           clips)
+    (_, loss_a, norm_a, *_), = logged(folders, "batched")
+    (_, loss_b, norm_b, *_), = logged(folders, "accumulated")
+    # float order (other batch shapes take other kernel blockings) moves the small norm by ~0.1%
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-2)
+    a, b = lora_file(batched), lora_file(accumulated)
+    # AdamW's first step is lr * g / (|g| + eps): where g is near eps, float order flips single entries,
+    # so compare means; stepping once per micro-batch would move every entry by about lr more
+    for key in a:
+        assert float((b[key] - a[key]).abs().mean()) < 0.05 * 1e-3, key
+    _, single = train(config("motion_lora", "single", steps=1, batch_size=1), clips)
+    (_, loss_c, norm_c, *_), = logged(folders, "single")
+    assert abs(loss_c - loss_a) > 1e-4 and abs(norm_c - norm_a) > 1e-3 * norm_a  # one clip is another step
+
+
+def test_train_motionlora_node_returns_a_chain_that_animates(env, folders):
+    from animatediff_suite.nodes.train_nodes import CameraMotionClips, TrainMotionLora
+
+    models = base_models("motion_lora")
+    stills = torch.stack([shape_clip(s, frames=1)[0][0] for s in range(2)])
+    images, per_clip = CameraMotionClips.execute(stills, "pan_left", 8, 0.05, "linear", 64, 64, 0.0, 0).result
+    assert images.shape == (16, 64, 64, 3) and per_clip == 8
+    values = dict(name="pan", steps=3, learning_rate=1e-2, rank=4, frames=8, stride=1, width=64, height=64, seed=0,
+                  gradient_checkpointing=True, resume=True)
+    with torch.inference_mode():
+        out = TrainMotionLora.execute(models.model, models.motion, models.clip, models.vae, images,
+                                      "the camera pans left", per_clip, 0.7, **values)
+    chain, loss_image, info = out.result
+    assert [(e.name, e.strength) for e in chain] == [("pan.safetensors", 0.7)]
+    assert loss_image.shape == (1, 256, 512, 3) and "3 steps" in info and "pan.safetensors" in info
+    file = load_file(str(folders / "animatediff_motion_lora" / "pan.safetensors"))
+    pair = next(k for k in file if k.endswith("to_q_lora.up.weight"))
+    target = pair.replace(".processor.to_q_lora.up.weight", ".to_q.weight")
+    up, down = chain[0].lora.pairs[target]
+    torch.testing.assert_close(up, file[pair])
+    with pytest.raises(Exception, match="not a multiple of frames_per_clip"):
+        TrainMotionLora.execute(models.model, models.motion, models.clip, models.vae, images[:12],
+                                "x", 8, 1.0, **values)
