@@ -42,6 +42,8 @@ def server(comfyui, tmp_path_factory):
     torch.save(tiny_domain_adapter_state_dict(), folders["loras"] / "v3_sd15_adapter.ckpt")
     (root / "input").mkdir()
     Image.new("RGB", (96, 80), (200, 120, 40)).save(root / "input" / "example.png")
+    frames = [Image.new("RGB", (96, 80), (10 * i, 120, 40)) for i in range(16)]  # an animated clip
+    frames[0].save(root / "input" / "example_clip.webp", save_all=True, append_images=frames[1:], duration=125)
     output = root / "output"
     instance = runner.ComfyServer.start(
         comfyui, str(root), ["--cpu", "--input-directory", str(root / "input"), "--output-directory", str(output)],
@@ -52,13 +54,15 @@ def server(comfyui, tmp_path_factory):
 
 
 def tiny(graph: dict) -> dict:
-    """The example on tiny models, at 64x64 and 2 steps."""
+    """The example on tiny models, at 64x64 and 2 steps (2 training steps of 8 frames)."""
     graph = runner.use_tiny_models(graph, swap_motion_loaders=False)
     for node in graph.values():
-        if node["class_type"] in ("EmptyLatentImage", "ImageScale"):
+        if node["class_type"] in ("EmptyLatentImage", "ImageScale", "ADS_CameraMotionClips", "ADS_TrainMotionLora"):
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
+        if node["class_type"] == "ADS_TrainMotionLora":
+            node["inputs"].update(steps=2, frames=8, rank=4)
     return graph
 
 

@@ -114,6 +114,37 @@ def _free_init() -> dict:
     return graph
 
 
+def _train_and_animate(source: dict, images: list, frames_per_clip, name: str, caption: str, prompt: str,
+                       prefix: str) -> dict:
+    """Train a MotionLoRA from ``images`` (nodes in ``source``), then txt2vid with it in the same prompt."""
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", prompt, prefix, cfg=7.5)
+    graph.update(source)
+    graph["22"] = {"class_type": "ADS_TrainMotionLora", "inputs": {
+        "model": ["1", 0], "motion_model": ["2", 0], "clip": ["1", 1], "vae": ["1", 2], "images": images,
+        "caption": caption, "frames_per_clip": frames_per_clip, "name": name, "steps": 300, "learning_rate": 0.0005,
+        "rank": 32, "frames": 16, "stride": 1, "width": 256, "height": 256, "seed": 0,
+        "gradient_checkpointing": True, "resume": True, "strength": 1.0}}
+    graph["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 1]}}
+    graph["3"]["inputs"]["motion_lora"] = ["22", 0]
+    return graph
+
+
+def _train_from_clip() -> dict:
+    return _train_and_animate(
+        {"20": {"class_type": "LoadImage", "inputs": {"image": "example_clip.webp"}}}, ["20", 0], 0,
+        "my_motion", "a ball bouncing", "a red balloon bouncing in a park, masterpiece", "AnimateDiff/trained_motion")
+
+
+def _camera_from_stills() -> dict:
+    return _train_and_animate(
+        {"20": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+         "21": {"class_type": "ADS_CameraMotionClips", "inputs": {
+             "images": ["20", 0], "motion": "zoom_in", "frames": 16, "speed": 0.02, "easing": "linear",
+             "width": 256, "height": 256, "speed_jitter": 0.0, "seed": 0}}},
+        ["21", 0], ["21", 1], "camera_zoom_in", "the camera zooms in",
+        "a castle on a hill at dawn, masterpiece", "AnimateDiff/camera_zoom")
+
+
 # name -> (API graph, the model files it expects, one line of description)
 EXAMPLES = {
     "txt2vid_sd15": (
@@ -160,6 +191,22 @@ EXAMPLES = {
          "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
         "Two 16-frame clips sampled in one pass: a 32-latent batch with Apply Motion Model's frames_per_clip "
         "16, one prompt per clip (Prompt Travel holding each prompt over its clip), each clip saved on its own."),
+    "train_motionlora_and_animate": (
+        _train_from_clip(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt",
+         "input": "example_clip.webp (an animated WebP or GIF of the motion, 16+ frames)"},
+        "Teach the motion model a motion from one clip (Train MotionLoRA: 300 steps at 256x256, saved to "
+        "models/animatediff_motion_lora/my_motion.safetensors), then animate a new prompt with it in the "
+        "same prompt. The loss curve shows in the preview. Run it again with more steps to continue."),
+    "camera_motionlora_from_stills": (
+        _camera_from_stills(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt", "input": "example.png (any image; load several "
+                                                                     "for a better LoRA)"},
+        "A camera MotionLoRA made from stills, as the AnimateDiff paper made its own: Camera Motion Clips "
+        "turns the image into a 16-frame zoom-in clip, Train MotionLoRA learns it, and the new LoRA animates "
+        "a prompt with that camera move."),
     "txt2vid_sdxl": (
         _txt2vid("sd_xl_base_1.0.safetensors", "mm_sdxl_v10_beta.ckpt",
                  "a paper boat drifting down a stream, autumn leaves, detailed", "AnimateDiff/sdxl", size=1024,
@@ -214,6 +261,11 @@ def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
         for name, spec, _ in _inputs(info):
             value = node["inputs"].get(name)
             if _kind(spec) in WIDGET_TYPES:
+                if isinstance(value, list):  # a widget fed by a link: an input socket marked as the widget's
+                    link = len(links) + 1
+                    links.append([link, ids[value[0]], value[1], ids[node_id], len(inputs), _kind(spec)])
+                    inputs.append({"name": name, "type": _kind(spec), "link": link, "widget": {"name": name}})
+                    value = None
                 widgets += [_default(spec) if value is None else value, *_extra_widgets(spec)]
                 continue
             link = None
@@ -259,6 +311,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if _kind(spec) in WIDGET_TYPES:
                 inputs[name] = values.pop(0)
                 del values[:len(_extra_widgets(spec))]
+                if sockets.get(name, {}).get("link") is not None:  # converted to an input and linked
+                    link = links[sockets[name]["link"]]
+                    inputs[name] = [str(link[1]), link[2]]
             elif sockets.get(name, {}).get("link") is not None:
                 link = links[sockets[name]["link"]]
                 inputs[name] = [str(link[1]), link[2]]
