@@ -20,12 +20,12 @@ pytestmark = pytest.mark.comfyui
 def test_pack_loads_like_comfyui_loads_it(env):
     nodes = env["nodes"]
     assert asyncio.run(nodes.load_custom_node(ROOT)) is True
-    for node_id in ("ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
-                    "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit"):
-        assert node_id in nodes.NODE_CLASS_MAPPINGS
+    expected = {"ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
+                "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit",
+                "ADS_TrainMotionLora", "ADS_TrainMotion", "ADS_CameraMotionClips"}
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
-    assert len(ours) == 8
+    assert set(ours) == expected
     for node_id in ours:
         node = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node.CATEGORY.startswith("AnimateDiff Suite")

@@ -35,7 +35,7 @@ def test_decoded_clip_moves_at_the_velocity_it_was_written_with(tmp_path):
     config = DataConfig(folder=str(tmp_path), frames=6, stride=3, width=32, height=32, flip=False)
     report = tdata.scan(config)
     assert [(s.path, s.caption, s.frame_count) for s in report.samples] == [(path, caption, 20)]
-    clip = tdata.load_clip(report.samples[0], config, torch.Generator().manual_seed(1))
+    clip = tdata.load_clip(report.samples[0], config, tdata.draw_clip(20, config, torch.Generator().manual_seed(1)))
     assert clip.shape == (6, 32, 32, 3) and 0 <= float(clip.min()) and float(clip.max()) <= 1
     # 64 -> 32 pixels halves the speed; 3 source frames apart: 2 * 3 / 2 = 3 pixels per sampled frame
     steps = [np.subtract(centroid(clip[i + 1]), centroid(clip[i])) for i in range(5)]
@@ -48,7 +48,7 @@ def test_flip_mirrors_the_motion(tmp_path):
     write_moving_shapes(str(tmp_path), 1, frames=12, size=64, speed=2.0, seed=3)
     config = DataConfig(folder=str(tmp_path), frames=4, stride=1, width=64, height=64, flip=False)
     sample = tdata.scan(config).samples[0]
-    plain = tdata.load_clip(sample, config, torch.Generator().manual_seed(1))
+    plain = tdata.load_clip(sample, config, tdata.draw_clip(sample.frame_count, config, torch.Generator().manual_seed(1)))
     assert torch.equal(tdata.fit_frames(plain, 64, 64, flip=True), plain.flip(2))
 
 
@@ -99,7 +99,7 @@ def test_frame_folders_and_csv(tmp_path):
     (tmp_path / "walk.txt").write_text("a gradient in time")
     config = DataConfig(folder=str(tmp_path), frames=5, stride=2, width=16, height=16, flip=False)
     sample, = tdata.scan(config).samples
-    clip = tdata.load_clip(sample, config, torch.Generator().manual_seed(0))
+    clip = tdata.load_clip(sample, config, tdata.draw_clip(sample.frame_count, config, torch.Generator().manual_seed(0)))
     values = [round(float(f.mean()) * 255) for f in clip]
     assert values == [0, 40, 80, 120, 160]  # frames 0, 2, 4, 6, 8 (span 9 of 10: start 0 or 1)
     or_shifted = [20, 60, 100, 140, 180]

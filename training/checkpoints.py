@@ -95,8 +95,11 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return lines
 
 
-def check_resumable(state: dict[str, Any], config_json: str, base_id: str, data_id: str) -> None:
+def check_resumable(state: dict[str, Any], config_json: str, base_id: str, data_id: str, processes: int = 1) -> None:
     problems = config_differences(json.loads(state["config"]), json.loads(config_json))
+    if state.get("processes", 1) != processes:
+        problems.append(f"processes (torchrun --nproc_per_node): {state.get('processes', 1)} -> {processes} "
+                        "(the global batch and data order depend on it)")
     if state["base_id"] != base_id:
         problems.append(f"base model: {state['base_id']} -> {base_id}")
     if state["data_id"] != data_id:

@@ -53,6 +53,9 @@ def find_comfyui(path: str | None) -> str:
 def import_comfyui(args: argparse.Namespace) -> None:
     """Import ComfyUI in this process with the path options applied as its main.py applies them."""
     comfyui = find_comfyui(args.comfyui)
+    from .distributed import pin_local_device
+
+    pin_local_device()  # before ComfyUI picks its device
     if comfyui not in sys.path:
         sys.path.insert(0, comfyui)
     import comfy.cli_args

@@ -167,9 +167,22 @@ def frame_indices(count: int, frames: int, stride: int, generator: torch.Generat
     return np.linspace(start, start + span - 1, frames).astype(int).tolist()
 
 
-def load_clip(sample: Sample, config: DataConfig, generator: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class ClipDraw:
+    """The random choices for one clip: which source frames, and whether it is mirrored."""
+
+    indices: list[int]
+    flip: bool
+
+
+def draw_clip(frame_count: int, config: DataConfig, generator: torch.Generator) -> ClipDraw:
+    indices = frame_indices(frame_count, config.frames, config.stride, generator)
+    return ClipDraw(indices, config.flip and bool(torch.rand((), generator=generator) < 0.5))
+
+
+def load_clip(sample: Sample, config: DataConfig, draw: ClipDraw) -> torch.Tensor:
     """One training clip of ``sample`` as an IMAGE tensor (frames, height, width, 3) in 0..1."""
-    indices = frame_indices(sample.frame_count, config.frames, config.stride, generator)
+    indices = draw.indices
     if os.path.isdir(sample.path):
         files = _frame_files(sample.path)
         raw = [np.asarray(Image.open(files[i]).convert("RGB")) for i in indices]
@@ -179,8 +192,7 @@ def load_clip(sample: Sample, config: DataConfig, generator: torch.Generator) ->
             raise DataError(f"{os.path.basename(sample.path)}: fewer frames than counted at scan time")
         raw = [decoded[i] for i in indices]
     pixels = torch.from_numpy(np.stack(raw)).float().div_(255)
-    flip = config.flip and bool(torch.rand((), generator=generator) < 0.5)
-    return fit_frames(pixels, config.width, config.height, flip)
+    return fit_frames(pixels, config.width, config.height, draw.flip)
 
 
 def fit_frames(pixels: torch.Tensor, width: int, height: int, flip: bool = False) -> torch.Tensor:
@@ -198,7 +210,8 @@ def fit_frames(pixels: torch.Tensor, width: int, height: int, flip: bool = False
 
 
 class ClipSource:
-    """Where training clips come from: ``count`` clips, each loadable with random sampling and flip."""
+    """Where training clips come from: ``count`` clips; ``draw`` makes a clip's random choices,
+    ``load`` reads it with them (apart, so data-parallel processes draw for clips they do not load)."""
 
     count: int
     identity: str  # changes when the data changes (resume refuses then)
@@ -206,7 +219,10 @@ class ClipSource:
     def caption(self, index: int) -> str:
         raise NotImplementedError
 
-    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
+        raise NotImplementedError
+
+    def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -228,8 +244,11 @@ class FileClips(ClipSource):
     def caption(self, index: int) -> str:
         return self.samples[index].caption
 
-    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
-        return load_clip(self.samples[index], self.config, generator)
+    def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
+        return draw_clip(self.samples[index].frame_count, self.config, generator)
+
+    def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
+        return load_clip(self.samples[index], self.config, draw)
 
 
 class MemoryClips(ClipSource):
@@ -260,8 +279,8 @@ class MemoryClips(ClipSource):
     def caption(self, index: int) -> str:
         return self.clips[index][1]
 
-    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
-        pixels = self.clips[index][0]
-        indices = frame_indices(pixels.shape[0], self.config.frames, self.config.stride, generator)
-        flip = self.config.flip and bool(torch.rand((), generator=generator) < 0.5)
-        return fit_frames(pixels[indices], self.config.width, self.config.height, flip)
+    def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
+        return draw_clip(self.clips[index][0].shape[0], self.config, generator)
+
+    def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
+        return fit_frames(self.clips[index][0][draw.indices], self.config.width, self.config.height, draw.flip)

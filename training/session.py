@@ -83,37 +83,46 @@ def plan(config: Config, models: BaseModels, clips: ClipSource) -> str:
 
 
 def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:
+    """The command line's run; under torchrun every process runs this and process 0 writes."""
     from .cli import EXIT_STOPPED, StopRequest
+    from .distributed import world_from_environment
 
+    world = world_from_environment()
     models = load_base(config)
     clips = FileClips(config.data)
     folder = run_dir(config)
-    print(plan(config, models, clips))
+    if world.is_main:
+        print(plan(config, models, clips))
     if dry_run:
         return 0
     if not resume and state_paths(folder):
         raise MotionModelError(f"run {config.name!r} already has saved states in {folder}; pass --resume to "
                                "continue it, or choose another name")
-    check_destinations(config)
+    if world.is_main:
+        check_destinations(config)
     stop = StopRequest()
     previous = stop.install()
-    bar = _ProgressBar(config)
+    bar = _ProgressBar(config) if world.is_main else None
     try:
-        trainer = Trainer(config, models, clips, folder, on_step=bar, should_stop=stop)
+        trainer = Trainer(config, models, clips, folder, on_step=bar, should_stop=stop, world=world)
         result = trainer.run(resume=resume)
     except KeyboardInterrupt:
         print("interrupted; the state of the last finished step is saved: run again with --resume")
         return EXIT_STOPPED
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if result.interrupted:
-        print(f"stopped at step {result.steps} of {config.train.steps}; state saved in {folder}: run again "
-              "with --resume")
+        if world.is_main:
+            print(f"stopped at step {result.steps} of {config.train.steps}; state saved in {folder}: run again "
+                  "with --resume")
         return EXIT_STOPPED if stop.signal is None else 128 + stop.signal
-    for kind, path in finish(config, result, models).items():
-        print(f"{kind}: {path}")
+    if world.is_main:
+        for kind, path in finish(config, result, models).items():
+            print(f"{kind}: {path}")
+    world.barrier()
     return 0
 
 

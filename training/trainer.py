@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,16 +36,14 @@ from ..nodes.beta_schedules import resolve_schedule
 from ..nodes.context_sampling import KEY
 from ..nodes.injection import LoadedMotionModel, apply_motion, enable_gradient_checkpointing, wrap_motion_model
 from .adapters import SPATIAL_TARGET, TEMPORAL_TARGET, LoRAWeight, attach, make_loras
-from .checkpoints import check_resumable, check_writable, load_state, save_state, state_paths
+from .checkpoints import atomic_write, check_resumable, check_writable, load_state, state_paths
 from .config import Config
 from .data import ClipSource
+from .distributed import World
 from .losses import debiased_mse, lr_factor
+from .loop import LoopSampler, Stopped, TrainingError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(MotionModelError):
-    """Training cannot go on (non-finite losses, a model that does not fit the mode)."""
 
 
 @dataclass
@@ -189,8 +186,8 @@ class Trainer:
 
     def __init__(self, config: Config, models: BaseModels, clips: ClipSource, run_dir: str,
                  on_step: Callable[[int, int, float], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
-        self.config, self.models, self.clips, self.run_dir = config, models, clips, run_dir
+                 should_stop: Callable[[], bool] | None = None, world: World = World()):
+        self.config, self.models, self.clips, self.run_dir, self.world = config, models, clips, run_dir, world
         self.on_step, self.should_stop = on_step, should_stop or (lambda: False)
         with torch.inference_mode(False):  # ComfyUI's executor runs nodes in inference mode
             self.trainables = build_trainables(config, models)
@@ -217,7 +214,7 @@ class Trainer:
     def state(self, optimizer, schedule, scaler, snapshot) -> dict:
         progress, generator_state = snapshot
         return {
-            "format": 1, "config": self.config.to_json(), "base_id": self.models.base_id,
+            "format": 1, "config": self.config.to_json(), "base_id": self.models.base_id, "processes": self.world.size,
             "data_id": self.clips.identity, "step": progress.step, "order": list(progress.order),
             "position": progress.position, "losses": list(progress.losses), "generator": generator_state,
             "parameters": {k: p.detach().cpu().clone() for k, p in self.parameters.items()},
@@ -229,7 +226,7 @@ class Trainer:
         if not paths:
             raise MotionModelError(f"--resume: no saved state (state-*.pt) in {self.run_dir!r}")
         state = load_state(paths[-1])
-        check_resumable(state, self.config.to_json(), self.models.base_id, self.clips.identity)
+        check_resumable(state, self.config.to_json(), self.models.base_id, self.clips.identity, self.world.size)
         with torch.no_grad():
             for key, param in self.parameters.items():
                 param.copy_(state["parameters"][key])
@@ -238,7 +235,23 @@ class Trainer:
         scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.progress = _Progress(state["step"], list(state["order"]), state["position"], list(state["losses"]))
+        if self.world.is_main:
+            self._truncate_log(self.progress.step)
         log.info("resumed %s at step %d", os.path.basename(paths[-1]), self.progress.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log rows of steps after the resumed state (a kill can land between a log row and its state)."""
+        path = os.path.join(self.run_dir, "log.csv")
+        if not os.path.exists(path):
+            return
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+        if len(kept) != len(rows):
+            def write(temp):
+                with open(temp, "w", newline="", encoding="utf-8") as handle:
+                    csv.writer(handle).writerows(kept)
+            atomic_write(path, write)
 
     # -- data ----------------------------------------------------------------------------------
     def _next_indices(self, count: int) -> list[int]:
@@ -259,37 +272,46 @@ class Trainer:
         return self.text_cache[caption]
 
     def _batch(self, device) -> _Batch:
-        """One micro-batch. Every random draw of a clip (which clip, its frames and flip, caption
-        dropout, timestep, noise, anchor and single frame) is made clip by clip, so ``batch_size`` 2
-        draws exactly what two micro-batches of 1 draw, and the generator state at a step start
-        fixes the rest of the run."""
-        data, frames = self.config.data, self.config.data.frames
+        """One micro-batch of this process. Every random draw of a clip (which clip, its frames and
+        flip, caption dropout, timestep, noise, anchor and single frame) is made clip by clip for the
+        whole global batch, so ``batch_size`` 2 draws exactly what two micro-batches of 1 draw, every
+        process draws the same numbers, and the generator state at a step start fixes the rest."""
+        data, frames, per_process = self.config.data, self.config.data.frames, self.config.train.batch_size
         sigmas = self.model.get_model_object("model_sampling").sigmas.float().cpu()
-        parts = []
-        for index in self._next_indices(self.config.train.batch_size):
-            pixels = self.clips.load(index, self.generator)
-            caption = self.clips.caption(index)
-            if float(torch.rand((), generator=self.generator)) < data.caption_dropout:
-                caption = ""
-            with torch.no_grad():
-                latent = self.model.model.process_latent_in(self.models.vae.encode(pixels).float())
+        ratio = getattr(self.models.vae, "downscale_ratio", 8)
+        ratio = ratio if isinstance(ratio, int) else 8
+        shape = (frames, self.model.model.latent_format.latent_channels, data.height // ratio, data.width // ratio)
+        mine = []
+        for number, index in enumerate(self._next_indices(per_process * self.world.size)):
+            draw = self.clips.draw(index, self.generator)
+            dropped = float(torch.rand((), generator=self.generator)) < data.caption_dropout
             sigma = sigmas[int(torch.randint(0, sigmas.shape[0], (), generator=self.generator))]
-            noise = torch.randn(latent.shape, generator=self.generator)
+            noise = torch.randn(shape, generator=self.generator)
             anchor, single = torch.randint(0, frames, (2,), generator=self.generator).tolist()
-            parts.append((latent, self._conditioning(caption), sigma, noise, anchor, single))
-        conds = [cond.expand(frames, -1, -1) for _, (cond, _), *_ in parts]
-        pooled = [pool.expand(frames, -1) for _, (_, pool), *_ in parts if pool is not None]
+            if number // per_process == self.world.rank:
+                mine.append((index, draw, "" if dropped else self.clips.caption(index), sigma, noise, anchor, single))
+        latents = []
+        for index, draw, *_ in mine:
+            with torch.no_grad():
+                latent = self.model.model.process_latent_in(self.models.vae.encode(self.clips.load(index, draw)).float())
+            if tuple(latent.shape) != shape:
+                raise TrainingError(f"the VAE gave latents of shape {tuple(latent.shape)}, expected {shape}")
+            latents.append(latent)
+        texts = [self._conditioning(caption) for _, _, caption, *_ in mine]
+        pooled = [pool.expand(frames, -1) for _, pool in texts if pool is not None]
         return _Batch(
-            x0=torch.cat([p[0] for p in parts]).to(device),
-            conditioning=[[_equal_tokens(conds), {"pooled_output": torch.cat(pooled)} if pooled else {}]],
-            sigma=torch.stack([p[2] for p in parts]).repeat_interleave(frames).to(device),
-            noise=torch.cat([p[3] for p in parts]).to(device),
-            anchors=torch.tensor([p[4] for p in parts]), single=torch.tensor([p[5] for p in parts]))
+            x0=torch.cat(latents).to(device),
+            conditioning=[[_equal_tokens([cond.expand(frames, -1, -1) for cond, _ in texts]),
+                           {"pooled_output": torch.cat(pooled)} if pooled else {}]],
+            sigma=torch.stack([m[3] for m in mine]).repeat_interleave(frames).to(device),
+            noise=torch.cat([m[4] for m in mine]).to(device),
+            anchors=torch.tensor([m[5] for m in mine]), single=torch.tensor([m[6] for m in mine]))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
         """Train (from the last saved state with ``resume``); returns when done or asked to stop."""
-        check_writable(self.run_dir, 3 * sum(p.numel() * 4 for p in self.parameters.values()) + 2 ** 20)
+        if self.world.is_main:
+            check_writable(self.run_dir, 3 * sum(p.numel() * 4 for p in self.parameters.values()) + 2 ** 20)
         self.log_path = os.path.join(self.run_dir, "log.csv")
         with torch.inference_mode(False):  # ComfyUI's executor runs nodes under inference mode
             interrupted = self._run(resume)
@@ -308,7 +330,7 @@ class Trainer:
         comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
         replaced = sum(make_autograd_ready(m) for m in self._modules())
         log.debug("made %d inference tensors usable by autograd", replaced)
-        loop = _LoopSampler(self, optimizer, schedule, scaler, dtype)
+        loop = LoopSampler(self, optimizer, schedule, scaler, dtype)
         guider = comfy.samplers.CFGGuider(self.model)
         guider.set_cfg(1.0)
         cond, pooled = self._conditioning("")
@@ -318,7 +340,7 @@ class Trainer:
         try:  # the sampling path sizes memory and checks inputs for this batch shape
             guider.sample(torch.zeros(shape), torch.zeros(shape), loop, torch.tensor([1.0, 0.0]),
                           disable_pbar=True, seed=config.seed)
-        except _Stopped:
+        except Stopped:
             return True
         return False
 
@@ -401,10 +423,6 @@ class _Batch:
     single: torch.Tensor  # per clip: the spatial path's frame
 
 
-class _Stopped(Exception):
-    """Raised inside the loop when the run is asked to stop (SIGTERM, Ctrl-C handled by the caller)."""
-
-
 def _single_frame_options(model_options: dict) -> dict:
     options = comfy.model_patcher.create_model_options_clone(model_options)
     transformer_options = options.setdefault("transformer_options", {})
@@ -417,86 +435,3 @@ def _equal_tokens(conds: list[torch.Tensor]) -> torch.Tensor:
     repeating each to the least common multiple, as ComfyUI batches cross-attention conds."""
     length = math.lcm(*(c.shape[1] for c in conds))
     return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
-
-
-class _LoopSampler(comfy.samplers.Sampler):
-    """A Sampler whose ``sample`` is the training loop: the guider has prepared the models, conds,
-    wrappers and memory exactly as for sampling; each step calls the guider as the sampler would."""
-
-    def __init__(self, trainer: Trainer, optimizer, schedule, scaler, dtype):
-        self.trainer, self.optimizer, self.schedule, self.scaler, self.dtype = trainer, optimizer, schedule, scaler, dtype
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        trainer, config = self.trainer, self.trainer.config
-        model_options, seed = extra_args["model_options"], extra_args.get("seed")
-        progress = trainer.progress
-        accumulation = config.train.gradient_accumulation
-        pbar = comfy.utils.ProgressBar(config.train.steps)
-        pbar.update_absolute(progress.step, config.train.steps)
-        last_saved = progress.step
-        start = time.perf_counter()
-        while progress.step < config.train.steps:
-            snapshot = (copy.deepcopy(progress), trainer.generator.get_state())
-            try:
-                if trainer.should_stop():
-                    raise _Stopped()
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                total = 0.0
-                for _ in range(accumulation):
-                    total += trainer.backward(model_wrap, model_options, seed, noise.device, self.dtype,
-                                              self.scaler, accumulation) / accumulation
-                    if math.isnan(total):
-                        break
-                norm = self._step() if not math.isnan(total) else math.nan
-                finite = not math.isnan(norm)
-            except (_Stopped, KeyboardInterrupt, comfy.model_management.InterruptProcessingException):
-                self._save(snapshot)
-                raise
-            self.optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                progress.nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
-                            progress.step + 1, progress.nonfinite_in_a_row)
-                if progress.nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{progress.nonfinite_in_a_row} steps in a row had a non-finite loss (last good state: "
-                        f"step {last_saved}); lower [train] learning_rate ({config.train.learning_rate}) or use "
-                        "fp32/bf16. Nothing non-finite was saved")
-                continue
-            progress.nonfinite_in_a_row = 0
-            progress.step += 1
-            progress.losses.append(total)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.schedule.step()
-            if progress.step % config.output.log_every == 0 or progress.step == config.train.steps:
-                trainer.write_log(progress.step, total, norm, lr, time.perf_counter() - start)
-            pbar.update_absolute(progress.step, config.train.steps)
-            if trainer.on_step is not None:
-                trainer.on_step(progress.step, config.train.steps, total)
-            if progress.step % config.output.save_every == 0 or progress.step == config.train.steps:
-                self._save((progress, trainer.generator.get_state()))
-                last_saved = progress.step
-        return torch.zeros_like(latent_image)
-
-    def _step(self) -> float:
-        """Clip, check and apply the accumulated gradients; returns their norm (NaN: not finite, not applied)."""
-        self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.trainer.config.train.max_grad_norm or float("inf")))
-        if not math.isfinite(norm):
-            self.scaler.update()
-            return math.nan
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return norm
-
-    def _save(self, snapshot) -> None:
-        trainer = self.trainer
-        progress = snapshot[0]
-        if not all(bool(torch.isfinite(p).all()) for p in trainer.parameters.values()):
-            raise TrainingError(f"the trained weights became non-finite before step {progress.step + 1}; not "
-                                "saving them. Lower [train] learning_rate or use fp32/bf16")
-        state = trainer.state(self.optimizer, self.schedule, self.scaler, snapshot)
-        path = save_state(trainer.run_dir, progress.step, state, trainer.config.output.keep_last)
-        log.info("saved %s (step %d)", path, progress.step)

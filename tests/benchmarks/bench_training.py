@@ -1,0 +1,201 @@
+"""Training speed and memory: this pack's trainer vs a reference loop of the original recipe.
+
+    COMFYUI_PATH=/path/to/ComfyUI python -P tests/benchmarks/bench_training.py [--width tiny|sd15] \\
+        [--frames 16 24 32] [--batch 1] [--steps 3]
+
+Each row is one fresh process (so the peak memory is its own): mode ``motion_module`` (every motion
+parameter trains, the original recipe) on random weights at 256x256, after one warm-up step:
+
+- ``pack ckpt`` / ``pack plain``: ``training.Trainer`` with and without gradient checkpointing,
+  through ComfyUI's UNet, guider and weight handling;
+- ``reference``: diffusers ``UNetMotionModel`` (the same UNet and v2 motion-module sizes), only the
+  motion parameters trainable, AdamW, epsilon MSE, no checkpointing: the original train.py's loop.
+
+Columns: seconds per step (median), and the peak resident memory above the process's RSS after the
+models were built (Linux VmHWM, reset then), i.e. activations, gradients and optimizer state. Ratios
+are to the reference row of the same frame count, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+WIDTHS = {"tiny": (32, 64, 64, 64), "sd15": (320, 640, 1280, 1280)}
+CONTEXT = {"tiny": 32, "sd15": 768}
+
+
+def high_water_mark() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return int(next(line for line in handle if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def resident() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return int(next(line for line in handle if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def reset_peak() -> int:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")
+    return resident()
+
+
+def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
+    import torch
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    torch.manual_seed(0)
+    channels = WIDTHS[width]
+    unet2d = UNet2DConditionModel(
+        sample_size=32, block_out_channels=channels, layers_per_block=2, cross_attention_dim=CONTEXT[width],
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=2,
+                            motion_mid_block_layers_per_block=1, motion_num_attention_heads=8,
+                            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    unet.freeze_unet2d_params()
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
+    x = torch.randn(batch, 4, frames, 32, 32)
+    text = torch.randn(batch, 77, CONTEXT[width])
+    times = []
+    base = None
+    for step in range(steps + 1):
+        if step == 1:
+            base = reset_peak()
+        start = time.perf_counter()
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 1000, (batch,))
+        pred = unet(x + noise, t, encoder_hidden_states=text).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": high_water_mark() - base}
+
+
+def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: bool) -> dict:
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, TESTS)
+    import comfy_env
+    import ads_package
+
+    comfy_env.import_comfyui(comfy_env.comfyui_path())
+    ads_package.register()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import folder_paths
+
+    from animatediff_suite.motion_modules import MotionModel, MotionSpec
+    from animatediff_suite.nodes import demo
+    from animatediff_suite.nodes.injection import wrap_motion_model
+    from animatediff_suite.training.config import config_from_dict
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.trainer import BaseModels, Trainer
+
+    channels = WIDTHS[width]
+    unet_config = {**demo.TINY_UNET, "model_channels": channels[0],
+                   "channel_mult": [c // channels[0] for c in channels], "context_dim": CONTEXT[width],
+                   "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "num_head_channels": -1, "num_heads": 8}
+    config = comfy.supported_models.SD15(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    base_model = config.get_model({})
+    demo.seeded_fill_(base_model.diffusion_model, 0)
+    base_model.requires_grad_(False)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip_config = {**demo.TINY_CLIP, "hidden_size": CONTEXT[width], "projection_dim": CONTEXT[width]}
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": clip_config})
+    motion_model = MotionModel(MotionSpec.standard("v2", channels), zero_init=False,
+                               operations=comfy.ops.manual_cast)
+    demo.seeded_fill_(motion_model, 3, gain=0.5)
+    motion = wrap_motion_model(motion_model.eval().requires_grad_(False), "bench v2")
+    models = BaseModels(model, clip, demo.tiny_vae(0), motion, "bench")
+    workdir = tempfile.mkdtemp()
+    folder_paths.set_output_directory(workdir)
+    run = config_from_dict({
+        "mode": "motion_module", "name": "bench", "seed": 0,
+        "data": {"frames": frames, "stride": 1, "width": 256, "height": 256, "caption_dropout": 0.0},
+        "train": {"steps": steps + 1, "batch_size": batch, "learning_rate": 1e-4,
+                  "gradient_checkpointing": checkpointing},
+        "output": {"save_every": 10_000}}, in_graph=True)
+    clips = MemoryClips([(torch.rand(frames, 256, 256, 3), "a clip")], run.data)
+    stamps, base = [], []
+
+    def on_step(step, total, loss):
+        stamps.append(time.perf_counter())
+        if step == 1:
+            base.append(reset_peak())
+
+    Trainer(run, models, clips, os.path.join(workdir, "run"), on_step=on_step).run()
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": high_water_mark() - base[0]}
+
+
+def child(argv) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    kind, width, frames, batch, steps = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    if kind == "reference":
+        result = run_reference(width, frames, batch, steps)
+    else:
+        result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt")
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", choices=sorted(WIDTHS), default="tiny")
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 24, 32])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    args = parser.parse_args()
+    rows = []
+    for frames in args.frames:
+        for kind in ("reference", "pack plain", "pack ckpt"):
+            done = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", kind, args.width,
+                                   str(frames), str(args.batch), str(args.steps)], capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{kind} {frames} frames failed:\n{done.stderr[-3000:]}")
+            rows.append((frames, kind, json.loads(line[7:])))
+    print(f"width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
+          f"{os.environ.get('BENCH_THREADS', '2')} threads")
+    print(f"{'frames':>6} {'run':<11} {'s/step':>8} {'x ref':>6} {'peak MiB':>9} {'x ref':>6}")
+    reference = {f: r for f, k, r in rows if k == "reference"}
+    for frames, kind, result in rows:
+        ref = reference[frames]
+        print(f"{frames:>6} {kind:<11} {result['seconds_per_step']:>8.2f} "
+              f"{result['seconds_per_step'] / ref['seconds_per_step']:>6.2f} "
+              f"{result['peak_bytes'] / 2**20:>9.0f} {result['peak_bytes'] / ref['peak_bytes']:>6.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        main()
