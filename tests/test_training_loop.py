@@ -128,3 +128,68 @@ def test_train_motionlora_node_returns_a_chain_that_animates(env, folders):
     with pytest.raises(Exception, match="not a multiple of frames_per_clip"):
         TrainMotionLora.execute(models.model, models.motion, models.clip, models.vae, images[:12],
                                 "x", 8, 1.0, **values)
+
+
+def test_train_motion_node_trains_from_a_folder_in_the_input_directory(env, folders):
+    import folder_paths
+
+    from animatediff_suite.nodes.train_nodes import TrainMotion
+    from animatediff_suite.training.synthetic import write_moving_shapes
+
+    saved_input = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(folders / "input"))
+    try:
+        write_moving_shapes(str(folders / "input" / "balls"), 2, frames=12, size=64, seed=4)
+        assert TrainMotion.validate_inputs(folder="missing") == \
+            "folder 'missing' is not a folder in ComfyUI's input directory"
+        assert TrainMotion.validate_inputs(folder="balls", steps=2) is True
+        models = base_models("domain_adapter")
+        values = dict(name="adapter", steps=2, learning_rate=1e-3, rank=4, frames=8, stride=1, width=64, height=64,
+                      seed=0, gradient_checkpointing=False, resume=False)
+        with torch.inference_mode():
+            loss, info = TrainMotion.execute("domain_adapter", models.model, models.clip, models.vae, "balls", 1,
+                                             **values).result
+        assert loss.shape == (1, 256, 512, 3) and "2 steps" in info and "adapter.safetensors" in info
+        state = load_file(str(folders / "loras" / "adapter.safetensors"))
+        assert state and all(k.startswith("lora_unet_") for k in state)
+        with pytest.raises(Exception, match="connect motion_model"):
+            TrainMotion.execute("motion_lora", models.model, models.clip, models.vae, "balls", 1, **values)
+    finally:
+        folder_paths.set_input_directory(saved_input)
+
+
+def test_training_attention_is_pytorch_attention_only_where_comfyui_chose_a_chunked_one(env, folders):
+    """The override computes the same attention (values) as the function ComfyUI chose, and keeps
+    xformers/pytorch/flash as they are; the user's MODEL never carries it."""
+    import comfy.ldm.modules.attention as attention
+
+    from animatediff_suite.training.trainer import training_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 32, generator=gen) for _ in range(3))
+    chosen = []
+
+    def spy(name):
+        def func(*args, **kwargs):
+            chosen.append(name)
+            return attention.attention_basic(*args, **kwargs)
+        func.__name__ = name
+        return func
+
+    with torch.enable_grad():
+        out = training_attention(spy("attention_sub_quad"), q, k, v, 4, _inside_attn_wrapper=True)
+    torch.testing.assert_close(out, attention.attention_sub_quad(q, k, v, 4), rtol=1e-4, atol=1e-5)
+    assert chosen == []  # routed to PyTorch attention, not the chunked one
+    training_attention(spy("attention_xformers"), q, k, v, 4)
+    with torch.no_grad():
+        training_attention(spy("attention_split"), q, k, v, 4)
+    assert chosen == ["attention_xformers", "attention_split"]  # kept: another backend, or no backward
+
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.session import run_in_graph
+
+    models = base_models("motion_lora")
+    run = config("motion_lora", "override", steps=1)
+    with torch.inference_mode():
+        run_in_graph(run, models, MemoryClips([shape_clip(0)], run.data), False)
+    assert "optimized_attention_override" not in models.model.model_options["transformer_options"]

@@ -160,7 +160,25 @@ def patched_models(config: Config, models: BaseModels, trainables: Trainables):
 def _maybe_checkpointed(model, config: Config):
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # ComfyUI's per-call attention hook (where it has one; a no-op before it existed)
+    model.model_options["transformer_options"]["optimized_attention_override"] = training_attention
     return model
+
+
+# attention functions that keep per-chunk intermediates (or the full matrix) for backward
+_MEMORY_HUNGRY_FOR_BACKWARD = ("attention_sub_quad", "attention_split", "attention_basic")
+
+
+def training_attention(func, *args, **kwargs):
+    """The UNet's attention while training: ComfyUI's CPU default (sub-quadratic chunking) and the
+    split/basic fallbacks are memory-lean in inference but, under autograd, keep every chunk's scores
+    for backward; PyTorch's fused SDPA (a flash kernel on CPU too) recomputes them instead. Other
+    choices (xformers, flash, sage, pytorch) are kept."""
+    if getattr(func, "__name__", "") in _MEMORY_HUNGRY_FOR_BACKWARD and torch.is_grad_enabled():
+        import comfy.ldm.modules.attention as attention
+
+        return attention.attention_pytorch(*args, **kwargs)
+    return func(*args, **kwargs)
 
 
 def make_autograd_ready(module: torch.nn.Module) -> int:

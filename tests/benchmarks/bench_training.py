@@ -9,7 +9,9 @@ parameter trains, the original recipe) on random weights at 256x256, after one w
 - ``pack ckpt`` / ``pack plain``: ``training.Trainer`` with and without gradient checkpointing,
   through ComfyUI's UNet, guider and weight handling;
 - ``reference``: diffusers ``UNetMotionModel`` (the same UNet and v2 motion-module sizes), only the
-  motion parameters trainable, AdamW, epsilon MSE, no checkpointing: the original train.py's loop.
+  motion parameters trainable, AdamW, epsilon MSE, no checkpointing, the clip VAE-encoded every step
+  (a diffusers VAE the size of the pack's demo VAE, which the pack's rows use): the original train.py's
+  loop. (The noising here is a plain x + noise: the same arithmetic cost as the scheduler's.)
 
 Columns: seconds per step (median), and the peak resident memory above the process's RSS after the
 models were built (Linux VmHWM, reset then), i.e. activations, gradients and optimizer state. Ratios
@@ -52,9 +54,12 @@ def reset_peak() -> int:
 
 def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
     import torch
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=32).eval().requires_grad_(False)  # the size of the pack's demo VAE
     channels = WIDTHS[width]
     unet2d = UNet2DConditionModel(
         sample_size=32, block_out_channels=channels, layers_per_block=2, cross_attention_dim=CONTEXT[width],
@@ -67,14 +72,17 @@ def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
     unet.freeze_unet2d_params()
     trained = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
-    x = torch.randn(batch, 4, frames, 32, 32)
-    text = torch.randn(batch, 77, CONTEXT[width])
+    pixels = torch.rand(batch * frames, 3, 256, 256) * 2 - 1
+    text = torch.randn(batch * frames, 77, CONTEXT[width])  # diffusers 0.42: the context repeated per frame
     times = []
     base = None
     for step in range(steps + 1):
         if step == 1:
             base = reset_peak()
         start = time.perf_counter()
+        with torch.no_grad():  # the original train.py encodes the clip every step
+            latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+        x = latents.view(batch, frames, 4, 32, 32).transpose(1, 2)  # (b f) c h w -> b c f h w
         noise = torch.randn_like(x)
         t = torch.randint(0, 1000, (batch,))
         pred = unet(x + noise, t, encoder_hidden_states=text).sample
@@ -129,6 +137,7 @@ def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: boo
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip_config = {**demo.TINY_CLIP, "hidden_size": CONTEXT[width], "projection_dim": CONTEXT[width]}
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": clip_config})
+    demo.seeded_fill_(clip.cond_stage_model, 1).requires_grad_(False)
     motion_model = MotionModel(MotionSpec.standard("v2", channels), zero_init=False,
                                operations=comfy.ops.manual_cast)
     demo.seeded_fill_(motion_model, 3, gain=0.5)
