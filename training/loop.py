@@ -3,7 +3,6 @@ memory exactly as for sampling, then calls ``LoopSampler.sample``, which runs th
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -51,7 +50,7 @@ class LoopSampler(comfy.samplers.Sampler):
         last_saved = progress.step
         start = time.perf_counter()
         while progress.step < config.train.steps:
-            snapshot = (copy.deepcopy(progress), trainer.generator.get_state())
+            snapshot = (progress.snapshot(), trainer.generator.get_state())
             try:
                 if world.any(trainer.should_stop()):
                     raise Stopped()
@@ -90,7 +89,7 @@ class LoopSampler(comfy.samplers.Sampler):
             if trainer.on_step is not None and world.is_main:
                 trainer.on_step(progress.step, config.train.steps, total)
             if progress.step % config.output.save_every == 0 or progress.step == config.train.steps:
-                self._save((progress, trainer.generator.get_state()))
+                self._save((progress.snapshot(), trainer.generator.get_state()))
                 last_saved = progress.step
         return torch.zeros_like(latent_image)
 

@@ -89,10 +89,23 @@ class _Progress:
     """Mutable loop position, snapshotted at each step start for interrupt-safe saving."""
 
     step: int = 0
-    order: list[int] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # replaced (never changed in place) at each epoch
     position: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # only appended to
     nonfinite_in_a_row: int = 0
+
+    def snapshot(self) -> "_Progress":
+        """The position now, in O(1): the order list is shared, the losses are cut to their length."""
+        return _Snapshot(self.step, self.order, self.position, self.losses, self.nonfinite_in_a_row, len(self.losses))
+
+
+@dataclass
+class _Snapshot(_Progress):
+    kept_losses: int = 0
+
+    @property
+    def saved_losses(self) -> list[float]:
+        return self.losses[:self.kept_losses]
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -229,12 +242,12 @@ class Trainer:
             optimizer, lambda step: lr_factor(train.lr_schedule, step, train.warmup_steps, train.steps))
         return optimizer, schedule
 
-    def state(self, optimizer, schedule, scaler, snapshot) -> dict:
+    def state(self, optimizer, schedule, scaler, snapshot: tuple[_Snapshot, torch.Tensor]) -> dict:
         progress, generator_state = snapshot
         return {
             "format": 1, "config": self.config.to_json(), "base_id": self.models.base_id, "processes": self.world.size,
             "data_id": self.clips.identity, "step": progress.step, "order": list(progress.order),
-            "position": progress.position, "losses": list(progress.losses), "generator": generator_state,
+            "position": progress.position, "losses": progress.saved_losses, "generator": generator_state,
             "parameters": {k: p.detach().cpu().clone() for k, p in self.parameters.items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
         }
