@@ -38,7 +38,8 @@ def _common_inputs(default_steps: int, default_lr: float) -> list:
         io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds initialisation, noise, timesteps, "
                      "frame picks and flips: the same inputs and seed give the same weights."),
         io.Boolean.Input("gradient_checkpointing", default=True,
-                         tooltip="Recompute activations in backward: far less memory, about a third slower."),
+                         tooltip="Recompute activations in backward: much less memory (a third of a plain "
+                         "loop's peak at full SD1.5 width), usually somewhat slower."),
         io.Boolean.Input("resume", default=True, tooltip="Continue the saved run of this name (after an "
                          "interrupt or with more steps); off: start over."),
     ]
