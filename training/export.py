@@ -63,7 +63,8 @@ def save_outputs(config, result, model) -> dict[str, str]:
         written["motion_lora"] = path
     if trainables.motion_model is not None:
         path = destination(MOTION_MODELS, f"{config.name}.safetensors")
-        atomic_write(path, lambda temp: _save_motion(trainables.motion_model, temp, metadata(config, steps, "motion_module")))
+        atomic_write(path, lambda temp: save_motion_model(trainables.motion_model, temp,  # temp ends .safetensors
+                                                          metadata=metadata(config, steps, "motion_module")))
         written["motion_module"] = path
     if trainables.spatial:
         suffix = "_spatial" if config.mode == "motion_director" else ""
@@ -75,11 +76,6 @@ def save_outputs(config, result, model) -> dict[str, str]:
     for kind, path in written.items():
         log.info("wrote %s: %s", kind, path)
     return written
-
-
-def _save_motion(model, path: str, extra: dict[str, str]) -> None:
-    # save_motion_model wants a .safetensors name: the temp file has that suffix
-    save_motion_model(model, path, metadata=extra)
 
 
 def diffusers_names(model) -> dict[str, str]:

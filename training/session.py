@@ -16,7 +16,7 @@ from .checkpoints import state_paths
 from .config import Config
 from .data import ClipSource, FileClips
 from .export import check_destinations, model_identity, save_outputs
-from .trainer import BaseModels, Trainer, TrainResult, build_trainables
+from .trainer import BaseModels, Trainables, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 TRAINING_FOLDER = "animatediff_training"
@@ -53,9 +53,8 @@ def load_base(config: Config) -> BaseModels:
     return BaseModels(model, clip, vae, motion, f"{base.checkpoint} ({os.path.getsize(path)} bytes)")
 
 
-def plan(config: Config, models: BaseModels, clips: ClipSource) -> str:
+def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trainables) -> str:
     """What a run will do, with its memory estimate (the dry run prints it)."""
-    trainables = build_trainables(config, models)
     trained = sum(p.numel() for p in trainables.named_parameters().values())
     frozen = sum(p.numel() * p.element_size() for p in models.model.model.diffusion_model.parameters())
     if models.motion is not None:
@@ -91,8 +90,9 @@ def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:
     models = load_base(config)
     clips = FileClips(config.data)
     folder = run_dir(config)
+    trainer = Trainer(config, models, clips, folder, world=world)  # builds the trainables once
     if world.is_main:
-        print(plan(config, models, clips))
+        print(plan(config, models, clips, trainer.trainables))
     if dry_run:
         return 0
     if not resume and state_paths(folder):
@@ -103,8 +103,8 @@ def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:
     stop = StopRequest()
     previous = stop.install()
     bar = _ProgressBar(config) if world.is_main else None
+    trainer.on_step, trainer.should_stop = bar, stop
     try:
-        trainer = Trainer(config, models, clips, folder, on_step=bar, should_stop=stop, world=world)
         result = trainer.run(resume=resume)
     except KeyboardInterrupt:
         print("interrupted; the state of the last finished step is saved: run again with --resume")
