@@ -183,6 +183,10 @@ def test_config_errors_name_the_key(tmp_path):
         ({"base": {"checkpoint": "a", "demo_seed": 1, "motion_model": "m"}}, "[base] checkpoint: set exactly one"),
         ({"name": "../escape"}, "name: '../escape' must be a plain file-name stem"),
         ({"train": {"lr_schedule": "step"}}, "[train] lr_schedule: 'step'"),
+        ({"train": {"optimizer": "sgd"}}, "[train] optimizer: 'sgd'; expected one of ['auto', 'adamw', 'adamw8bit']"),
+        ({"validation": {"every": -1}}, "[validation] every: -1 must be >= 0"),
+        ({"validation": {"cfg": 0}}, "[validation] cfg: 0.0 must be in (0, 100]"),
+        ({"data": {"folder": "clips", "buckets": "yes"}}, "[data] buckets: expected bool, got str"),
     ]
     for change, message in cases:
         raw = {**good, **{k: ({**good.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in change.items()}}
@@ -193,6 +197,24 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text("mode = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(str(path))
+
+
+def test_resume_check_fills_keys_a_saved_config_predates_and_names_real_differences():
+    import dataclasses
+    import json
+
+    from animatediff_suite.training.checkpoints import ResumeError, check_resumable
+
+    current = config_from_dict({"mode": "motion_lora", "base": {"demo_seed": 0}, "data": {"folder": "clips"}})
+    old = json.loads(current.to_json())
+    del old["validation"], old["train"]["optimizer"], old["data"]["buckets"]  # written before these existed
+    state = {"config": json.dumps(old), "base_id": "b", "data_id": "d", "processes": 1}
+    check_resumable(state, current.to_json(), "b", "d")
+    changed = dataclasses.replace(current, data=dataclasses.replace(current.data, buckets=True),
+                                  validation=dataclasses.replace(current.validation, every=5))
+    with pytest.raises(ResumeError) as error:
+        check_resumable(state, changed.to_json(), "b", "d")
+    assert "data.buckets: false -> true" in str(error.value) and "validation" not in str(error.value)
 
 
 def test_readme_config_example_is_valid():

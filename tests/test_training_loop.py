@@ -39,7 +39,7 @@ def test_interrupted_node_resumes_to_the_uninterrupted_weights(env, folders):
     with pytest.raises(mm.InterruptProcessingException):
         train(run, clips, on_step=interrupt_after_three)
     folder = folders / "output" / "animatediff_training" / "cut"
-    assert sorted(os.listdir(folder)) == ["log.csv", "state-00000003.pt"]
+    assert sorted(os.listdir(folder)) == ["log.csv", "state-00000003.pt", "tensorboard"]
     assert not (folders / "animatediff_motion_lora" / "cut.safetensors").exists()
     result, written = train(run, clips, resume=True)
     assert result.steps == 6

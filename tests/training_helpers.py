@@ -23,13 +23,16 @@ def shape_clip(seed: int, frames: int = 12, size: int = SIZE) -> tuple[torch.Ten
     return torch.from_numpy(clip).float() / 255, f"a {color} ball moving {direction}"
 
 
-def config(mode: str, name: str = "run", steps: int = 4, **train):
+def config(mode: str, name: str = "run", steps: int = 4, sections: dict | None = None, **train):
+    """A tiny in-graph config; ``sections`` adds or overrides keys of other tables (data, output, ...)."""
     from animatediff_suite.training.config import config_from_dict
 
-    return config_from_dict({
-        "mode": mode, "name": name, "seed": 3, "base": {"demo_seed": 0},
-        "data": {"frames": 8, "stride": 1, "width": SIZE, "height": SIZE, "caption_dropout": 0.0},
-        "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}, in_graph=True)
+    raw = {"mode": mode, "name": name, "seed": 3, "base": {"demo_seed": 0},
+           "data": {"frames": 8, "stride": 1, "width": SIZE, "height": SIZE, "caption_dropout": 0.0},
+           "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}
+    for table, values in (sections or {}).items():
+        raw[table] = {**raw.get(table, {}), **values}
+    return config_from_dict(raw, in_graph=True)
 
 
 def base_models(mode: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -14,11 +15,17 @@ from typing import Any, Callable
 import torch
 
 from ..motion_modules import MotionModelError
+from .config import Config
 
 log = logging.getLogger(__name__)
 STATE_PATTERN = re.compile(r"^state-(\d{8})\.pt$")
-# keys that may change between a run and its resumption (more steps, other saving/logging cadence)
-RESUMABLE_CHANGES = ("train.steps", "output.save_every", "output.keep_last", "output.log_every")
+# keys that may change between a run and its resumption: more steps, other saving, logging, caching or
+# validation (none of them changes what is trained), and the optimizer setting (the trainer compares the
+# optimizer it resolves to, e.g. auto -> adamw8bit on a GPU, with the saved run's)
+RESUMABLE_CHANGES = ("train.steps", "train.optimizer", "output.save_every", "output.keep_last", "output.log_every",
+                     "output.tensorboard", "data.cache", "data.cache_folder", "validation.every",
+                     "validation.prompt", "validation.negative", "validation.steps", "validation.cfg",
+                     "validation.sampler", "validation.scheduler", "validation.seed")
 
 
 class ResumeError(MotionModelError):
@@ -95,8 +102,19 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return lines
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """A saved config with the keys it predates filled in by their defaults (a state written before a
+    key existed trained as if it had its default value)."""
+    merged = dict(defaults)
+    for key, value in saved.items():
+        merged[key] = with_defaults(value, defaults[key]) if isinstance(value, dict) and isinstance(
+            defaults.get(key), dict) else value
+    return merged
+
+
 def check_resumable(state: dict[str, Any], config_json: str, base_id: str, data_id: str, processes: int = 1) -> None:
-    problems = config_differences(json.loads(state["config"]), json.loads(config_json))
+    saved = with_defaults(json.loads(state["config"]), dataclasses.asdict(Config()))
+    problems = config_differences(saved, json.loads(config_json))
     if state.get("processes", 1) != processes:
         problems.append(f"processes (torchrun --nproc_per_node): {state.get('processes', 1)} -> {processes} "
                         "(the global batch and data order depend on it)")

@@ -36,6 +36,7 @@ from ..motion_modules import MotionModelError
 MODES = ("motion_module", "motion_lora", "domain_adapter", "motion_director")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 NEW_MODULE_VERSIONS = ("auto", "v1", "v2", "v3", "sdxl_beta")
 
 
@@ -63,6 +64,9 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     caption_dropout: float = 0.1
     strict: bool = False  # fail on the first unusable file instead of skipping it
+    buckets: bool = False  # train each clip at the size nearest its aspect ratio, of about width x height
+    cache: bool = False  # keep VAE latents and text embeddings on disk (keyed by content, settings, weights)
+    cache_folder: str = ""  # "" = output/animatediff_training/cache (shared by runs)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class TrainConfig:
     spatial_learning_rate: float = 0.0  # motion_director: the spatial LoRA's (0 = learning_rate)
     debias_beta: float = 1.0  # motion_director: appearance-debiased loss (MotionDirector eq. 5)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    optimizer: str = "auto"  # auto: 8-bit AdamW (bitsandbytes) on a GPU when installed, else AdamW
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,19 @@ class OutputConfig:
     save_every: int = 100  # resumable checkpoint every N steps (and at the end / on interrupt)
     keep_last: int = 2  # resumable checkpoints kept
     log_every: int = 1
+    tensorboard: bool = True  # also log to <run folder>/tensorboard when the tensorboard package is installed
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every: int = 0  # sample a validation animation every N steps and after the last (0: never)
+    prompt: str = ""  # "" = the first clip's caption
+    negative: str = ""
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "euler"  # a ComfyUI sampler name
+    scheduler: str = "normal"  # a ComfyUI scheduler name
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -108,7 +127,8 @@ class Config:
         return self.mode != "domain_adapter"
 
 
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig,
+            "validation": ValidationConfig}
 
 
 def load_config(path: str) -> Config:
@@ -210,3 +230,18 @@ def check_config(config: Config, source: str = "config", in_graph: bool = False)
           f"{train.precision!r}; expected one of {list(PRECISIONS)}")
     for key in ("save_every", "keep_last", "log_every"):
         _need(getattr(out, key) >= 1, f"{source}: [output] {key}", f"{getattr(out, key)} must be >= 1")
+    _need(train.optimizer in OPTIMIZERS, f"{source}: [train] optimizer",
+          f"{train.optimizer!r}; expected one of {list(OPTIMIZERS)}")
+    check_validation(config.validation, f"{source}: [validation]")
+
+
+def check_validation(validation: ValidationConfig, where: str) -> None:
+    _need(validation.every >= 0, f"{where} every", f"{validation.every} must be >= 0 (0: no validation)")
+    _need(1 <= validation.steps <= 1000, f"{where} steps", f"{validation.steps} must be in 1..1000")
+    _need(0 < validation.cfg <= 100, f"{where} cfg", f"{validation.cfg} must be in (0, 100]")
+    _need(validation.seed >= 0, f"{where} seed", f"{validation.seed} must be >= 0")
+    try:  # the names ComfyUI offers (this module is also imported without ComfyUI, e.g. by a docs build)
+        from .validation import check_sampler_names
+    except ImportError:
+        return
+    check_sampler_names(validation.sampler, validation.scheduler, where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class Sample:
     path: str  # a video file or a folder of frames
     caption: str
     frame_count: int
+    width: int = 0  # of the source frames
+    height: int = 0
 
 
 @dataclass
@@ -62,7 +65,7 @@ def scan(config: DataConfig) -> ScanReport:
         problem = caption_or_error if caption_or_error.startswith("!") else None
         if problem is None:
             try:
-                count = frame_count(path)
+                count, width, height = probe(path)
             except DataError as error:
                 problem = f"!unreadable: {error}"
             else:
@@ -75,7 +78,7 @@ def scan(config: DataConfig) -> ScanReport:
             log.warning("skipping %s: %s", path, reason)
             report.skipped.append((path, reason))
         else:
-            report.samples.append(Sample(path, caption_or_error, count))
+            report.samples.append(Sample(path, caption_or_error, count, width, height))
     if not report.samples:
         where = config.folder or config.csv
         raise DataError(f"no usable training clips in {where!r} ({report.summary()}); expected videos "
@@ -129,10 +132,57 @@ def _caption(path: str) -> str:
     return text if text else f"!empty caption: {os.path.basename(path)}"
 
 
-def frame_count(path: str) -> int:
+def probe(path: str) -> tuple[int, int, int]:
+    """(frame count, width, height) of a video or a frame folder; a video is decoded once, frame by frame."""
     if os.path.isdir(path):
-        return len(_frame_files(path))
-    return len(decode_video(path))
+        files = _frame_files(path)
+        if not files:
+            return 0, 0, 0
+        try:
+            with Image.open(files[0]) as image:
+                width, height = image.size
+        except OSError as error:
+            raise DataError(f"{os.path.basename(files[0])}: cannot read it ({error})") from error
+        return len(files), width, height
+    import av  # ComfyUI's requirements include PyAV
+
+    count = width = height = 0
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DataError(f"{os.path.basename(path)}: no video stream")
+            for frame in container.decode(video=0):
+                count += 1
+                width, height = frame.width, frame.height
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise DataError(f"{os.path.basename(path)}: cannot decode ({error})") from error
+    if not count:
+        raise DataError(f"{os.path.basename(path)}: no frames")
+    return count, width, height
+
+
+BUCKET_MULTIPLE = 64  # bucket sides: multiples of 64 pixels (8 latent pixels: every UNet level divides evenly)
+
+
+def bucket_sizes(width: int, height: int) -> list[tuple[int, int]]:
+    """(width, height) sizes of about ``width * height`` pixels, sides multiples of 64, aspect 1:2 to 2:1."""
+    area, step = width * height, BUCKET_MULTIPLE
+    sizes = set()
+    for side in range(step, 2048 + 1, step):
+        other = max(step, round(area / side / step) * step)
+        if 0.5 <= side / other <= 2 and other <= 2048:
+            sizes.update({(side, other), (other, side)})
+    return sorted(sizes)
+
+
+def bucket_size(source_width: int, source_height: int, config: DataConfig) -> tuple[int, int]:
+    """The training size of a clip: ``(width, height)``, or with ``buckets`` the bucket nearest its aspect
+    ratio (ties: the area nearest ``width * height``)."""
+    if not config.buckets or not source_width or not source_height:
+        return config.width, config.height
+    aspect, area = math.log(source_width / source_height), config.width * config.height
+    return min(bucket_sizes(config.width, config.height),
+               key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 9), abs(s[0] * s[1] - area), s))
 
 
 def _frame_files(folder: str) -> list[str]:
@@ -169,15 +219,18 @@ def frame_indices(count: int, frames: int, stride: int, generator: torch.Generat
 
 @dataclass(frozen=True)
 class ClipDraw:
-    """The random choices for one clip: which source frames, and whether it is mirrored."""
+    """The random choices for one clip (which source frames, whether it is mirrored) and its size."""
 
     indices: list[int]
     flip: bool
+    size: tuple[int, int]  # (width, height) it is trained at: [data] width x height, or its bucket
 
 
-def draw_clip(frame_count: int, config: DataConfig, generator: torch.Generator) -> ClipDraw:
+def draw_clip(frame_count: int, config: DataConfig, generator: torch.Generator,
+              size: tuple[int, int] | None = None) -> ClipDraw:
     indices = frame_indices(frame_count, config.frames, config.stride, generator)
-    return ClipDraw(indices, config.flip and bool(torch.rand((), generator=generator) < 0.5))
+    flip = config.flip and bool(torch.rand((), generator=generator) < 0.5)
+    return ClipDraw(indices, flip, size or (config.width, config.height))
 
 
 def load_clip(sample: Sample, config: DataConfig, draw: ClipDraw) -> torch.Tensor:
@@ -192,7 +245,7 @@ def load_clip(sample: Sample, config: DataConfig, draw: ClipDraw) -> torch.Tenso
             raise DataError(f"{os.path.basename(sample.path)}: fewer frames than counted at scan time")
         raw = [decoded[i] for i in indices]
     pixels = torch.from_numpy(np.stack(raw)).float().div_(255)
-    return fit_frames(pixels, config.width, config.height, draw.flip)
+    return fit_frames(pixels, *draw.size, draw.flip)
 
 
 def fit_frames(pixels: torch.Tensor, width: int, height: int, flip: bool = False) -> torch.Tensor:
@@ -222,7 +275,15 @@ class ClipSource:
     def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
         raise NotImplementedError
 
+    def size(self, index: int) -> tuple[int, int]:
+        """(width, height) clip ``index`` is trained at (its aspect bucket with ``[data] buckets``)."""
+        raise NotImplementedError
+
     def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
+        raise NotImplementedError
+
+    def content_hash(self, index: int) -> str:
+        """sha256 of the clip's content (the cache key's part that changes when the clip does)."""
         raise NotImplementedError
 
 
@@ -240,15 +301,32 @@ class FileClips(ClipSource):
             digest.update(f"{os.path.basename(sample.path)}|{sample.caption}|{sample.frame_count}|"
                           f"{stat.st_size}\n".encode())
         self.identity = f"{self.count} clips, sha256 {digest.hexdigest()[:16]}"
+        self._hashes: dict[int, str] = {}
 
     def caption(self, index: int) -> str:
         return self.samples[index].caption
 
     def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
-        return draw_clip(self.samples[index].frame_count, self.config, generator)
+        return draw_clip(self.samples[index].frame_count, self.config, generator, self.size(index))
+
+    def size(self, index: int) -> tuple[int, int]:
+        sample = self.samples[index]
+        return bucket_size(sample.width, sample.height, self.config)
 
     def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
         return load_clip(self.samples[index], self.config, draw)
+
+    def content_hash(self, index: int) -> str:
+        if index not in self._hashes:
+            path = self.samples[index].path
+            digest = hashlib.sha256()
+            for file in _frame_files(path) if os.path.isdir(path) else [path]:
+                digest.update(os.path.basename(file).encode() + b"\0")
+                with open(file, "rb") as handle:
+                    for chunk in iter(lambda: handle.read(2 ** 20), b""):
+                        digest.update(chunk)
+            self._hashes[index] = digest.hexdigest()
+        return self._hashes[index]
 
 
 class MemoryClips(ClipSource):
@@ -280,7 +358,15 @@ class MemoryClips(ClipSource):
         return self.clips[index][1]
 
     def draw(self, index: int, generator: torch.Generator) -> ClipDraw:
-        return draw_clip(self.clips[index][0].shape[0], self.config, generator)
+        return draw_clip(self.clips[index][0].shape[0], self.config, generator, self.size(index))
+
+    def size(self, index: int) -> tuple[int, int]:
+        pixels = self.clips[index][0]
+        return bucket_size(pixels.shape[2], pixels.shape[1], self.config)
 
     def load(self, index: int, draw: ClipDraw) -> torch.Tensor:
-        return fit_frames(self.clips[index][0][draw.indices], self.config.width, self.config.height, draw.flip)
+        return fit_frames(self.clips[index][0][draw.indices], *draw.size, draw.flip)
+
+    def content_hash(self, index: int) -> str:
+        pixels = self.clips[index][0]
+        return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.numpy().tobytes()).hexdigest()

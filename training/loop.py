@@ -16,6 +16,7 @@ import comfy.utils
 
 from ..motion_modules import MotionModelError
 from .checkpoints import save_state
+from .validation import sample_animation, save_webp, validation_path
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -91,7 +92,24 @@ class LoopSampler(comfy.samplers.Sampler):
             if progress.step % config.output.save_every == 0 or progress.step == config.train.steps:
                 self._save((progress.snapshot(), trainer.generator.get_state()))
                 last_saved = progress.step
+            every = config.validation.every
+            if world.is_main and every and (progress.step % every == 0 or progress.step == config.train.steps):
+                try:
+                    self._validate(model_wrap, model_options, noise.device)
+                except (KeyboardInterrupt, comfy.model_management.InterruptProcessingException):
+                    if last_saved != progress.step:
+                        self._save((progress.snapshot(), trainer.generator.get_state()))
+                    raise
         return torch.zeros_like(latent_image)
+
+    def _validate(self, guider, model_options, device) -> None:
+        trainer, step = self.trainer, self.trainer.progress.step
+        images = sample_animation(trainer, guider, model_options, device, self.dtype)
+        path = save_webp(images, validation_path(trainer.run_dir, step))
+        log.info("step %d: validation animation %s", step, path)
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.add_images("validation", images, step, dataformats="NHWC")
+            trainer.tensorboard.flush()
 
     def _step(self) -> float:
         """Clip, check and apply the accumulated gradients; returns their norm (NaN: not finite, not applied)."""

@@ -78,6 +78,13 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
            "activations are kept: several times more)"),
         f"run folder {run_dir(config)}",
     ]
+    if config.data.buckets:
+        counts: dict[tuple[int, int], int] = {}
+        for index in range(clips.count):
+            counts[clips.size(index)] = counts.get(clips.size(index), 0) + 1
+        lines.insert(2, "aspect buckets: " + ", ".join(f"{w}x{h}: {n} clips" for (w, h), n in sorted(counts.items())))
+    if config.validation.every:
+        lines.append(f"validation animation every {config.validation.every} steps: {run_dir(config)}/validation")
     return "\n".join(lines)
 
 

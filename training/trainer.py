@@ -36,7 +36,8 @@ from ..nodes.beta_schedules import resolve_schedule
 from ..nodes.context_sampling import KEY
 from ..nodes.injection import LoadedMotionModel, apply_motion, enable_gradient_checkpointing, wrap_motion_model
 from .adapters import SPATIAL_TARGET, TEMPORAL_TARGET, LoRAWeight, attach, make_loras
-from .checkpoints import atomic_write, check_resumable, check_writable, load_state, state_paths
+from .cache import DiskCache, key_of, weights_hash
+from .checkpoints import ResumeError, atomic_write, check_resumable, check_writable, load_state, state_paths
 from .config import Config
 from .data import ClipSource
 from .distributed import World
@@ -116,6 +117,31 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def cache_folder(config: Config, run_dir: str) -> str:
+    """``[data] cache_folder``, or ``cache`` beside the run folders (shared by runs: keys name the content)."""
+    return config.data.cache_folder or os.path.join(os.path.dirname(run_dir), "cache")
+
+
+def bitsandbytes_module():
+    """The bitsandbytes package when installed (8-bit optimizers), else None."""
+    try:
+        import bitsandbytes
+    except Exception:  # noqa: BLE001  (a broken install raises more than ImportError; treat it as absent)
+        return None
+    return bitsandbytes
+
+
+def resolve_optimizer(name: str, device: torch.device) -> str:
+    """``adamw`` or ``adamw8bit`` for ``[train] optimizer``; auto: 8-bit on a CUDA device when bitsandbytes
+    is installed (its memory saving matters there; on the CPU the moments are cheap and plain AdamW exact)."""
+    if name == "auto":
+        return "adamw8bit" if device.type == "cuda" and bitsandbytes_module() is not None else "adamw"
+    if name == "adamw8bit" and bitsandbytes_module() is None:
+        raise TrainingError("[train] optimizer = \"adamw8bit\" needs the bitsandbytes package in ComfyUI's Python "
+                            "(pip install bitsandbytes); or set optimizer = \"adamw\"")
+    return name
+
+
 def build_trainables(config: Config, models: BaseModels) -> Trainables:
     """Fresh trainable parameters for ``config.mode``, seeded by ``config.seed``."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -139,7 +165,11 @@ def build_trainables(config: Config, models: BaseModels) -> Trainables:
 
 
 def new_motion_model(config: Config, model) -> MotionModel:
-    """A zero-initialised motion model in ``new_motion_version``'s layout, sized for the UNet."""
+    """A new motion model in ``new_motion_version``'s layout, sized for the UNet: PyTorch's default
+    initialisation (seeded by ``config.seed``) with ``proj_out`` zeroed, so it starts as an identity, as
+    the original trainer starts one. Its layers are ComfyUI's manual-cast ops (weights follow the
+    activations' dtype, as in inference), whose own initialisation is skipped: the values come from a
+    model built with ``torch.nn`` layers."""
     import comfy.ops
 
     from ..nodes.injection import unet_of
@@ -150,7 +180,12 @@ def new_motion_model(config: Config, model) -> MotionModel:
     if version == "auto":
         version = "sdxl_beta" if len(channels) == 3 else "v2"
     spec = MotionSpec.standard(version, channels, layers_per_block=unet.num_res_blocks[0])
-    return MotionModel(spec, zero_init=True, operations=comfy.ops.manual_cast)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        initialised = MotionModel(spec, zero_init=True)
+    motion = MotionModel(spec, zero_init=True, operations=comfy.ops.manual_cast)
+    motion.load_state_dict(initialised.state_dict())
+    return motion
 
 
 def patched_models(config: Config, models: BaseModels, trainables: Trainables):
@@ -226,9 +261,12 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.progress = _Progress()
         self.text_cache: dict[str, list] = {}
+        self.tensorboard = None  # a SummaryWriter while running, when enabled and installed
+        self.cache = DiskCache(cache_folder(config, run_dir)) if config.data.cache else None
+        self._vae_id = self._clip_id = None
 
     # -- setup ---------------------------------------------------------------------------------
-    def _optimizer(self):
+    def _optimizer(self, device: torch.device):
         train = self.config.train
         groups = []
         temporal = [p for k, p in self.parameters.items() if not k.startswith("spatial/")]
@@ -237,7 +275,11 @@ class Trainer:
             groups.append({"params": temporal, "lr": train.learning_rate})
         if spatial:
             groups.append({"params": spatial, "lr": train.spatial_learning_rate or train.learning_rate})
-        optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+        self.optimizer_name = resolve_optimizer(train.optimizer, device)
+        if self.optimizer_name == "adamw8bit":
+            optimizer = bitsandbytes_module().optim.AdamW8bit(groups, weight_decay=train.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(train.lr_schedule, step, train.warmup_steps, train.steps))
         return optimizer, schedule
@@ -246,6 +288,7 @@ class Trainer:
         progress, generator_state = snapshot
         return {
             "format": 1, "config": self.config.to_json(), "base_id": self.models.base_id, "processes": self.world.size,
+            "optimizer_name": self.optimizer_name,
             "data_id": self.clips.identity, "step": progress.step, "order": list(progress.order),
             "position": progress.position, "losses": progress.saved_losses, "generator": generator_state,
             "parameters": {k: p.detach().cpu().clone() for k, p in self.parameters.items()},
@@ -258,6 +301,11 @@ class Trainer:
             raise MotionModelError(f"--resume: no saved state (state-*.pt) in {self.run_dir!r}")
         state = load_state(paths[-1])
         check_resumable(state, self.config.to_json(), self.models.base_id, self.clips.identity, self.world.size)
+        saved_optimizer = state.get("optimizer_name", "adamw")
+        if saved_optimizer != self.optimizer_name:
+            raise ResumeError(f"cannot resume: the saved run used the optimizer {saved_optimizer!r}, this one "
+                              f"resolves [train] optimizer = {self.config.train.optimizer!r} to "
+                              f"{self.optimizer_name!r} (set it to {saved_optimizer!r})")
         with torch.no_grad():
             for key, param in self.parameters.items():
                 param.copy_(state["parameters"][key])
@@ -289,18 +337,77 @@ class Trainer:
         indices = []
         for _ in range(count):
             if self.progress.position >= len(self.progress.order):
-                self.progress.order = torch.randperm(self.clips.count, generator=self.generator).tolist()
+                self.progress.order = self._epoch_order(count)
                 self.progress.position = 0
             indices.append(self.progress.order[self.progress.position])
             self.progress.position += 1
         return indices
 
+    def _epoch_order(self, chunk: int) -> list[int]:
+        """A shuffled pass over the clips. With aspect buckets, consecutive runs of ``chunk`` (one global
+        micro-batch) share a bucket: clips join their bucket's run in shuffled order, a full run is
+        emitted, and the last incomplete run of each bucket waits for the next epoch's shuffle."""
+        order = torch.randperm(self.clips.count, generator=self.generator).tolist()
+        if not self.config.data.buckets or chunk == 1:
+            return order
+        pending: dict[tuple[int, int], list[int]] = {}
+        grouped = []
+        for index in order:
+            run = pending.setdefault(self.clips.size(index), [])
+            run.append(index)
+            if len(run) == chunk:
+                grouped += run
+                run.clear()
+        return grouped
+
+    def check_buckets(self) -> None:
+        """With buckets, a global micro-batch comes from one bucket: some bucket must hold enough clips."""
+        chunk = self.config.train.batch_size * self.world.size
+        if not self.config.data.buckets or chunk == 1:
+            return
+        counts: dict[tuple[int, int], int] = {}
+        for index in range(self.clips.count):
+            counts[self.clips.size(index)] = counts.get(self.clips.size(index), 0) + 1
+        if max(counts.values()) < chunk:
+            sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+            raise TrainingError(f"[data] buckets: a step's {chunk} clips (batch_size x processes) come from one "
+                                f"aspect bucket, and no bucket has {chunk} clips ({sizes}); lower [train] "
+                                "batch_size (use gradient_accumulation instead) or turn buckets off")
+
     def _conditioning(self, caption: str) -> list:
         if caption not in self.text_cache:
-            tokens = self.models.clip.tokenize(caption)
-            cond, pooled = self.models.clip.encode_from_tokens(tokens, return_pooled=True)
-            self.text_cache[caption] = [cond.float(), pooled.float() if pooled is not None else None]
+            key = cached = None
+            if self.cache is not None:
+                clip = self.models.clip
+                if self._clip_id is None:
+                    self._clip_id = weights_hash(clip.cond_stage_model, clip.patcher.patches)
+                key = key_of("text", caption, self._clip_id, getattr(clip, "layer_idx", None),
+                             getattr(clip, "tokenizer_options", None))
+                cached = self.cache.get("text", key)
+            if cached is None:
+                tokens = self.models.clip.tokenize(caption)
+                cond, pooled = self.models.clip.encode_from_tokens(tokens, return_pooled=True)
+                cached = {"cond": cond.float()} | ({} if pooled is None else {"pooled": pooled.float()})
+                if key is not None:
+                    self.cache.put("text", key, cached)
+            self.text_cache[caption] = [cached["cond"], cached.get("pooled")]
         return self.text_cache[caption]
+
+    def _latent(self, index: int, draw) -> torch.Tensor:
+        """The VAE latent of clip ``index`` as drawn (before the model's ``process_latent_in``)."""
+        key = None
+        if self.cache is not None:
+            if self._vae_id is None:
+                self._vae_id = weights_hash(self.models.vae.first_stage_model)
+            key = key_of("latent", self.clips.content_hash(index), draw.indices, draw.flip, draw.size, self._vae_id)
+            cached = self.cache.get("latents", key)
+            if cached is not None:
+                return cached["latent"]
+        with torch.no_grad():
+            latent = self.models.vae.encode(self.clips.load(index, draw)).float()
+        if key is not None:
+            self.cache.put("latents", key, {"latent": latent})
+        return latent
 
     def _batch(self, device) -> _Batch:
         """One micro-batch of this process. Every random draw of a clip (which clip, its frames and
@@ -311,9 +418,11 @@ class Trainer:
         sigmas = self.model.get_model_object("model_sampling").sigmas.float().cpu()
         ratio = getattr(self.models.vae, "downscale_ratio", 8)
         ratio = ratio if isinstance(ratio, int) else 8
-        shape = (frames, self.model.model.latent_format.latent_channels, data.height // ratio, data.width // ratio)
         mine = []
-        for number, index in enumerate(self._next_indices(per_process * self.world.size)):
+        indices = self._next_indices(per_process * self.world.size)
+        width, height = self.clips.size(indices[0])  # one size per global micro-batch (see _epoch_order)
+        shape = (frames, self.model.model.latent_format.latent_channels, height // ratio, width // ratio)
+        for number, index in enumerate(indices):
             draw = self.clips.draw(index, self.generator)
             dropped = float(torch.rand((), generator=self.generator)) < data.caption_dropout
             sigma = sigmas[int(torch.randint(0, sigmas.shape[0], (), generator=self.generator))]
@@ -324,7 +433,7 @@ class Trainer:
         latents = []
         for index, draw, *_ in mine:
             with torch.no_grad():
-                latent = self.model.model.process_latent_in(self.models.vae.encode(self.clips.load(index, draw)).float())
+                latent = self.model.model.process_latent_in(self._latent(index, draw))
             if tuple(latent.shape) != shape:
                 raise TrainingError(f"the VAE gave latents of shape {tuple(latent.shape)}, expected {shape}")
             latents.append(latent)
@@ -341,26 +450,59 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
         """Train (from the last saved state with ``resume``); returns when done or asked to stop."""
+        self.check_buckets()
         if self.world.is_main:
             check_writable(self.run_dir, 3 * sum(p.numel() * 4 for p in self.parameters.values()) + 2 ** 20)
+        if self.cache is not None:
+            check_writable(self.cache.folder, 2 ** 20)
         self.log_path = os.path.join(self.run_dir, "log.csv")
-        with torch.inference_mode(False):  # ComfyUI's executor runs nodes under inference mode
-            interrupted = self._run(resume)
+        try:
+            with torch.inference_mode(False):  # ComfyUI's executor runs nodes under inference mode
+                interrupted = self._run(resume)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
+            if self.cache is not None:
+                log.info("latent and text cache %s: %d hits, %d misses", self.cache.folder, self.cache.hits,
+                         self.cache.misses)
         return TrainResult(self.progress.step, list(self.progress.losses), self.trainables, self.run_dir,
                            interrupted)
 
     def _run(self, resume: bool) -> bool:
         config = self.config
         self.model = patched_models(config, self.models, self.trainables)
-        optimizer, schedule = self._optimizer()
         device = torch.device(self.model.load_device)
+        optimizer, schedule = self._optimizer(device)
         dtype = resolve_precision(config.train.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if resume:
             self.resume(optimizer, schedule, scaler)
+        self.tensorboard = self._open_tensorboard()
         comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
         replaced = sum(make_autograd_ready(m) for m in self._modules())
         log.debug("made %d inference tensors usable by autograd", replaced)
+        unfrozen = self._freeze_base()
+        try:
+            return self._train(optimizer, schedule, scaler, dtype)
+        finally:
+            for param in unfrozen:
+                param.requires_grad_(True)
+
+    def _freeze_base(self) -> list[torch.nn.Parameter]:
+        """Make every weight but the trained ones not require grad; returns those that did, to restore.
+        A checkpoint loaded by ComfyUI keeps PyTorch's default requires_grad=True on its SD1.5/SDXL UNet
+        (it never needs grads in inference); left on, every backward would compute and keep a gradient
+        for every frozen UNet weight."""
+        trained = {id(p) for p in self.parameters.values()}
+        unfrozen = [p for module in self._modules() for p in module.parameters()
+                    if p.requires_grad and id(p) not in trained]
+        for param in unfrozen:
+            param.requires_grad_(False)
+        return unfrozen
+
+    def _train(self, optimizer, schedule, scaler, dtype) -> bool:
+        config = self.config
         loop = LoopSampler(self, optimizer, schedule, scaler, dtype)
         guider = comfy.samplers.CFGGuider(self.model)
         guider.set_cfg(1.0)
@@ -374,6 +516,18 @@ class Trainer:
         except Stopped:
             return True
         return False
+
+    def _open_tensorboard(self):
+        """A SummaryWriter on ``<run folder>/tensorboard`` when ``[output] tensorboard`` is on and the
+        tensorboard package is installed; after a resume it purges events of the steps being redone."""
+        if not (self.config.output.tensorboard and self.world.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.debug("tensorboard is not installed; logging to log.csv only")
+            return None
+        return SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=self.progress.step + 1)
 
     def _modules(self):
         yield self.model.model
@@ -442,6 +596,10 @@ class Trainer:
             if new:
                 writer.writerow(["step", "loss", "grad_norm", "learning_rate", "seconds"])
             writer.writerow([step, f"{loss:.8g}", f"{grad_norm:.8g}", f"{lr:.6g}", f"{seconds:.3f}"])
+        if self.tensorboard is not None:
+            for key, value in (("loss", loss), ("grad_norm", grad_norm), ("learning_rate", lr)):
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+            self.tensorboard.flush()
 
 
 @dataclass
