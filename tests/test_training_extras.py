@@ -271,10 +271,10 @@ def test_sdxl_training_learns_and_writes_files_the_loaders_apply(env, folders, m
     else:
         before = heldout_loss(ApplyMotionModel.execute(models.model, motion).result[0], models.clip, models.vae,
                               held_out)
-    run = config(mode, f"sdxl_{mode}", steps=30, learning_rate=3e-3 if mode == "motion_module" else 1e-2,
+    run = config(mode, f"sdxl_{mode}", steps=15, learning_rate=3e-3 if mode == "motion_module" else 1e-2,
                  rank=16, batch_size=2, gradient_checkpointing=False)
     result, written = train(run, [shape_clip(s) for s in range(4)], models)
-    assert result.steps == 30 and all(np.isfinite(result.losses))
+    assert result.steps == 15 and all(np.isfinite(result.losses))
     if mode == "motion_module":
         loaded = LoadMotionModel.execute(os.path.basename(written["motion_module"])).result[0]
         assert loaded.spec.version == "sdxl_beta"
@@ -283,6 +283,7 @@ def test_sdxl_training_learns_and_writes_files_the_loaders_apply(env, folders, m
         chain = LoadMotionLora.execute(os.path.basename(written["motion_lora"]), 1.0).result[0]
         model = ApplyMotionModel.execute(models.model, motion, motion_lora=chain).result[0]
     after = heldout_loss(model, models.clip, models.vae, held_out)
+    print(f"SDXL {mode}: held-out loss {before:.4f} -> {after:.4f} ({after / before:.3f})")
     assert after < 0.9 * before, (before, after)
 
 
