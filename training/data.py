@@ -262,6 +262,15 @@ def fit_frames(pixels: torch.Tensor, width: int, height: int, flip: bool = False
     return x.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
 
 
+def bucket_counts(clips: "ClipSource") -> dict[tuple[int, int], int]:
+    """How many clips train at each size (one entry without buckets)."""
+    counts: dict[tuple[int, int], int] = {}
+    for index in range(clips.count):
+        size = clips.size(index)
+        counts[size] = counts.get(size, 0) + 1
+    return counts
+
+
 class ClipSource:
     """Where training clips come from: ``count`` clips; ``draw`` makes a clip's random choices,
     ``load`` reads it with them (apart, so data-parallel processes draw for clips they do not load)."""
@@ -347,6 +356,7 @@ class MemoryClips(ClipSource):
             self.clips.append((pixels.detach().float().cpu().clamp(0, 1), caption.strip()))
         if not self.clips:
             raise DataError("no training clips given")
+        self._hashes: dict[int, str] = {}
         self.count = len(self.clips)
         digest = hashlib.sha256()
         for pixels, caption in self.clips:
@@ -368,5 +378,8 @@ class MemoryClips(ClipSource):
         return fit_frames(self.clips[index][0][draw.indices], *draw.size, draw.flip)
 
     def content_hash(self, index: int) -> str:
-        pixels = self.clips[index][0]
-        return hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.numpy().tobytes()).hexdigest()
+        if index not in self._hashes:
+            pixels = self.clips[index][0]
+            digest = hashlib.sha256(f"{tuple(pixels.shape)}".encode() + pixels.numpy().tobytes())
+            self._hashes[index] = digest.hexdigest()
+        return self._hashes[index]

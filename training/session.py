@@ -14,7 +14,7 @@ from ..nodes.folders import MOTION_MODELS, full_path
 from ..nodes.injection import load_motion_patcher
 from .checkpoints import state_paths
 from .config import Config
-from .data import ClipSource, FileClips
+from .data import ClipSource, FileClips, bucket_counts
 from .export import check_destinations, model_identity, save_outputs
 from .trainer import BaseModels, Trainables, Trainer, TrainResult
 
@@ -79,9 +79,7 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
         f"run folder {run_dir(config)}",
     ]
     if config.data.buckets:
-        counts: dict[tuple[int, int], int] = {}
-        for index in range(clips.count):
-            counts[clips.size(index)] = counts.get(clips.size(index), 0) + 1
+        counts = bucket_counts(clips)
         lines.insert(2, "aspect buckets: " + ", ".join(f"{w}x{h}: {n} clips" for (w, h), n in sorted(counts.items())))
     if config.validation.every:
         lines.append(f"validation animation every {config.validation.every} steps: {run_dir(config)}/validation")

@@ -39,7 +39,7 @@ from .adapters import SPATIAL_TARGET, TEMPORAL_TARGET, LoRAWeight, attach, make_
 from .cache import DiskCache, key_of, weights_hash
 from .checkpoints import ResumeError, atomic_write, check_resumable, check_writable, load_state, state_paths
 from .config import Config
-from .data import ClipSource
+from .data import ClipSource, bucket_counts
 from .distributed import World
 from .losses import debiased_mse, lr_factor
 from .loop import LoopSampler, Stopped, TrainingError
@@ -365,9 +365,7 @@ class Trainer:
         chunk = self.config.train.batch_size * self.world.size
         if not self.config.data.buckets or chunk == 1:
             return
-        counts: dict[tuple[int, int], int] = {}
-        for index in range(self.clips.count):
-            counts[self.clips.size(index)] = counts.get(self.clips.size(index), 0) + 1
+        counts = bucket_counts(self.clips)
         if max(counts.values()) < chunk:
             sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
             raise TrainingError(f"[data] buckets: a step's {chunk} clips (batch_size x processes) come from one "
