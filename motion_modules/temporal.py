@@ -73,10 +73,13 @@ ONEDNN_LINEAR = True
 def _onednn_applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``layer(x)`` may run as a oneDNN 1x1 convolution: fp32 on a CPU with oneDNN, the weight
     already in the input's dtype and device, and no per-call weight functions (a host's casting layers,
-    e.g. ComfyUI's, compute the weight on the fly only when those are present or the dtypes differ)."""
+    e.g. ComfyUI's, compute the weight on the fly only when those are present or the dtypes differ).
+    Not for a weight being trained: the convolution's weight gradient is 1.5-2.5x slower than the GEMM's
+    (measured at the motion modules' shapes, full SD1.5 widths, on the project's 2-core CPUs)."""
     weight = getattr(layer, "weight", None)
     return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and isinstance(weight, torch.Tensor) and weight.dtype == x.dtype
+            and not (weight.requires_grad and torch.is_grad_enabled())
             and weight.device == x.device and weight.ndim == 2 and x.shape[-1] == weight.shape[1]
             and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None)
             and (layer.bias is None or (layer.bias.dtype == x.dtype and layer.bias.device == x.device)))

@@ -194,7 +194,8 @@ def test_auto_attention_picks_the_kernel_by_device_and_length(monkeypatch):
 
 def test_onednn_linear_equals_f_linear_and_steps_aside_when_it_does_not_apply(monkeypatch):
     """The CPU fast path (oneDNN 1x1 convolution) gives F.linear's result to fp32 rounding, for
-    contiguous and strided inputs; fp64 inputs and layers with weight functions take layer(x)."""
+    contiguous and strided inputs; fp64 inputs, layers with weight functions and weights being trained
+    take layer(x)."""
     from animatediff_suite.motion_modules import temporal
 
     real_conv, calls = temporal.F.conv2d, []
@@ -205,10 +206,20 @@ def test_onednn_linear_equals_f_linear_and_steps_aside_when_it_does_not_apply(mo
     strided = torch.randn(3, 48, 50, generator=gen).transpose(1, 2)
     for tensor in (x, strided):
         expected = torch.nn.functional.linear(tensor.double(), layer.weight.double(), layer.bias.double())
-        got = temporal.linear(layer, tensor)
+        with torch.no_grad():  # inference
+            got = temporal.linear(layer, tensor)
         assert got.shape == (3, 50, 80) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
     assert len(calls) == (2 if torch.backends.mkldnn.is_available() else 0)  # the fast path ran
+    calls.clear()
+    temporal.linear(layer, x).pow(2).sum().backward()  # training the layer: the GEMM, whose gradient is faster
+    assert calls == []
+    grad = x.double() @ layer.weight.double().T + layer.bias.double()
+    expected = 2 * (grad.reshape(-1, 80).T @ x.double().reshape(-1, 48))  # d/dW sum((xW^T + b)^2)
+    torch.testing.assert_close(layer.weight.grad.double(), expected, rtol=1e-5, atol=1e-4)
+    layer.requires_grad_(False)
+    temporal.linear(layer, x)  # a frozen layer in a graph that needs grads keeps the fast path
+    assert len(calls) == (1 if torch.backends.mkldnn.is_available() else 0)
     calls.clear()
     temporal.linear(layer.double(), x.double())
     layer.float().weight_function = [lambda w: w]  # a host's on-the-fly weight (e.g. a LoRA function)

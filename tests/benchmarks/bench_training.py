@@ -1,7 +1,7 @@
 """Training speed and memory: this pack's trainer vs a reference loop of the original recipe.
 
     COMFYUI_PATH=/path/to/ComfyUI python -P tests/benchmarks/bench_training.py [--width tiny|sd15] \\
-        [--frames 16 24 32] [--batch 1] [--steps 3]
+        [--frames 16 24 32] [--batch 1] [--steps 3] [--runs reference "pack plain" "pack ckpt"]
 
 Each row is one fresh process (so the peak memory is its own): mode ``motion_module`` (every motion
 parameter trains, the original recipe) on random weights at 256x256, after one warm-up step:
@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 WIDTHS = {"tiny": (32, 64, 64, 64), "sd15": (320, 640, 1280, 1280)}
 CONTEXT = {"tiny": 32, "sd15": 768}
+KINDS = ("reference", "pack plain", "pack ckpt")
 
 
 def high_water_mark() -> int:
@@ -182,10 +183,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 24, 32])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    parser.add_argument("--runs", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="which rows (the reference always runs: the ratios are to it)")
     args = parser.parse_args()
     rows = []
     for frames in args.frames:
-        for kind in ("reference", "pack plain", "pack ckpt"):
+        for kind in [k for k in KINDS if k == "reference" or k in args.runs]:
             done = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", kind, args.width,
                                    str(frames), str(args.batch), str(args.steps)], capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
