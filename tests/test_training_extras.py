@@ -24,6 +24,15 @@ def train(run, clips, models=None, resume=False, on_step=None):
         return run_in_graph(run, models or base_models(run.mode), MemoryClips(clips, run.data), resume, on_step)
 
 
+def tensors(value):
+    """Every tensor in a nested state dict."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors(item)
+
+
 def run_folder(folders, name):
     return folders / "output" / "animatediff_training" / name
 
@@ -131,19 +140,57 @@ def test_adamw8bit_steps_like_adamw_and_keeps_8_bit_moments(env, folders):
         assert float((b[key] - a[key]).abs().mean()) < 0.05 * 1e-2, key
     state = torch.load(run_folder(folders, "int8") / "state-00000001.pt", weights_only=True)
     assert state["optimizer_name"] == "adamw8bit"
-    def tensors(value):
-        if torch.is_tensor(value):
-            yield value
-        elif isinstance(value, dict):
-            for item in value.values():
-                yield from tensors(item)
-
     assert any(t.dtype == torch.uint8 for t in tensors(state["optimizer"]["state"]))
     auto = torch.load(run_folder(folders, "fp32") / "state-00000001.pt", weights_only=True)
     assert auto["optimizer_name"] == "adamw"
     longer = config("motion_lora", "int8", steps=2, learning_rate=1e-2, rank=64, optimizer="auto")  # auto on CPU: adamw
     with pytest.raises(ResumeError, match="optimizer 'adamw8bit'.*resolves .* to 'adamw'"):
         train(longer, clips, resume=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_computes_in_half_and_keeps_fp32_weights_and_moments(env, folders, precision):
+    """The GPU recipe run on the CPU (CI has none; CPU autocast takes both dtypes): the UNet's layers compute
+    in the half dtype, the losses of the same draws stay within half precision of an fp32 run's, the
+    trained weights, their file and AdamW's moments stay fp32, and only fp16 runs a grad scaler."""
+    clips = [shape_clip(s) for s in range(2)]
+    reference, _ = train(config("motion_lora", "fp32", steps=2, learning_rate=1e-2, precision="fp32"), clips)
+    models = base_models("motion_lora")
+    seen = set()
+    hook = models.model.model.diffusion_model.out[2].register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    try:
+        result, written = train(config("motion_lora", precision, steps=2, learning_rate=1e-2, precision=precision),
+                                clips, models)
+    finally:
+        hook.remove()
+    assert seen == {{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
+    # bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%), fp16 11; a whole UNet accumulates a few steps
+    assert result.losses == pytest.approx(reference.losses, rel={"bf16": 3e-2, "fp16": 5e-3}[precision])
+    state = torch.load(run_folder(folders, precision) / "state-00000002.pt", weights_only=True)
+    moments = [t for t in tensors(state["optimizer"]["state"]) if t.ndim]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    lora = load_file(written["motion_lora"])
+    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert max(float(v.abs().max()) for k, v in lora.items() if ".up." in k) > 5e-3  # it trained
+    if precision == "fp16":  # 2^16 to start; no overflow in two steps, so two good steps towards growth
+        assert (state["scaler"]["scale"], state["scaler"]["_growth_tracker"]) == (2.0 ** 16, 2)
+    else:
+        assert state["scaler"] == {}
+
+
+def test_dry_run_plan_counts_the_optimizer_moments_it_will_keep(env, folders):
+    """Per trained value: fp32 weight + gradient (8 bytes) + AdamW's two fp32 moments (8) or 8-bit ones (2)."""
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.session import plan
+    from animatediff_suite.training.trainer import build_trainables
+
+    models = base_models("motion_lora")
+    for optimizer, per_value in (("adamw", 16), ("adamw8bit", 10), ("auto", 16)):  # auto on CPU: adamw
+        run = config("motion_lora", rank=64, optimizer=optimizer)
+        trainables = build_trainables(run, models)
+        trained = sum(p.numel() for p in trainables.named_parameters().values())
+        text = plan(run, models, MemoryClips([shape_clip(0)], run.data), trainables)
+        assert f"moments {trained * per_value / 2**20:.1f} MiB" in text, (optimizer, text)
 
 
 def test_disk_cache_trains_the_same_weights_and_a_warm_cache_skips_the_encoders(env, folders):
@@ -185,7 +232,7 @@ def test_bucket_sizes_by_hand():
     from animatediff_suite.training.data import bucket_size, bucket_sizes
 
     # about 256 x 256 pixels, sides multiples of 64, aspect 1:2 .. 2:1 (worked out on paper)
-    assert bucket_sizes(256, 256) == [(192, 320), (192, 384), (256, 256), (320, 192), (384, 192)]
+    assert bucket_sizes(256, 256) == ((192, 320), (192, 384), (256, 256), (320, 192), (384, 192))
     data = DataConfig(width=256, height=256, buckets=True)
     assert bucket_size(640, 360, data) == (320, 192)  # 16:9 = 1.78: 5:3 = 1.67 is nearer than 2:1
     assert bucket_size(360, 640, data) == (192, 320)

@@ -62,7 +62,9 @@ def test_mode_learns_trains_only_its_weights_and_writes_loadable_files(env, fold
     else:
         before = heldout_loss(animated(models.model, models.motion), models.clip, models.vae, held_out)
 
-    run = config(mode, steps=steps, learning_rate=lr, rank=rank, batch_size=2, gradient_checkpointing=False)
+    # the latent cache (bit-identical weights, tested in test_training_extras) spares re-encoding redrawn clips
+    run = config(mode, steps=steps, learning_rate=lr, rank=rank, batch_size=2, gradient_checkpointing=False,
+                 sections={"data": {"cache": True}})
     with torch.inference_mode():  # as ComfyUI's executor runs a node
         result, written = run_in_graph(run, models, MemoryClips([shape_clip(s) for s in TRAIN], run.data), False)
     assert result.steps == steps and len(result.losses) == steps

@@ -10,6 +10,7 @@ Unusable files are skipped with a warning that names them (or raise with ``stric
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import math
@@ -144,27 +145,40 @@ def probe(path: str) -> tuple[int, int, int]:
         except OSError as error:
             raise DataError(f"{os.path.basename(files[0])}: cannot read it ({error})") from error
         return len(files), width, height
-    import av  # ComfyUI's requirements include PyAV
-
     count = width = height = 0
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError(f"{os.path.basename(path)}: no video stream")
-            for frame in container.decode(video=0):
-                count += 1
-                width, height = frame.width, frame.height
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise DataError(f"{os.path.basename(path)}: cannot decode ({error})") from error
+
+    def visit(index: int, frame) -> bool:
+        nonlocal count, width, height
+        count, width, height = index + 1, frame.width, frame.height
+        return False
+
+    _each_frame(path, visit)
     if not count:
         raise DataError(f"{os.path.basename(path)}: no frames")
     return count, width, height
 
 
+def _each_frame(path: str, visit) -> None:
+    """Decode a video's frames in order, calling ``visit(index, frame)`` (a PyAV VideoFrame) on each until
+    it returns True; a file PyAV cannot read is a DataError naming it."""
+    import av  # ComfyUI's requirements include PyAV
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DataError(f"{os.path.basename(path)}: no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                if visit(index, frame):
+                    break
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise DataError(f"{os.path.basename(path)}: cannot decode ({error})") from error
+
+
 BUCKET_MULTIPLE = 64  # bucket sides: multiples of 64 pixels (8 latent pixels: every UNet level divides evenly)
 
 
-def bucket_sizes(width: int, height: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=16)
+def bucket_sizes(width: int, height: int) -> tuple[tuple[int, int], ...]:
     """(width, height) sizes of about ``width * height`` pixels, sides multiples of 64, aspect 1:2 to 2:1."""
     area, step = width * height, BUCKET_MULTIPLE
     sizes = set()
@@ -172,7 +186,7 @@ def bucket_sizes(width: int, height: int) -> list[tuple[int, int]]:
         other = max(step, round(area / side / step) * step)
         if 0.5 <= side / other <= 2 and other <= 2048:
             sizes.update({(side, other), (other, side)})
-    return sorted(sizes)
+    return tuple(sorted(sizes))
 
 
 def bucket_size(source_width: int, source_height: int, config: DataConfig) -> tuple[int, int]:
@@ -191,20 +205,15 @@ def _frame_files(folder: str) -> list[str]:
 
 def decode_video(path: str, wanted: set[int] | None = None) -> list[np.ndarray]:
     """RGB frames (uint8, h w 3) of a video, all or those whose index is in ``wanted``."""
-    import av  # ComfyUI's requirements include PyAV
-
     frames = []
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError(f"{os.path.basename(path)}: no video stream")
-            for index, frame in enumerate(container.decode(video=0)):
-                if wanted is None or index in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                if wanted is not None and index >= max(wanted):
-                    break
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise DataError(f"{os.path.basename(path)}: cannot decode ({error})") from error
+    last = None if wanted is None else max(wanted)
+
+    def visit(index: int, frame) -> bool:
+        if wanted is None or index in wanted:
+            frames.append(frame.to_ndarray(format="rgb24"))
+        return last is not None and index >= last
+
+    _each_frame(path, visit)
     if wanted is None and not frames:
         raise DataError(f"{os.path.basename(path)}: no frames")
     return frames

@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 
+import torch
+
 import comfy.sd
 import folder_paths
 
@@ -16,7 +18,7 @@ from .checkpoints import state_paths
 from .config import Config
 from .data import ClipSource, FileClips, bucket_counts
 from .export import check_destinations, model_identity, save_outputs
-from .trainer import BaseModels, Trainables, Trainer, TrainResult
+from .trainer import BaseModels, Trainables, Trainer, TrainResult, resolve_optimizer
 
 log = logging.getLogger(__name__)
 TRAINING_FOLDER = "animatediff_training"
@@ -63,6 +65,10 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
     shape = (rows, models.model.model.latent_format.latent_channels, config.data.height // 8, config.data.width // 8)
     per_call = models.model.model.memory_required(list(shape))
     skipped = getattr(getattr(clips, "report", None), "skipped", [])
+    # fp32 weight and gradient (8 bytes) + AdamW's two moments: fp32 (8 bytes) or 8-bit (2 bytes; bitsandbytes
+    # keeps tensors under 4096 values, a small share, in fp32, and a scale per block)
+    optimizer = resolve_optimizer(config.train.optimizer, torch.device(models.model.load_device))
+    moments, per_param = ("8-bit AdamW", 10) if optimizer == "adamw8bit" else ("AdamW", 16)
     lines = [
         f"mode {config.mode}: {trained:,} trained parameters; base {models.base_id}"
         + (f"; motion model {models.motion.name}" if models.motion is not None else ""),
@@ -70,9 +76,9 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
         *[f"  skipped {path}: {reason}" for path, reason in skipped],
         f"steps {config.train.steps} x {config.train.gradient_accumulation} micro-batches of "
         f"{config.train.batch_size} clips x {config.data.frames} frames at {config.data.width}x{config.data.height}",
-        f"memory estimate: frozen weights {frozen / 2**30:.2f} GiB + trained weights, gradients and AdamW "
-        f"moments {trained * 16 / 2**30:.3f} GiB + activations: ComfyUI's per-call estimate "
-        f"{per_call / 2**30:.2f} GiB for {rows} latents"
+        f"memory estimate: frozen weights {_size(frozen)} + trained weights, gradients and {moments} "
+        f"moments {_size(trained * per_param)} + activations: ComfyUI's per-call estimate "
+        f"{_size(per_call)} for {rows} latents"
         + (" (gradient checkpointing keeps about one layer's activations more)"
            if config.train.gradient_checkpointing else " (without gradient checkpointing every layer's "
            "activations are kept: several times more)"),
@@ -84,6 +90,11 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
     if config.validation.every:
         lines.append(f"validation animation every {config.validation.every} steps: {run_dir(config)}/validation")
     return "\n".join(lines)
+
+
+def _size(count: float) -> str:
+    """Bytes as GiB, or MiB under 1 GiB (tiny runs)."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def run_command_line(config: Config, resume: bool, dry_run: bool) -> int:

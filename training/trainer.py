@@ -418,10 +418,14 @@ class Trainer:
         ratio = ratio if isinstance(ratio, int) else 8
         mine = []
         indices = self._next_indices(per_process * self.world.size)
-        width, height = self.clips.size(indices[0])  # one size per global micro-batch (see _epoch_order)
-        shape = (frames, self.model.model.latent_format.latent_channels, height // ratio, width // ratio)
+        size = None  # one size per global micro-batch (see _epoch_order)
         for number, index in enumerate(indices):
             draw = self.clips.draw(index, self.generator)
+            if size is None:
+                size = draw.size
+                shape = (frames, self.model.model.latent_format.latent_channels, size[1] // ratio, size[0] // ratio)
+            elif draw.size != size:
+                raise TrainingError(f"clips of sizes {size} and {draw.size} were drawn into one micro-batch")
             dropped = float(torch.rand((), generator=self.generator)) < data.caption_dropout
             sigma = sigmas[int(torch.randint(0, sigmas.shape[0], (), generator=self.generator))]
             noise = torch.randn(shape, generator=self.generator)
