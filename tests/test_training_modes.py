@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training_helpers import base_models, config, heldout_loss, shape_clip
+from training_helpers import base_models, config, heldout_loss, shape_clip, with_written_files
 
 pytestmark = pytest.mark.comfyui
 
@@ -44,9 +44,7 @@ def animated(model, motion, chain=()):
 @pytest.mark.parametrize("mode", list(RECIPES))
 def test_mode_learns_trains_only_its_weights_and_writes_loadable_files(env, folders, mode):
     import comfy.model_management as mm
-    import nodes
 
-    from animatediff_suite.nodes.motion_nodes import LoadMotionLora, LoadMotionModel
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
 
@@ -81,23 +79,16 @@ def test_mode_learns_trains_only_its_weights_and_writes_loadable_files(env, fold
                       "motion_lora": {"motion_lora"}, "motion_director": {"motion_lora", "sd_lora"}}[mode]
     assert set(written) == expected_files
 
-    model, motion_model, chain = models.model, models.motion, ()
     if "motion_lora" in written:
         state = load_file(written["motion_lora"])
         assert all(".motion_modules." in k and ".processor.to_" in k for k in state)
         assert {k.rsplit(".", 3)[-3] for k in state} == {"to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"}
-        chain = LoadMotionLora.execute(os.path.basename(written["motion_lora"]), 1.0).result[0]
     if "motion_module" in written:
-        motion_model = LoadMotionModel.execute(os.path.basename(written["motion_module"])).result[0]
         trained = load_file(written["motion_module"])
         assert not any(k.startswith("module.") for k in trained)
         assert trained.keys() == {k for k in motion.keys() if not k.endswith("pos_encoder.pe")} | \
             {k for k in trained if k.endswith("pos_encoder.pe")}
-    if "sd_lora" in written:
-        model, _ = nodes.LoraLoader().load_lora(model, models.clip, os.path.basename(written["sd_lora"]), 1.0, 0.0)
-    if motion_model is not None:
-        model = animated(model, motion_model, chain)
-    after = heldout_loss(model, models.clip, models.vae, held_out)
+    after = heldout_loss(with_written_files(models, written), models.clip, models.vae, held_out)
     assert after <= ratio * before, (before, after)
 
 

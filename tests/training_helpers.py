@@ -85,3 +85,23 @@ def heldout_loss(model, clip, vae, clips, frames: int = 8, seed: int = 99) -> fl
             eps_pred = (xt - probe.denoised) / sigma.view(-1, 1, 1, 1)
             losses.append(float((eps_pred - eps).pow(2).mean()))
     return sum(losses) / len(losses)
+
+
+def with_written_files(models, written: dict):
+    """``models.model`` with a run's written files applied the way a user applies them: an SD LoRA through
+    LoraLoader, a motion module (or the input motion model) through Load/Apply Motion Model with the
+    MotionLoRA, if any, through Load MotionLoRA."""
+    import os
+
+    import nodes
+
+    from animatediff_suite.nodes.motion_nodes import ApplyMotionModel, LoadMotionLora, LoadMotionModel
+
+    model, motion, chain = models.model, models.motion, ()
+    if "sd_lora" in written:
+        model, _ = nodes.LoraLoader().load_lora(model, models.clip, os.path.basename(written["sd_lora"]), 1.0, 0.0)
+    if "motion_module" in written:
+        motion = LoadMotionModel.execute(os.path.basename(written["motion_module"])).result[0]
+    if "motion_lora" in written:
+        chain = LoadMotionLora.execute(os.path.basename(written["motion_lora"]), 1.0).result[0]
+    return model if motion is None else ApplyMotionModel.execute(model, motion, motion_lora=chain).result[0]

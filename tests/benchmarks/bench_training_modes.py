@@ -38,10 +38,8 @@ def main() -> None:
     import torch
 
     import folder_paths
-    import nodes
-    from training_helpers import base_models, config, heldout_loss, shape_clip
+    from training_helpers import base_models, config, heldout_loss, shape_clip, with_written_files
 
-    from animatediff_suite.nodes.motion_nodes import ApplyMotionModel, LoadMotionLora, LoadMotionModel
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
 
@@ -53,24 +51,14 @@ def main() -> None:
     models = base_models(args.mode)
     held_out = [shape_clip(s) for s in range(100, 103)]
 
-    def animated(model, motion, chain=()):
-        return model if motion is None else ApplyMotionModel.execute(model, motion, motion_lora=chain).result[0]
-
-    before = heldout_loss(animated(models.model, models.motion), models.clip, models.vae, held_out)
+    before = heldout_loss(with_written_files(models, {}), models.clip, models.vae, held_out)
     run = config(args.mode, steps=args.steps, learning_rate=args.lr, rank=args.rank, batch_size=2,
                  gradient_checkpointing=False, sections={"data": {"cache": True}})
     started = time.perf_counter()
     with torch.inference_mode():
         _, written = run_in_graph(run, models, MemoryClips([shape_clip(s) for s in range(6)], run.data), False)
     seconds = time.perf_counter() - started
-    model, motion, chain = models.model, models.motion, ()
-    if "sd_lora" in written:
-        model, _ = nodes.LoraLoader().load_lora(model, models.clip, os.path.basename(written["sd_lora"]), 1.0, 0.0)
-    if "motion_lora" in written:
-        chain = LoadMotionLora.execute(os.path.basename(written["motion_lora"]), 1.0).result[0]
-    if "motion_module" in written:
-        motion = LoadMotionModel.execute(os.path.basename(written["motion_module"])).result[0]
-    after = heldout_loss(animated(model, motion, chain), models.clip, models.vae, held_out)
+    after = heldout_loss(with_written_files(models, written), models.clip, models.vae, held_out)
     print(f"{args.mode}: {args.steps} steps, lr {args.lr:g}, rank {args.rank}: held-out loss {before:.4f} -> "
           f"{after:.4f} (ratio {after / before:.3f}); training {seconds:.0f} s")
 
