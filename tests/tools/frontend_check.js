@@ -28,6 +28,9 @@ async function showAll(browser, url, jobs) {
   await page.goto(url);
   await page.waitForFunction(() => window.app && window.app.graph && window.app.graph.nodes, null, {timeout: 90000});
   await page.waitForTimeout(3000);
+  // a first boot opens the template browser over the canvas: close it, or every screenshot shows it
+  await page.keyboard.press('Escape');
+  await page.waitForTimeout(500);
   const boot = logs.filter(reported);
   for (const job of jobs) {
     logs = [];

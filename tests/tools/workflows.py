@@ -243,6 +243,14 @@ def _default(spec: list):
     return spec[0][0] if isinstance(spec[0], list) else options.get("options", [None])[0]
 
 
+def _height(info: dict, sockets: int, outputs: int) -> int:
+    """A node's height in the editor: its socket rows, one row per widget, more for multiline text."""
+    widgets = [spec for _, spec, _ in _inputs(info) if _kind(spec) in WIDGET_TYPES]
+    multiline = sum(1 for spec in widgets if len(spec) > 1 and spec[1].get("multiline"))
+    rows = max(sockets, outputs) + sum(1 + len(_extra_widgets(spec)) for spec in widgets) - multiline
+    return 40 + 24 * rows + 90 * multiline
+
+
 def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
     """An API-format graph as a UI-format workflow (what ComfyUI's editor saves)."""
     ids = {node_id: index + 1 for index, node_id in enumerate(graph)}
@@ -277,9 +285,10 @@ def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
                    for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
         x = level(node_id)
         y = column.get(x, 0)
-        column[x] = y + 1
-        nodes.append({"id": ids[node_id], "type": node["class_type"], "pos": [60 + 380 * x, 60 + 260 * y],
-                      "size": [340, 220], "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
+        height = _height(info, len(inputs), len(outputs))
+        column[x] = y + height + 40
+        nodes.append({"id": ids[node_id], "type": node["class_type"], "pos": [60 + 380 * x, 60 + y],
+                      "size": [340, height], "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
                       **({"title": node["_meta"]["title"]} if node.get("_meta", {}).get("title") else {})})
     by_id = {n["id"]: n for n in nodes}
@@ -289,7 +298,7 @@ def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
     for order, node in enumerate(sorted(nodes, key=lambda n: depth[node_ids[n["id"]]])):
         node["order"] = order
     note_id = len(nodes) + 1
-    nodes.append({"id": note_id, "type": "Note", "pos": [60, 60 + 260 * max(column.values(), default=0)],
+    nodes.append({"id": note_id, "type": "Note", "pos": [60, 60 + max(column.values(), default=0)],
                   "size": [520, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                   "properties": {}, "widgets_values": [note]})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
