@@ -7,6 +7,7 @@ from .demo import NODES as DEMO_NODES
 from .folders import register_folders
 from .motion_nodes import NODES as MOTION_NODES
 from .prompt_nodes import NODES as PROMPT_NODES
+from .story_nodes import NODES as STORY_NODES
 from .train_nodes import NODES as TRAIN_NODES
 
 register_folders()
@@ -14,4 +15,4 @@ register_folders()
 
 class AnimateDiffSuiteExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*MOTION_NODES, *CONTEXT_NODES, *PROMPT_NODES, *TRAIN_NODES, *DEMO_NODES]
+        return [*MOTION_NODES, *CONTEXT_NODES, *PROMPT_NODES, *STORY_NODES, *TRAIN_NODES, *DEMO_NODES]

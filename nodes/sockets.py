@@ -6,3 +6,5 @@ CATEGORY = "AnimateDiff Suite"
 MOTION_MODEL = io.Custom("MOTION_MODEL")  # carries an injection.LoadedMotionModel
 MOTION_LORA = io.Custom("MOTION_LORA")  # a tuple of injection.MotionLoraEntry
 CONTEXT_OPTIONS = io.Custom("CONTEXT_OPTIONS")  # a motion_modules.ContextOptions
+STORY = io.Custom("STORY")  # a motion_modules.story.Story
+STORY_BANK = io.Custom("STORY_BANK")  # a motion_modules.consistent_attention.ReferenceBank

@@ -22,7 +22,8 @@ def test_pack_loads_like_comfyui_loads_it(env):
     assert asyncio.run(nodes.load_custom_node(ROOT)) is True
     expected = {"ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
                 "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit",
-                "ADS_TrainMotionLora", "ADS_TrainMotion", "ADS_CameraMotionClips"}
+                "ADS_TrainMotionLora", "ADS_TrainMotion", "ADS_CameraMotionClips", "ADS_ConsistentSelfAttention",
+                "ADS_StoryPrompts", "ADS_StorySampler", "ADS_ComicPage"}
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
     assert set(ours) == expected

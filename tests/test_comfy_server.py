@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -59,7 +60,7 @@ def tiny(graph: dict) -> dict:
     for node in graph.values():
         if node["class_type"] in ("EmptyLatentImage", "ImageScale", "ADS_CameraMotionClips", "ADS_TrainMotionLora"):
             node["inputs"].update(width=64, height=64)
-        if node["class_type"] == "KSampler":
+        if node["class_type"] in ("KSampler", "ADS_StorySampler"):
             node["inputs"]["steps"] = 2
         if node["class_type"] == "ADS_TrainMotionLora":
             node["inputs"].update(steps=2, frames=8, rank=4)
@@ -89,7 +90,10 @@ def expected_frames(graph: dict) -> int:
     raise AssertionError("no latent batch in the graph")
 
 
-@pytest.mark.parametrize("name", sorted(workflows.EXAMPLES))
+STORY_EXAMPLES = ("comic_story_sd15", "comic_story_sdxl", "consistent_character_clips_sd15")
+
+
+@pytest.mark.parametrize("name", sorted(set(workflows.EXAMPLES) - set(STORY_EXAMPLES)))
 def test_every_api_example_runs_and_writes_all_frames(server, name):
     graph = runner.load_example(name)
     frames = expected_frames(graph)
@@ -99,6 +103,41 @@ def test_every_api_example_runs_and_writes_all_frames(server, name):
     assert frame_counts(server, entry) == {"webp": per_file, "mp4": per_file}
     files = [item["filename"] for item in runner.output_files(entry) if item["filename"].endswith(".webp")]
     assert len(files) == (2 if name == "two_clips_sd15" else 1)
+
+
+def saved_images(server, entry, node_id: str) -> list:
+    items = entry["outputs"][node_id]["images"]
+    return [np.asarray(Image.open(os.path.join(server.output, i["subfolder"], i["filename"])).convert("RGB"))
+            for i in items]
+
+
+@pytest.mark.parametrize("name", ["comic_story_sd15", "comic_story_sdxl"])
+def test_comic_story_examples_give_six_panels_and_a_page_that_holds_them(server, name):
+    """6 panels (2 references) through the real server, and the page: 3 columns of 64 px panels with
+    16 px margins, panel i at (16 + (i % 3) * 80, 16 + (i // 3) * (64 + caption band + 16))."""
+    entry = server.run(tiny(runner.load_example(name)))
+    panels = saved_images(server, entry, "8")
+    assert len(panels) == 6 and all(p.shape == (64, 64, 3) for p in panels)
+    assert min(np.abs(panels[i].astype(int) - panels[j].astype(int)).max() for i in range(6) for j in range(i)) > 0
+    (page,) = saved_images(server, entry, "10")
+    assert page.shape[1] == 3 * 64 + 4 * 16
+    row_height = (page.shape[0] - 3 * 16) // 2
+    assert row_height > 64  # the caption band under each row
+    for i, panel in enumerate(panels):
+        x, y = 16 + (i % 3) * 80, 16 + (i // 3) * (row_height + 16)
+        assert np.abs(page[y:y + 64, x:x + 64].astype(int) - panel.astype(int)).max() <= 1, i
+
+
+def test_consistent_character_clips_example_gives_both_clips(server):
+    graph = tiny(runner.load_example("consistent_character_clips_sd15"))
+    entry = server.run(graph)
+    assert len(saved_images(server, entry, "8")) == 2  # the references
+    clips = [np.stack(saved_images(server, entry, node)) for node in ("17", "22")]
+    assert [c.shape for c in clips] == [(16, 64, 64, 3)] * 2
+    assert np.abs(clips[0].astype(int) - clips[1].astype(int)).max() > 0
+    assert frame_counts(server, entry) == {"webp": 16}
+    webps = [i["filename"] for i in runner.output_files(entry) if i["filename"].endswith(".webp")]
+    assert len(webps) == 2
 
 
 @pytest.mark.parametrize("variant", ["windows", "freenoise_freeinit"])

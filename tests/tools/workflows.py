@@ -145,6 +145,95 @@ def _camera_from_stills() -> dict:
         "a castle on a hill at dawn, masterpiece", "AnimateDiff/camera_zoom")
 
 
+STORY_CHARACTERS = "[Bob] a young man with short red hair, green jacket, white shirt"
+STORY_PANELS = ("[Bob] wakes up in a small bedroom, morning light #Monday morning.\n"
+                "[Bob] drinks coffee in a kitchen, steam rising\n"
+                "[NC] a rainy city street, umbrellas, puddles\n"
+                "[Bob] runs to catch a red bus in the rain\n"
+                "[Bob] sits in the bus, looking out of the window\n"
+                "[Bob] arrives at an office building, smiling #Just in time.")
+STORY_STYLE = "comic book style, {prompt}, graphic illustration, clean ink lines, vibrant colors"
+
+
+def _consistent(model: list, seed: int = 0, rates: str = "", bank: list | None = None, character: str = "") -> dict:
+    inputs = {"model": model, "id_length": 2, "sampling_rate": 0.5, "schedule": "paper", "blocks": "output",
+              "seed": seed, "rate_overrides": rates, "attention_form": "indices", "character": character}
+    if bank is not None:
+        inputs["bank"] = bank
+    return {"class_type": "ADS_ConsistentSelfAttention", "inputs": inputs}
+
+
+def _story_sampler(model: list, size_node: str, steps: int, cfg: float) -> dict:
+    return {"class_type": "ADS_StorySampler", "inputs": {
+        "model": model, "story": ["3", 1], "positive": ["3", 0], "negative": ["4", 0], "latent_image": [size_node, 0],
+        "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0,
+        "panels_per_batch": 1, "offload_bank": True, "bank_limit_mb": 4096}}
+
+
+def _comic_story(checkpoint: str, size: int, prefix: str, rates: str = "") -> dict:
+    """Six panels of one character (2 references), sampled as a story and laid out as a page."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": _consistent(["1", 0], rates=rates),
+        "3": {"class_type": "ADS_StoryPrompts", "inputs": {
+            "clip": ["1", 1], "characters": STORY_CHARACTERS, "panels": STORY_PANELS, "style": STORY_STYLE,
+            "id_length": 2}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE + ", deformed, extra limbs", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": _story_sampler(["2", 0], "5", 30, 5.0),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"{prefix}/panel"}},
+        "9": {"class_type": "ADS_ComicPage", "inputs": {
+            "images": ["7", 0], "captions": ["3", 2], "columns": 3, "margin": 16, "caption_size": 20,
+            "reading_order": "left_to_right", "border": 2}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"{prefix}/page"}},
+    }
+
+
+def _consistent_clips() -> dict:
+    """Two references of a character sampled as images into a bank, then two AnimateDiff clips that read it."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "2": _consistent(["1", 0]),
+        "3": {"class_type": "ADS_StoryPrompts", "inputs": {
+            "clip": ["1", 1], "characters": STORY_CHARACTERS, "style": "{prompt}, photo, detailed, soft light",
+            "panels": "[Bob] standing in a park, full body\n[Bob] portrait, smiling, looking at the camera",
+            "id_length": 2}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": _story_sampler(["2", 0], "5", 25, 7.5),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "Story/references"}},
+        "9": _consistent(["1", 0], bank=["6", 1], character="Bob"),
+        "10": {"class_type": "ADS_LoadMotionModel", "inputs": {"model_name": "mm_sd_v15_v2.ckpt"}},
+        "11": {"class_type": "ADS_ApplyMotionModel", "inputs": {
+            "model": ["9", 0], "motion_model": ["10", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
+            "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
+            "frames_per_clip": 0}},
+        "12": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 16}},
+    }
+    prompts = ("walking through a park in autumn, leaves falling", "riding a bicycle along a river, sunny day")
+    for index, prompt in enumerate(prompts):
+        base = 13 + 5 * index
+        name = f"Story/clip_{'ab'[index]}"
+        graph.update({
+            str(base): {"class_type": "CLIPTextEncode", "inputs": {
+                "text": f"a young man with short red hair, green jacket, white shirt, {prompt}, detailed",
+                "clip": ["1", 1]}},
+            str(base + 1): {"class_type": "KSampler", "inputs": {
+                "model": ["11", 0], "seed": 42 + index, "steps": 25, "cfg": 7.5, "sampler_name": "ddim",
+                "scheduler": "ddim_uniform", "positive": [str(base), 0], "negative": ["4", 0],
+                "latent_image": ["12", 0], "denoise": 1.0}},
+            str(base + 2): {"class_type": "VAEDecode", "inputs": {"samples": [str(base + 1), 0], "vae": ["1", 2]}},
+            str(base + 3): {"class_type": "SaveAnimatedWEBP", "inputs": {
+                "images": [str(base + 2), 0], "filename_prefix": name, "fps": 8.0, "lossless": False, "quality": 90,
+                "method": "default"}},
+            str(base + 4): {"class_type": "SaveImage", "inputs": {"images": [str(base + 2), 0],
+                                                                  "filename_prefix": f"{name}/frame"}},
+        })
+    return graph
+
+
 # name -> (API graph, the model files it expects, one line of description)
 EXAMPLES = {
     "txt2vid_sd15": (
@@ -214,6 +303,25 @@ EXAMPLES = {
         {"models/checkpoints": "sd_xl_base_1.0.safetensors (or any SDXL checkpoint)",
          "models/animatediff_models": "mm_sdxl_v10_beta.ckpt"},
         "Text to video, SDXL, 16 frames at 1024x1024 with the AnimateDiff SDXL beta motion model."),
+    "comic_story_sd15": (
+        _comic_story("v1-5-pruned-emaonly.safetensors", 512, "Story/sd15"),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)"},
+        "A six-panel comic of one character (StoryDiffusion): Story Prompts turns the character and panel lines "
+        "into per-panel prompts, Consistent Self-Attention keeps the character, Story Sampler samples the 2 "
+        "reference panels first and the others one at a time against their stored tokens, and Comic Page lays "
+        "the panels out with their captions (DDIM 30 steps, cfg 5 as the paper's images)."),
+    "comic_story_sdxl": (
+        _comic_story("sd_xl_base_1.0.safetensors", 1024, "Story/sdxl", rates="32: 0.5, 16: 0.5"),
+        {"models/checkpoints": "sd_xl_base_1.0.safetensors (or any SDXL checkpoint)"},
+        "The six-panel comic on SDXL at 1024x1024, with the paper's per-resolution sampling rates (sa32 and "
+        "sa64 = 0.5: rate_overrides '32: 0.5, 16: 0.5')."),
+    "consistent_character_clips_sd15": (
+        _consistent_clips(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "mm_sd_v15_v2.ckpt"},
+        "One character across two separately sampled AnimateDiff clips: Story Sampler makes 2 reference images "
+        "and their token bank, Consistent Self-Attention reads the bank in every frame of both clips (each "
+        "KSampler its own prompt and seed), so the clips share the character."),
 }
 
 

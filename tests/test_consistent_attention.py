@@ -1,0 +1,219 @@
+"""Core tier: Consistent Self-Attention maths, schedules, the reference bank, stories and comic pages.
+
+Expected values come from a per-image loop written here (the paper's eqs. 1-3 read literally), from
+hand-computed geometry, and from the draw itself, never from the functions under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from animatediff_suite.motion_modules.comic_page import comic_page, panel_origin
+from animatediff_suite.motion_modules.consistent_attention import (
+    FULL, PLAIN, SAMPLED, ConsistencyOptions, ReferenceBank, consistent_attention, consistent_attention_masked,
+    draw_tokens, parse_blocks, parse_rates, reference_sources, sdpa_attention, selects)
+from animatediff_suite.motion_modules.story import pad_tokens, parse_characters, parse_story
+
+
+def naive(q, k, v, heads, keep, sources, bank=None):
+    """Eqs. 1-3 per image and head: keys/values = own tokens + kept tokens of each source (+ bank)."""
+    b, d, inner = q.shape
+    c = inner // heads
+    out = torch.zeros_like(q)
+    for i in range(b):
+        keys = torch.cat([k[i]] + [k[j][keep[j]] for j in sources[i]] + ([bank[0]] if bank else []))
+        values = torch.cat([v[i]] + [v[j][keep[j]] for j in sources[i]] + ([bank[1]] if bank else []))
+        for h in range(heads):
+            cols = slice(h * c, (h + 1) * c)
+            weights = torch.softmax(q[i][:, cols] @ keys[:, cols].T / math.sqrt(c), dim=-1)
+            out[i][:, cols] = weights @ values[:, cols]
+    return out
+
+
+def qkv(b=4, d=12, inner=16, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, inner, generator=gen, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("references", [1, 2, 4])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_index_form_equals_the_per_image_loop(references, with_bank):
+    q, k, v = qkv()
+    keep = torch.rand(4, 12, generator=torch.Generator().manual_seed(1)) < 0.5
+    sources = reference_sources(4, references)
+    bank = tuple(torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)) \
+        if with_bank else None
+    expected = naive(q, k, v, 2, keep, sources, bank)
+    assert torch.allclose(consistent_attention(q, k, v, 2, keep, sources, bank=bank), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_mask_form_equals_the_index_form_for_the_same_draw(with_bank):
+    q, k, v = qkv(b=5, d=9, seed=3)
+    keep = torch.rand(5, 9, generator=torch.Generator().manual_seed(4)) < 0.4
+    sources = reference_sources(5, 3)
+    bank = (torch.randn(6, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)) if with_bank else None
+    indexed = consistent_attention(q, k, v, 4, keep, sources, bank=bank)
+    masked = consistent_attention_masked(q, k, v, 4, keep, sources, bank=bank)
+    assert torch.allclose(masked, indexed, atol=1e-10, rtol=0)
+    assert torch.allclose(masked, naive(q, k, v, 4, keep, sources, bank), atol=1e-10, rtol=0)
+
+
+def test_rate_zero_is_plain_self_attention_bit_exact():
+    q, k, v = qkv(dtype=torch.float32)
+    keep = torch.stack([draw_tokens((0, 1, "layer", i), 12, 0.0) for i in range(4)])
+    assert not keep.any()
+    plain = sdpa_attention(q, k, v, 2)
+    assert torch.equal(consistent_attention(q, k, v, 2, keep, reference_sources(4, 2)), plain)
+
+
+def test_references_see_each_other_and_later_images_see_only_references():
+    q, k, v = qkv()
+    keep = torch.ones(4, 12, dtype=torch.bool)
+    sources = reference_sources(4, 2)
+    assert sources == [(1,), (0,), (0, 1), (0, 1)]
+    out = consistent_attention(q, k, v, 2, keep, sources)
+    # image 3's output must not depend on image 2 (not a reference): change image 2's keys and values
+    k2, v2 = k.clone(), v.clone()
+    k2[2] += 5
+    v2[2] -= 3
+    again = consistent_attention(q, k2, v2, 2, keep, sources)
+    assert torch.equal(again[3], out[3]) and torch.equal(again[0], out[0])
+    assert not torch.allclose(again[2], out[2])
+
+
+def test_draws_are_seeded_by_their_parts_and_keep_about_rate_of_the_tokens():
+    a = draw_tokens((7, 3, ("output", 3, 0), 1), 4096, 0.5)
+    assert torch.equal(a, draw_tokens((7, 3, ("output", 3, 0), 1), 4096, 0.5))
+    assert not torch.equal(a, draw_tokens((7, 3, ("output", 3, 0), 2), 4096, 0.5))
+    assert abs(a.float().mean().item() - 0.5) < 0.03
+    assert draw_tokens((1,), 64, 1.0).all() and not draw_tokens((1,), 64, 0.0).any()
+    assert abs(draw_tokens((9,), 8192, 0.25).float().mean().item() - 0.25) < 0.02
+
+
+def test_paper_schedule_full_first_then_seventy_and_ninety_percent():
+    options = ConsistencyOptions(schedule="paper", seed=5)
+    layers = [("output", n, i) for n in range(3, 12) for i in range(10)]
+    assert all(options.mode(step, 50, layer) == FULL for step in range(5) for layer in layers)
+    early = [options.mode(step, 50, layer) for step in range(5, 20) for layer in layers]
+    late = [options.mode(step, 50, layer) for step in range(20, 50) for layer in layers]
+    assert set(early) == set(late) == {SAMPLED, PLAIN}
+    assert abs(early.count(SAMPLED) / len(early) - 0.7) < 0.05
+    assert abs(late.count(SAMPLED) / len(late) - 0.9) < 0.04
+    # the same layer at the same step decides the same way in every call
+    assert [options.mode(9, 50, layer) for layer in layers] == [options.mode(9, 50, layer) for layer in layers]
+
+
+def test_deterministic_schedule_and_full_steps_scale_with_the_step_count():
+    options = ConsistencyOptions(schedule="deterministic")
+    assert [options.mode(s, 20, "l") for s in range(4)] == [FULL, FULL, SAMPLED, SAMPLED]
+    assert options.mode(0, 4, "l") == FULL and options.mode(1, 4, "l") == SAMPLED
+    keep = options.keep(0, "l", [0, 1], 30, FULL, 8)
+    assert keep.all()
+    overridden = ConsistencyOptions(rate=0.5, rate_by_scale=((16, 0.0),))
+    assert not overridden.keep(3, "l", [0], 50, SAMPLED, 16).any()
+    assert overridden.keep(3, "l", [0], 50, SAMPLED, 32).any()
+
+
+def test_options_refuse_bad_values():
+    with pytest.raises(ValueError, match="unknown consistency schedule 'often'"):
+        ConsistencyOptions(schedule="often")
+    with pytest.raises(ValueError, match=r"sampling rate 1.5 is not in \[0, 1\]"):
+        ConsistencyOptions(rate=1.5)
+    with pytest.raises(ValueError, match="sampling rate 2.0 is not"):
+        ConsistencyOptions(rate_by_scale=((32, 2.0),))
+
+
+def test_block_and_rate_parsing():
+    assert parse_blocks("output") == (("output", None),)
+    assert parse_blocks("all") == (("input", None), ("middle", None), ("output", None))
+    selection = parse_blocks("output 3-5, input 7, middle")
+    assert selects(selection, "output", 4) and not selects(selection, "output", 6)
+    assert selects(selection, "input", 7) and not selects(selection, "input", 8) and selects(selection, "middle", 0)
+    with pytest.raises(ValueError, match="'up' is not one of"):
+        parse_blocks("up")
+    with pytest.raises(ValueError, match="'5-3' is not a block number"):
+        parse_blocks("output 5-3")
+    assert parse_rates("32: 0.5, 16:0.25") == ((16, 0.25), (32, 0.5))
+    assert parse_rates("") == ()
+    with pytest.raises(ValueError, match="'12: 0.5' is not 'DOWNSCALE: RATE'"):
+        parse_rates("12: 0.5")
+
+
+def test_bank_reads_the_nearest_step_joins_characters_and_honours_its_cap():
+    bank = ReferenceBank()
+    for sigma, value in ((14.6, 1.0), (2.0, 2.0), (0.1, 3.0)):
+        bank.store("Bob", sigma, "l", 0, (torch.full((2, 4), value), torch.full((2, 4), -value)))
+    bank.store("Bob", 14.6, "l", 1, None)
+    bank.store("Ann", 2.0, "l", 0, (torch.full((3, 4), 9.0), torch.full((3, 4), 9.0)))
+    assert bank.lookup(["Bob"], 1.5, "l", 0)[0][0, 0] == 2.0
+    assert bank.lookup(["Bob"], 12.0, "l", 0)[1][0, 0] == -1.0
+    assert bank.lookup(["Bob"], 14.6, "l", 1) is None
+    joined = bank.lookup(["Bob", "Ann"], 2.0, "l", 0)[0]
+    assert joined.shape == (5, 4) and joined[-1, 0] == 9.0
+    assert bank.nbytes == 4 * (3 * 2 * 2 * 4) + 2 * 3 * 4 * 4
+    with pytest.raises(KeyError):
+        bank.lookup(["Eve"], 1.0, "l", 0)
+    assert copy.deepcopy({"bank": bank})["bank"] is bank
+    # a second call at a stored sigma (heun's correction, then the next step) is a second visit
+    bank.store("Bob", 2.0, "l", 0, (torch.full((2, 4), 5.0), torch.full((2, 4), 5.0)))
+    assert [bank.lookup(["Bob"], 2.0, "l", 0, visit)[0][0, 0].item() for visit in (0, 1, 7)] == [2.0, 5.0, 5.0]
+    small = ReferenceBank(limit_bytes=100)
+    small.store("Bob", 1.0, "l", 0, (torch.zeros(2, 4), torch.zeros(2, 4)))  # 64 bytes
+    with pytest.raises(MemoryError, match="cap of 0 MiB"):
+        small.store("Bob", 0.5, "l", 0, (torch.zeros(2, 4), torch.zeros(2, 4)))
+    assert small.nbytes == 64
+
+
+def test_story_prompts_tags_captions_and_references():
+    story = parse_story("[Bob] a man with red hair\n[Ann] a woman, yellow umbrella",
+                        "[Bob] wakes up #Monday.\n[Bob] reads the paper\n[NC] a rainy street\n"
+                        "[Ann] waits at the stop\n[Bob] meets [Ann] at the bus stop",
+                        style="comic style, {prompt}, ink", references=1)
+    assert [p.characters for p in story.panels] == [("Bob",), ("Bob",), (), ("Ann",), ("Bob", "Ann")]
+    assert story.panels[0].prompt == "comic style, a man with red hair wakes up, ink"
+    assert story.panels[0].caption == "Monday."
+    assert story.panels[4].caption == "Bob meets Ann at the bus stop"
+    assert story.panels[2].prompt == "comic style, a rainy street, ink"
+    assert story.references == (("Bob", (0,)), ("Ann", (3,)))
+    assert parse_story("[Bob] x", "[Bob] a\n[Bob] b\n[Bob] c", "ink", references=2).panels[1].prompt == "x b, ink"
+
+
+def test_story_errors_name_the_line():
+    with pytest.raises(ValueError, match="character line 2: 'Ann a woman' is not"):
+        parse_characters("[Bob] a man\nAnn a woman")
+    with pytest.raises(ValueError, match=r"panel line 2: \[Carl\] is not a described character"):
+        parse_story("[Bob] a man", "[Bob] walks\n[Carl] runs")
+    with pytest.raises(ValueError, match=r"character \[Bob\] needs 2 panel\(s\) that show it alone"):
+        parse_story("[Bob] a man", "[Bob] walks\n[NC] a street", references=2)
+    with pytest.raises(ValueError, match="the story has no panels"):
+        parse_story("[Bob] a man", "\n \n")
+
+
+def test_pad_tokens_repeats_to_the_lcm_of_the_lengths():
+    a, b = torch.arange(77.0).reshape(1, 77, 1), torch.arange(154.0).reshape(1, 154, 1)
+    pa, pb = pad_tokens([a, b])
+    assert pa.shape == pb.shape == (1, 154, 1)
+    assert torch.equal(pa[0, 77:], a[0]) and torch.equal(pb, b)
+
+
+def test_comic_page_geometry_and_pixels():
+    panels = torch.stack([torch.full((20, 30, 3), value) for value in (0.2, 0.4, 0.6, 0.8, 1.0)])
+    page = comic_page(panels, [], columns=2, margin=5, border=0)
+    # 3 rows of 20 px, 2 columns of 30 px, margins of 5 px, no captions
+    assert page.shape == (1, 3 * 20 + 4 * 5, 2 * 30 + 3 * 5, 3)
+    for index, value in enumerate((0.2, 0.4, 0.6, 0.8, 1.0)):
+        x, y = panel_origin(index, 2, 30, 20, 5, "left_to_right")
+        assert (x, y) == (5 + (index % 2) * 35, 5 + (index // 2) * 25)
+        assert torch.allclose(page[0, y:y + 20, x:x + 30], torch.tensor(round(value * 255) / 255), atol=1e-6)
+    manga = comic_page(panels, [], columns=2, margin=5, border=0, order="right_to_left")
+    assert torch.allclose(manga[0, 5:25, 40:70], torch.tensor(round(0.2 * 255) / 255), atol=1e-6)
+    captioned = comic_page(panels[:2], ["one", "two words"], columns=2, margin=6, caption_size=10)
+    # 'two words' wraps onto two lines of 12 px in a 30 px wide panel, plus half a margin above them
+    assert captioned.shape[1] == 20 + 2 * int(10 * 1.25) + 3 + 2 * 6
+    caption_band = captioned[0, 6 + 20 + 3:6 + 20 + 3 + 12, 6:36]
+    assert (caption_band < 0.5).any(), "caption text is drawn in black under the panel"
