@@ -200,7 +200,7 @@ class StorySampler(io.ComfyNode):
         bank = ReferenceBank(limit_bytes=bank_limit_mb * 2 ** 20, offload=offload_bank)
         samples = sample_story(model, story, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                scheduler, denoise, panels_per_batch, bank)
-        return io.NodeOutput({**latent_image, "samples": samples}, bank)
+        return io.NodeOutput({"samples": samples}, bank)
 
 
 class ComicPage(io.ComfyNode):

@@ -82,6 +82,7 @@ def sample_story(model, story: Story, positive, negative, latent: dict, seed: in
 
         out[index] = comfy.sample.sample(
             run_model, noise[index], steps, cfg, sampler_name, scheduler, rows_of(positive, index, panels),
-            rows_of(negative, index, panels), samples[index], denoise=denoise, callback=progress, disable_pbar=True, seed=seed).to(out)
+            rows_of(negative, index, panels), samples[index], denoise=denoise, callback=progress,
+            disable_pbar=True, seed=seed).to(out)
     bank.frozen = True
     return out

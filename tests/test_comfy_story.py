@@ -286,3 +286,28 @@ def test_queue_time_checks_name_the_value(story):
     message = prompts_check(characters="[Bob] a man", panels="[Bob] walks\n[Eve] waves", style="", id_length=1)
     assert "panel line 2: [Eve] is not a described character" in message
     assert prompts_check(characters="[Bob] a man", panels="[Bob] walks", style="", id_length=1) is True
+
+
+def test_another_packs_attention_replacement_at_the_same_layer_is_kept_inside(env, story):
+    """A replacement registered before ours (here a scaled attention, as another pack might add) still
+    computes every attention of its layer, ours included; our rate 0 leaves its result unchanged."""
+    import comfy.ldm.modules.attention as attention
+
+    calls = []
+
+    def sharper(q, k, v, extra_options):
+        calls.append(k.shape[1])
+        return attention.optimized_attention(q * 1.5, k, v, extra_options["n_heads"])
+
+    model = env["demo"].tiny_model(0)
+    theirs = model.clone()
+    theirs.set_model_attn1_replace(sharper, "output", 4, 0)
+    positive, _ = prompts(env, story, FOUR_PANELS)
+    alone = sample_panels(env, theirs, positive, 4)
+    own = calls[0]  # the layer's own tokens
+    assert set(calls) == {own}
+    calls.clear()
+    assert torch.equal(sample_panels(env, patched(story, theirs, sampling_rate=0.0), positive, 4), alone)
+    calls.clear()
+    sample_panels(env, patched(story, theirs, sampling_rate=1.0, schedule="sampled_only"), positive, 4)
+    assert max(calls) > own  # it attended over the references' tokens too
