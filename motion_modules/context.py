@@ -117,8 +117,52 @@ def schedule_standard_static(num_frames: int, options: ContextOptions, step: int
 
 
 def schedule_standard_uniform(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
-    """Static windows shifted by a per-step offset (so seams move between steps), plus dilated
-    levels for ``context_stride > 1``; windows never wrap around the clip."""
+    """AnimateDiff-Evolved's and ComfyUI core's ``standard_uniform``: the looped grid shifted by
+    ``round(frames * ordered_halving(step))``, each window that wraps past the last frame moved to end
+    there (plus a window from the wrapped frame when the next window does not hold it), repeats dropped.
+
+    Worked example: 32 frames, length 16, overlap 4, step 1 (halving 1/2, shift 16): the grid starts at
+    16, 28 and 40, i.e. [16..31], [28..31, 0..11] and [8..23]; the second wraps at frame 0, so it moves
+    to [16..31] (a repeat, dropped) and, as [8..23] lacks frame 0, [0..15] is added after it: windows
+    [16..31], [0..15], [8..23].
+    """
+    shift = ordered_halving(step)
+    windows: list[list[int]] = []
+    for level in range(_uniform_levels(num_frames, options)):
+        dilation = 1 << level
+        if (options.context_length - 1) * dilation + 1 > num_frames:
+            # a dilated window longer than the clip wraps more than once; the published algorithm then
+            # yields frames past the end (5 frames, length 4, stride 2: frames 5 and 7): leave the level out
+            break
+        first = int(shift * dilation) + int(round(num_frames * shift))
+        advance = options.context_length * dilation - options.context_overlap
+        for start in range(first, num_frames + int(round(num_frames * shift)) - options.context_overlap, advance):
+            windows.append([(start + i * dilation) % num_frames for i in range(options.context_length)])
+    kept, index = [], 0
+    while index < len(windows):
+        window = windows[index]
+        wrap = next((i for i in range(1, len(window)) if window[i] < window[i - 1]), None)
+        if wrap is not None:
+            wrapped_frame = window[wrap]
+            relative = [(frame - window[0]) % num_frames for frame in window]
+            window[:] = [frame + num_frames - 1 - relative[-1] for frame in relative]
+            if wrapped_frame not in windows[(index + 1) % len(windows)]:
+                windows.insert(index + 1, list(range(wrapped_frame, wrapped_frame + options.context_length)))
+        if window not in windows[:index]:
+            kept.append(window)
+        index += 1
+    return kept
+
+
+def _uniform_levels(num_frames: int, options: ContextOptions) -> int:
+    """Dilation levels of the uniform schedules as AnimateDiff-Evolved counts them."""
+    return min(options.context_stride, math.ceil(math.log2(num_frames / options.context_length)) + 1)
+
+
+def schedule_shifted_static(num_frames: int, options: ContextOptions, step: int) -> list[list[int]]:
+    """Static windows shifted by a per-step fraction of the advance (so seams move between steps), the
+    first at frame 0 and the last ending on the last frame, plus dilated levels for ``context_stride >
+    1``; windows never wrap. This pack's ``standard_uniform`` before it took AnimateDiff-Evolved's."""
     windows = []
     for dilation in _dilations(num_frames, options):
         advance = (options.context_length - options.context_overlap) * dilation
@@ -151,6 +195,7 @@ def schedule_batched(num_frames: int, options: ContextOptions, step: int) -> lis
 SCHEDULES = {
     "standard_static": schedule_standard_static,
     "standard_uniform": schedule_standard_uniform,
+    "shifted_static": schedule_shifted_static,
     "looped_uniform": schedule_looped_uniform,
     "batched": schedule_batched,
 }

@@ -34,7 +34,9 @@ class ContextOptionsNode(io.ComfyNode):
                                          "for seamless loops."),
                 io.Combo.Input("schedule", options=sorted(SCHEDULES), default="standard_static",
                                tooltip="standard_static: fixed windows; standard_uniform: windows shift every "
-                                       "step; looped_uniform: windows wrap end to start; batched: no overlap."),
+                                       "step (as in AnimateDiff-Evolved and ComfyUI core); shifted_static: this "
+                                       "pack's earlier standard_uniform; looped_uniform: windows wrap end to "
+                                       "start; batched: no overlap."),
                 io.Combo.Input("fuse_method", options=sorted(FUSE_METHODS), default="pyramid",
                                tooltip="How overlapping windows are blended per frame: pyramid weights frames "
                                        "near a window's middle more; flat averages; overlap-linear ramps only "

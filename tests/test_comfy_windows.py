@@ -23,6 +23,35 @@ def test_clips_within_one_window_are_bit_identical_to_no_context_options(env):
         assert torch.equal(plain, windowed)
 
 
+def test_standard_uniform_equals_comfyui_cores_schedule_wherever_cores_windows_are_valid(comfyui):
+    """ComfyUI core's create_windows_uniform_standard (the algorithm AnimateDiff-Evolved published) is
+    the reference; where a dilated level is longer than the clip it returns frames past the end or a
+    frame twice in a window, and ours leaves that level out."""
+    import itertools
+    import types
+
+    import comfy.context_windows
+
+    from animatediff_suite.motion_modules import ContextOptions, context_windows
+
+    compared = invalid = 0
+    for frames, length, overlap, stride, step in itertools.product(range(1, 70), (1, 4, 8, 16), (0, 1, 4, 7),
+                                                                   (1, 2, 3), range(6)):
+        if overlap >= length:
+            continue
+        handler = types.SimpleNamespace(context_length=length, context_overlap=overlap, context_stride=stride,
+                                        closed_loop=False, _step=step)
+        core = comfy.context_windows.create_windows_uniform_standard(frames, handler, {})
+        ours = context_windows(frames, ContextOptions(length, overlap, stride, schedule="standard_uniform"), step)
+        if any(len(set(w)) != len(w) or not all(0 <= f < frames for f in w) for w in core):
+            invalid += 1
+            assert all(len(set(w)) == len(w) and all(0 <= f < frames for f in w) for w in ours)
+            continue
+        compared += 1
+        assert ours == core, (frames, length, overlap, stride, step)
+    assert compared > 10000 and invalid > 100
+
+
 @pytest.mark.parametrize("schedule,fuse", [("standard_static", "pyramid"), ("looped_uniform", "flat"),
                                            ("standard_uniform", "overlap-linear"), ("batched", "gaussian")])
 def test_windowed_step_equals_fused_per_window_reference(env, schedule, fuse):

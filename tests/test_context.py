@@ -85,6 +85,22 @@ def test_uniform_windows_move_between_steps():
     assert [ordered_halving(s) for s in range(4)] == [0.0, 0.5, 0.25, 0.75]
 
 
+def test_standard_uniform_and_shifted_static_worked_by_hand():
+    """32 frames, 16/4. standard_uniform, step 0: grid 0, 12, 24; [24..31, 0..7] wraps, moves to end
+    ([16..31]) and frame 0 is in the next (cyclic: first) window. Step 1 (shift 16): grid 16, 28, 40 ->
+    [16..31], [28..31, 0..11] (moves to [16..31], a repeat, dropped; [8..23] lacks frame 0, so [0..15]
+    is inserted), [8..23]. shifted_static, step 1: offset int(0.5 * 12) = 6 -> starts 0, 6, 16."""
+    r = lambda a, b: list(range(a, b + 1))  # noqa: E731
+    uniform = ContextOptions(16, 4, schedule="standard_uniform")
+    assert context_windows(32, uniform, 0) == [r(0, 15), r(12, 27), r(16, 31)]
+    assert context_windows(32, uniform, 1) == [r(16, 31), r(0, 15), r(8, 23)]
+    shifted = ContextOptions(16, 4, schedule="shifted_static")
+    assert context_windows(32, shifted, 1) == [r(0, 15), r(6, 21), r(16, 31)]
+    # a stride-2 level longer than the clip is left out: only contiguous windows remain
+    assert all(b - a == 1 for w in context_windows(5, ContextOptions(4, 0, 2, schedule="standard_uniform"), 0)
+               for a, b in zip(w, w[1:]))
+
+
 def test_fuse_weights_match_their_formulas():
     opts = ContextOptions(8, 3)
     assert FUSE_METHODS["pyramid"](list(range(8)), 20, opts) == [1, 2, 3, 4, 4, 3, 2, 1]
