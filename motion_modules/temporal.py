@@ -236,16 +236,17 @@ class TemporalTransformer3D(nn.Module):
         )
         self.proj_out = ops.Linear(channels, channels)
 
-    def _group_norm(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        if self.norm_mode == "per_frame":
+    def _group_norm(self, x: torch.Tensor, frames: int, norm_mode: str | None = None) -> torch.Tensor:
+        if (norm_mode or self.norm_mode) == "per_frame":
             return self.norm(x)
         x = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
         return rearrange(self.norm(x), "b c f h w -> (b f) c h w")
 
     def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
-                windows: Windows | None = None, stretch_pe: bool = False) -> torch.Tensor:
+                windows: Windows | None = None, stretch_pe: bool = False, norm_mode: str | None = None) -> torch.Tensor:
         """x: ((b f), c, h, w) -> same shape; ``windows``: see ``TemporalTransformerBlock``;
-        ``stretch_pe``: passes longer than the PE length stretch it instead of failing."""
+        ``stretch_pe``: passes longer than the PE length stretch it instead of failing; ``norm_mode``:
+        this call's GroupNorm mode instead of the module's own."""
         longest = num_frames if windows is None else max(len(window) for window, _ in windows)
         if longest > self.max_len and not stretch_pe:
             raise MotionModelError(
@@ -257,7 +258,7 @@ class TemporalTransformer3D(nn.Module):
         if x.shape[0] % num_frames:
             raise ValueError(f"batch of {x.shape[0]} is not a whole number of {num_frames}-frame clips")
         height, width = x.shape[-2:]
-        hidden = self._group_norm(x, num_frames)
+        hidden = self._group_norm(x, num_frames, norm_mode)
         hidden = rearrange(hidden, "(b f) c h w -> (b h w) f c", f=num_frames)
         hidden = linear(self.proj_in, hidden)
         for block in self.transformer_blocks:
@@ -281,5 +282,5 @@ class VanillaTemporalModule(nn.Module):
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int, scale_multiplier: float = 1.0,
-                windows: Windows | None = None, stretch_pe: bool = False) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames, scale_multiplier, windows, stretch_pe)
+                windows: Windows | None = None, stretch_pe: bool = False, norm_mode: str | None = None) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, scale_multiplier, windows, stretch_pe, norm_mode)

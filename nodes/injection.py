@@ -38,6 +38,12 @@ from .context_sampling import (CONTEXT_KEY, KEY, add_context_windows, add_sampli
 from .v1_norms import add_frame_spanning_norms, remove_frame_spanning_norms
 
 log = logging.getLogger(__name__)
+# Which GroupNorms span the frames of a clip. original: as the AnimateDiff code (v1: the ResNets' and
+# out.0; SDXL beta: the motion modules'). AnimateDiff-Evolved: as that pack does for the versions it
+# calls v1 (v1 and SDXL beta): every GroupNorm of the UNet (ResNets, spatial transformers, out.0) and
+# of the motion modules; other versions are the same under both.
+NORM_SEMANTICS = ("original", "AnimateDiff-Evolved")
+EVOLVED_SPANNING_VERSIONS = ("v1", "sdxl_beta")
 # every motion slot of a UNet call asks for the same plan: compute it once per (frames, options, step)
 _attention_windows = functools.lru_cache(maxsize=64)(weighted_windows)
 
@@ -73,6 +79,7 @@ class MotionSettings:
     heads: int = 8  # of the temporal attention (memory estimate)
     channels: int = 320  # of the modules at the latent resolution (memory estimate)
     frames_per_clip: int = 0  # 0: the latent batch is one clip; N: clips of N frames, sampled independently
+    motion_norm: str | None = None  # the motion modules' GroupNorm mode for this Apply, None: the model's own
 
     def active(self, sigmas) -> bool:
         if sigmas is None:
@@ -123,7 +130,7 @@ class MotionSlot(torch.nn.Module):
             step = step_index(transformer_options, transformer_options.get("sigmas"))
             windows = _attention_windows(frames, context, step)
         stretch_pe = context is not None and context.stretch_pe
-        return self._module[0](x, frames, settings.scale, windows, stretch_pe)
+        return self._module[0](x, frames, settings.scale, windows, stretch_pe, settings.motion_norm)
 
     def forward(self, x):
         raise MotionModelError(f"motion module {self.prefix} was called without AnimateDiff Suite's "
@@ -285,7 +292,8 @@ def _without_our_patch(model_options: dict) -> None:
 
 def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
                  start_percent: float = 0.0, end_percent: float = 1.0, schedule=None,
-                 domain_adapter: tuple[LoRA, float] | None = None, context=None, frames_per_clip: int = 0):
+                 domain_adapter: tuple[LoRA, float] | None = None, context=None, frames_per_clip: int = 0,
+                 norm_semantics: str = "original"):
     """Return a clone of ``model`` that animates with ``motion``; ``model`` itself is untouched.
 
     Args:
@@ -297,7 +305,10 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         context: ContextOptions for clips longer than one window (see context_sampling.py).
         frames_per_clip: 0: the latent batch is one clip; N: the batch holds clips of N frames each,
             sampled in one pass but independently (motion never crosses from one clip to the next).
+        norm_semantics: a key of ``NORM_SEMANTICS``: which GroupNorms span the frames of a clip.
     """
+    if norm_semantics not in NORM_SEMANTICS:
+        raise MotionModelError(f"unknown norm_semantics {norm_semantics!r}; expected one of {list(NORM_SEMANTICS)}")
     if frames_per_clip < 0:
         raise MotionModelError(f"frames_per_clip must be 0 (one clip) or more, got {frames_per_clip}")
     check_compatible(model, motion)
@@ -316,16 +327,18 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
             raise MotionModelError(f"domain adapter '{domain_adapter[0].name}': only {len(applied)} of "
                                    f"{len(adapter_patches)} weights exist in this model")
     sampling = patched.get_model_object("model_sampling")
+    evolved_norms = norm_semantics == "AnimateDiff-Evolved" and motion.spec.version in EVOLVED_SPANNING_VERSIONS
     settings = MotionSettings(scale=float(scale), sigma_start=float(sampling.percent_to_sigma(start_percent)),
                               sigma_end=float(sampling.percent_to_sigma(end_percent)), heads=motion.spec.heads,
-                              channels=motion.spec.modules[0].channels, frames_per_clip=int(frames_per_clip))
+                              channels=motion.spec.modules[0].channels, frames_per_clip=int(frames_per_clip),
+                              motion_norm="across_frames" if evolved_norms else None)
     patched.set_additional_models(KEY, [motion_patcher])
     patched.set_injections(KEY, [make_injection(motion_patcher.model)])
     _without_our_patch(patched.model_options)
     patched.set_model_forward_timestep_embed_patch((MotionSlot, _run_slot))
     patched.model_options["transformer_options"][KEY] = settings
-    if motion.spec.version == "v1":
-        add_frame_spanning_norms(patched, KEY)
+    if motion.spec.version == "v1" or evolved_norms:
+        add_frame_spanning_norms(patched, KEY, transformers=evolved_norms)
     else:
         remove_frame_spanning_norms(patched, KEY)
     if context is not None:

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..motion_modules import load_domain_adapter, load_lora
 from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path
 from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule
-from .injection import MotionLoraEntry, apply_motion, load_motion_patcher
+from .injection import NORM_SEMANTICS, MotionLoraEntry, apply_motion, load_motion_patcher
 from .sockets import CATEGORY, CONTEXT_OPTIONS, MOTION_LORA, MOTION_MODEL
 from .validation import check_widgets
 
@@ -143,6 +143,11 @@ class ApplyMotionModel(io.ComfyNode):
                                      "each (e.g. 32 = two 16-frame clips: two variations of a prompt, or one "
                                      "clip per prompt with batched conditioning), sampled in one pass but "
                                      "independently; the batch size must be a multiple of N."),
+                io.Combo.Input("norm_semantics", options=list(NORM_SEMANTICS), default="original", optional=True,
+                               tooltip="Which GroupNorms see all frames of a clip, for v1 and SDXL beta models "
+                                       "(others are the same under both). original: as the AnimateDiff code. "
+                                       "AnimateDiff-Evolved: every GroupNorm of the UNet and the motion modules, "
+                                       "as that pack does, to reproduce videos made with it."),
             ],
             outputs=[io.Model.Output(tooltip="A copy of MODEL that animates; the input MODEL is unchanged.")],
         )
@@ -169,7 +174,8 @@ class ApplyMotionModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, motion_model, motion_lora=None, domain_adapter=NO_ADAPTER,
                 domain_adapter_strength=1.0, motion_scale=1.0, start_percent=0.0, end_percent=1.0,
-                beta_schedule="auto", context_options=None, frames_per_clip=0) -> io.NodeOutput:
+                beta_schedule="auto", context_options=None, frames_per_clip=0,
+                norm_semantics="original") -> io.NodeOutput:
         adapter = None
         if domain_adapter and domain_adapter != NO_ADAPTER:
             adapter = (read_lora("loras", domain_adapter, "domain adapter"), float(domain_adapter_strength))
@@ -177,7 +183,7 @@ class ApplyMotionModel(io.ComfyNode):
                                start_percent=start_percent, end_percent=end_percent,
                                schedule=resolve_schedule(beta_schedule, motion_model.spec),
                                domain_adapter=adapter, context=context_options,
-                               frames_per_clip=int(frames_per_clip or 0))
+                               frames_per_clip=int(frames_per_clip or 0), norm_semantics=norm_semantics)
         return io.NodeOutput(patched)
 
 

@@ -26,6 +26,7 @@ from einops import rearrange
 
 import comfy.patcher_extension
 import comfy.utils
+from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
 from ..motion_modules import MotionModelError
@@ -112,6 +113,51 @@ def frame_spanning_resblock(block: ResBlock) -> FrameSpanningResBlock:
     return standin
 
 
+class FrameSpanningTransformer(torch.nn.Module):
+    """Stand-in for one SpatialTransformer whose input GroupNorm spans frames (norm_semantics
+    AnimateDiff-Evolved); built by ``frame_spanning_transformer``, run by ``_run_transformer``."""
+
+    _block_class: type
+    _norms: tuple
+    _original: tuple
+
+    def run(self, x, context, transformer_options, frames: int):
+        with spanning_frames(self._norms, frames):
+            return self._block_class.forward(self, x, context, transformer_options=transformer_options)
+
+    def forward(self, *args, **kwargs):
+        raise MotionModelError("a frame-spanning SpatialTransformer was called without AnimateDiff Suite's "
+                               "forward_timestep_embed patch (the model was rebuilt by another tool?)")
+
+
+def frame_spanning_transformer(block: SpatialTransformer) -> FrameSpanningTransformer:
+    if isinstance(block, FrameSpanningTransformer):
+        block = block._original[0]
+    standin = FrameSpanningTransformer.__new__(FrameSpanningTransformer)
+    standin.__dict__.update(block.__dict__)
+    standin._modules = dict(block._modules)
+    standin._modules["norm"] = spanning_norm(block.norm)
+    standin._block_class = type(block)
+    standin._original = (block,)
+    standin._norms = (standin._modules["norm"],)
+    return standin
+
+
+def _run_transformer(layer, x, emb, context, transformer_options, *args, **kwargs):
+    layout = frame_layout(transformer_options, "a frame-spanning SpatialTransformer")
+    return layer.run(x, context, transformer_options, layout.frames)
+
+
+def _transformer_paths(unet: UNetModel) -> list[str]:
+    """Object-patch paths of every SpatialTransformer of the UNet (motion slots are only ever added after them)."""
+    return [f"diffusion_model.{name}.{index}.{position}"
+            for name, blocks in (("input_blocks", unet.input_blocks), ("output_blocks", unet.output_blocks))
+            for index, block in enumerate(blocks) for position, layer in enumerate(block)
+            if isinstance(layer, (SpatialTransformer, FrameSpanningTransformer))] + \
+        [f"diffusion_model.middle_block.{position}" for position, layer in enumerate(unet.middle_block)
+         if isinstance(layer, (SpatialTransformer, FrameSpanningTransformer))]
+
+
 def _run_resblock(layer, x, emb, context, transformer_options, *args, **kwargs):
     layout = frame_layout(transformer_options, "a v1 frame-spanning ResBlock")
     return layer.run(x, emb, layout.frames)
@@ -134,14 +180,19 @@ def _resblock_paths(unet: UNetModel) -> list[str]:
 OUT_NORM = "diffusion_model.out.0"
 
 
-def add_frame_spanning_norms(model, key: str) -> None:
-    """Patch ``model`` (a clone we own) so its ResBlock norms and ``out.0`` span frames while animated."""
+def add_frame_spanning_norms(model, key: str, transformers: bool = False) -> None:
+    """Patch ``model`` (a clone we own) so its ResBlock norms and ``out.0`` span frames while animated;
+    with ``transformers``, the SpatialTransformers' input norms too (norm_semantics AnimateDiff-Evolved)."""
+    remove_frame_spanning_norms(model, key)
     unet = model.model.diffusion_model
     for path in _resblock_paths(unet):
         model.add_object_patch(path, frame_spanning_resblock(comfy.utils.get_attr(model.model, path)))
+    if transformers:
+        for path in _transformer_paths(unet):
+            model.add_object_patch(path, frame_spanning_transformer(comfy.utils.get_attr(model.model, path)))
+        model.set_model_forward_timestep_embed_patch((FrameSpanningTransformer, _run_transformer))
     out_norm = spanning_norm(unet.out[0])
     model.add_object_patch(OUT_NORM, out_norm)
-    _drop_resblock_patch(model)
     model.set_model_forward_timestep_embed_patch((FrameSpanningResBlock, _run_resblock))
 
     def span_out_norm(executor, x, *args, **kwargs):
@@ -157,7 +208,7 @@ def remove_frame_spanning_norms(model, key: str) -> None:
     """Undo ``add_frame_spanning_norms`` on ``model`` (a clone we own; e.g. a v1-animated model re-animated
     with a v2 motion model)."""
     for path, patch in list(model.object_patches.items()):
-        if isinstance(patch, (FrameSpanningResBlock, _SpanningNorm)):
+        if isinstance(patch, (FrameSpanningResBlock, FrameSpanningTransformer, _SpanningNorm)):
             del model.object_patches[path]
     _drop_resblock_patch(model)
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"{key}.v1_norms")
@@ -166,4 +217,5 @@ def remove_frame_spanning_norms(model, key: str) -> None:
 def _drop_resblock_patch(model) -> None:
     patches = model.model_options["transformer_options"].setdefault("patches", {})
     patches["forward_timestep_embed_patch"] = [
-        p for p in patches.get("forward_timestep_embed_patch", []) if p[0] is not FrameSpanningResBlock]
+        p for p in patches.get("forward_timestep_embed_patch", [])
+        if p[0] not in (FrameSpanningResBlock, FrameSpanningTransformer)]

@@ -5,6 +5,7 @@ patched UNet against the core reference, v1 norms, SDXL, schedules, adapters, cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -230,3 +231,77 @@ def test_low_precision_motion_weights_run_in_an_fp32_unet(env, dtype, tmp_path):
     # bfloat16 keeps 8 mantissa bits (fp16: 11); the random tiny UNet amplifies rounding noise
     tolerance = {torch.float16: 0.05, torch.bfloat16: 0.15}[dtype]
     assert (got - reference).abs().max() < tolerance * reference.abs().max()
+
+
+@contextlib.contextmanager
+def every_group_norm_spanning(roots, frames):
+    """AnimateDiff-Evolved's rule for v1 and SDXL beta, written directly: every GroupNorm of the UNet and
+    of the motion model normalises over all frames of the clip (5D inputs already span them)."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    norms = [m for root in roots for m in root.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+    def spanning(norm):
+        def forward(x):
+            if x.ndim == 5:
+                return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+            y = F.group_norm(rearrange(x, "(b f) c h w -> b c f h w", f=frames), norm.num_groups, norm.weight,
+                             norm.bias, norm.eps)
+            return rearrange(y, "b c f h w -> (b f) c h w")
+        return forward
+
+    for norm in norms:
+        norm.forward = spanning(norm)
+    try:
+        yield len(norms)
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+@pytest.mark.parametrize("version", ["v1", "sdxl_beta"])
+def test_evolved_norm_semantics_spans_every_group_norm(env, version):
+    """norm_semantics AnimateDiff-Evolved: the injected UNet equals the block-by-block reference with every
+    GroupNorm spanning the frames; it differs from the original semantics."""
+    import comfy.model_management as mm
+
+    from animatediff_suite.motion_modules.layout import FrameLayout
+    from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
+
+    family = "SDXL" if version == "sdxl_beta" else "SD1.5"
+    model = env["demo"].tiny_model(0, family=family)
+    loaded = motion(env, version, seed=2)
+    unet = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FRAMES, 4, 8, 8, generator=gen)
+    t = torch.full((FRAMES,), 700.0)
+    context = torch.randn(FRAMES, 77, 32, generator=gen)
+    y = torch.randn(FRAMES, unet.label_emb[0][0].in_features, generator=gen) if family == "SDXL" else None
+
+    def run(patched):  # the UNet call as sampling makes it: the patcher's wrappers in transformer_options
+        options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0], "wrappers": patched.wrappers,
+                   "sigmas": torch.tensor([5.0]), LAYOUT_KEY: FrameLayout.whole(1, FRAMES)}
+        mm.load_models_gpu([patched, *patched.get_nested_additional_models()])
+        with torch.no_grad():
+            out = unet(x, t, context=context, y=y, transformer_options=options)
+        mm.load_models_gpu([model])  # ejects the motion modules and stand-ins again
+        return out
+
+    evolved = run(apply(env, model, loaded, norm_semantics="AnimateDiff-Evolved"))
+    original = run(apply(env, model, loaded))
+    with torch.no_grad(), every_group_norm_spanning([unet, loaded.patcher.model], FRAMES) as count:
+        expected = reference_unet(unet, loaded.patcher.model, x, t, context, FRAMES, y=y)
+    assert count > 20
+    torch.testing.assert_close(evolved, expected, atol=1e-4, rtol=0)
+    assert (evolved - original).abs().max() > 1e-3
+    assert not any(type(m).__name__.startswith("FrameSpanning") for m in unet.modules())
+
+
+def test_evolved_norm_semantics_leaves_other_versions_unchanged(env):
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v2")
+    original = ksample(env, apply(env, model, loaded))
+    assert torch.equal(ksample(env, apply(env, model, loaded, norm_semantics="AnimateDiff-Evolved")), original)
+    with pytest.raises(env["injection"].MotionModelError, match="unknown norm_semantics 'both'"):
+        apply(env, model, loaded, norm_semantics="both")

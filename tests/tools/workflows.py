@@ -35,7 +35,7 @@ def _txt2vid(checkpoint: str, motion: str, prompt: str, prefix: str, size: int =
         "3": {"class_type": "ADS_ApplyMotionModel", "inputs": {
             "model": ["1", 0], "motion_model": ["2", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
             "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
-            "frames_per_clip": 0, **(apply_extra or {})}},
+            "frames_per_clip": 0, "norm_semantics": "original", **(apply_extra or {})}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 16}},
@@ -209,7 +209,7 @@ def _consistent_clips() -> dict:
         "11": {"class_type": "ADS_ApplyMotionModel", "inputs": {
             "model": ["9", 0], "motion_model": ["10", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
             "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
-            "frames_per_clip": 0}},
+            "frames_per_clip": 0, "norm_semantics": "original"}},
         "12": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 16}},
     }
     prompts = ("walking through a park in autumn, leaves falling", "riding a bicycle along a river, sunny day")
