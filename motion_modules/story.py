@@ -93,16 +93,15 @@ def parse_story(characters_text: str, panels_text: str, style: str = "", referen
 
 def _panel(line: str, number: int, characters: dict[str, str], style: str) -> Panel:
     text, _, caption = line.partition("#")
-    names = []
-    for tag in _TAG.findall(text):
-        tag = tag.strip()
+    names, tags = [], [tag.strip() for tag in _TAG.findall(text)]
+    for tag in tags:
         if tag != NO_CHARACTER and tag not in characters:
             known = ", ".join(f"[{n}]" for n in characters) or "none"
             raise ValueError(f"panel line {number}: [{tag}] is not a described character (described: {known}, "
                              f"and [{NO_CHARACTER}] for no character)")
         if tag != NO_CHARACTER and tag not in names:
             names.append(tag)
-    if NO_CHARACTER in (t.strip() for t in _TAG.findall(text)) and names:
+    if NO_CHARACTER in tags and names:
         raise ValueError(f"panel line {number}: [{NO_CHARACTER}] cannot share a panel with a character")
 
     def describe(match):

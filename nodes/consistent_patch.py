@@ -136,18 +136,23 @@ class _Call:
         if self.drawn is None:
             mode = self.options.mode(self.step, self.steps, self.layer)
             ids, sources = self._batch_images() if self.run is None else (self.run.panels, _all_others(self.rows))
-            keep = None if mode == PLAIN else self.options.keep(self.step, self.layer, ids, self.tokens, mode,
-                                                                self.downscale)
+            keep = None
+            if mode != PLAIN:  # draw only for rows others sample (a write pass stores every row's draw)
+                drawn = sorted(range(self.rows) if self.run is not None else {r for s in sources for r in s})
+                keep = torch.zeros(self.rows, self.tokens, dtype=torch.bool)
+                if drawn:
+                    keep[drawn] = self.options.keep(self.step, self.layer, [ids[r] for r in drawn], self.tokens,
+                                                    mode, self.downscale)
             self.drawn = keep, sources
         return self.drawn
 
     def _read_plan(self, bank: ReferenceBank, kind: int):
         groups: dict[tuple[str, ...], list[int]] = {}
-        for row in range(self.rows):
-            characters = self.run.characters[row] if self.run is not None else self.patch.characters
-            if self.run is None and not characters:
-                characters = tuple(sorted(bank.entries))
-            groups.setdefault(tuple(characters), []).append(row)
+        if self.run is None:  # a patch given a bank: every row reads the same characters
+            groups[self.patch.characters or tuple(sorted(bank.entries))] = list(range(self.rows))
+        else:
+            for row in range(self.rows):
+                groups.setdefault(tuple(self.run.characters[row]), []).append(row)
         plan = []
         visit = self.run.visit(self.sigma, self.layer, kind) if self.run is not None else 0
         for characters, rows in groups.items():

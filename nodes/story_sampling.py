@@ -43,12 +43,13 @@ def story_passes(story: Story, panels_per_batch: int) -> list[StoryPass]:
 def rows_of(conditioning, rows: list[int], panels: int):
     """The conditioning of ``rows``: tensors with one entry per panel are sliced, others kept."""
     index = torch.as_tensor(rows)
-    sliced = []
-    for cond, extras in conditioning:
-        pick = (lambda t: t[index.to(t.device)] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == panels
-                else t)
-        sliced.append([pick(cond), {key: pick(value) for key, value in extras.items()}])
-    return sliced
+
+    def pick(value):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == panels:
+            return value[index.to(value.device)]
+        return value
+
+    return [[pick(cond), {key: pick(value) for key, value in extras.items()}] for cond, extras in conditioning]
 
 
 def sample_story(model, story: Story, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
