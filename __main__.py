@@ -12,6 +12,11 @@ ComfyUI's output folder (an animated WebP and an MP4). The same helpers drive th
     python path/to/ComfyUI-AnimateDiff-Suite train --config run.toml [--resume] [--dry-run]
 
 trains in this process with ComfyUI imported as a library (training/cli.py; no server).
+
+    python path/to/ComfyUI-AnimateDiff-Suite import-ade ade_workflow.json converted.json
+
+maps a ComfyUI-AnimateDiff-Evolved workflow (editor or API format) to this pack's nodes and prints
+what it could not map (nodes/ade_import.py; no ComfyUI needed).
 """
 
 from __future__ import annotations
@@ -285,10 +290,30 @@ def train(argv) -> int:
     return train_main(argv)
 
 
+def ade_importer():
+    """nodes/ade_import.py, loaded without ComfyUI (it needs none): ``nodes/`` as a package whose
+    ``__init__`` (which registers the ComfyUI nodes) is not run."""
+    import importlib
+    import types
+
+    if "animatediff_suite_ade" not in sys.modules:
+        package = types.ModuleType("animatediff_suite_ade")
+        package.__path__ = [os.path.join(ROOT, "nodes")]
+        sys.modules["animatediff_suite_ade"] = package
+    return importlib.import_module("animatediff_suite_ade.ade_import")
+
+
+def import_ade(argv: list[str]) -> int:
+    """``import-ade IN.json OUT.json``: convert an AnimateDiff-Evolved workflow, print the report."""
+    return ade_importer().main(argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return train(argv[1:])
+    if argv[:1] == ["import-ade"]:
+        return import_ade(argv[1:])
     args = parse_args(argv)
     graph = customise(load_example("txt2vid_sd15"), args)
     with tempfile.TemporaryDirectory(prefix="animatediff_suite_") as workdir:

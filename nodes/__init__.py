@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .ade_routes import register_routes
 from .context_nodes import NODES as CONTEXT_NODES
 from .demo import NODES as DEMO_NODES
 from .folders import register_folders
@@ -11,6 +12,7 @@ from .story_nodes import NODES as STORY_NODES
 from .train_nodes import NODES as TRAIN_NODES
 
 register_folders()
+register_routes()
 
 
 class AnimateDiffSuiteExtension(ComfyExtension):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ade_workflows as ade
 from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model
 from ads_package import ROOT, load_module
 from server_helpers import refused, runner
@@ -285,7 +288,55 @@ def test_stock_advanced_and_custom_samplers(server, kind):
 
 def test_web_extension_is_served(server):
     extensions = server.get("/extensions")
-    assert any(path.endswith("/animatediff_suite.js") for path in extensions), extensions
+    for script in ("/animatediff_suite.js", "/ade_import.js"):
+        assert any(path.endswith(script) for path in extensions), extensions
+
+
+def test_ade_importer_writes_our_nodes_as_their_schemas_say(server):
+    """The importer's table of this pack's nodes (sockets, widgets in the editor's order, outputs) is
+    what the running server reports for them."""
+    tables = runner.ade_importer().OUR_NODES
+    object_info = server.get("/object_info")
+    for node_type, (sockets, widgets, outputs) in tables.items():
+        info = object_info[node_type]
+        inputs = workflows._inputs(info)
+        assert sockets == [(n, workflows._kind(s)) for n, s, _ in inputs
+                           if workflows._kind(s) not in workflows.WIDGET_TYPES], node_type
+        schema_widgets = [(n, workflows._kind(s)) for n, s, _ in inputs if workflows._kind(s) in workflows.WIDGET_TYPES]
+        assert [n for n, _ in widgets] == [n for n, _ in schema_widgets], node_type
+        for (name, value), (_, kind) in zip(widgets, schema_widgets):  # a placeholder of the widget's type
+            expected = {"INT": int, "FLOAT": float, "BOOLEAN": bool}.get(kind, str)
+            assert type(value) is expected, (node_type, name, value, kind)
+        assert outputs == list(zip(info["output_name"], info["output"])), node_type
+
+
+@pytest.mark.parametrize("name", ["GEN2_API", "GEN1_API", "VIEWS_API"])
+def test_imported_ade_workflows_run(server, name):
+    converted, _, _ = runner.ade_importer().convert(getattr(ade, name))
+    entry = server.run(tiny(converted))
+    frames = expected_frames(converted)
+    assert frame_counts(server, entry) == {"webp": frames}
+
+
+def _post(server, path: str, body: bytes):
+    request = urllib.request.Request(server.url + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_import_route_converts_the_editor_format_and_the_result_runs(server):
+    status, answer = _post(server, "/animatediff_suite/import_ade", json.dumps({"workflow": ade.LEGACY_UI}).encode())
+    assert status == 200 and answer["mapped"] == 3
+    graph = workflows.ui_to_api(answer["workflow"], server.get("/object_info"))
+    assert graph == ade.LEGACY_EXPECTED_API
+    entry = server.run(tiny(graph))
+    assert frame_counts(server, entry) == {"webp": 20}
+    for body in (b"{not json", json.dumps({"workflow": {"nodes": 3}}).encode(), json.dumps([1]).encode()):
+        status, answer = _post(server, "/animatediff_suite/import_ade", body)
+        assert status == 400 and answer["error"], answer
 
 
 def test_more_frames_than_the_frame_limit_is_a_clear_execution_error(server):

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+import ade_workflows as ade
 import comfy_env
 from ads_package import ROOT, load_module
 
@@ -24,7 +25,8 @@ def shown(comfyui, tmp_path_factory):
     missing = frontend_check.missing_browser_tools()
     if missing:
         comfy_env.skip_or_fail(f"browser tier skipped: {missing}")
-    results = frontend_check.check_examples(comfyui, str(tmp_path_factory.mktemp("frontend")))
+    commands = [("ade_import", ade.LEGACY_UI, "AnimateDiffSuite.ConvertADEWorkflow", ade.LEGACY_EXPECTED_API)]
+    results = frontend_check.check_examples(comfyui, str(tmp_path_factory.mktemp("frontend")), commands)
     os.makedirs(ARTIFACTS, exist_ok=True)
     for result in results:
         shutil.copy(result.screenshot, os.path.join(ARTIFACTS, f"{result.name}.png"))
@@ -32,7 +34,18 @@ def shown(comfyui, tmp_path_factory):
 
 
 def test_every_example_was_loaded(shown):
-    assert sorted(shown) == EXAMPLES
+    assert sorted(set(shown) - {"ade_import"}) == EXAMPLES
+
+
+def test_convert_ade_workflow_command_maps_the_open_workflow(shown):
+    """An ADE workflow (without ADE installed) loads with a hint; the pack's command (Extensions >
+    AnimateDiff Suite) converts it in place, and the frontend's own API graph is the hand-written one."""
+    result = shown["ade_import"]
+    before, after = result.text
+    assert "uses AnimateDiff-Evolved nodes" in before
+    assert "3 AnimateDiff-Evolved node(s) converted" in after
+    assert result.missing == []
+    assert result.prompt == result.expected
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -42,7 +55,7 @@ def test_frontend_graph_to_prompt_equals_the_api_example(shown, name):
     assert result.prompt == result.expected
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", [*EXAMPLES, "ade_import"])
 def test_no_console_error_from_the_pack(shown, name):
     ours = [entry for entry in shown[name].console
             if entry["type"] in ("error", "pageerror")

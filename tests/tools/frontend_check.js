@@ -3,7 +3,8 @@
 // graph the frontend itself produces (app.graphToPrompt) and the console's errors and warnings: those
 // of the boot (the pack's extension loading) and those logged while that workflow was loaded.
 // Driven by frontend_check.py (and so by tests/test_frontend.py).
-// Usage: node frontend_check.js URL JOBS.json, JOBS = [{workflow, png, json}, ...]
+// Usage: node frontend_check.js URL JOBS.json, JOBS = [{workflow, png, json, command?}, ...]; with a
+// command, the page's text before and after running it is written too.
 const { chromium } = require('playwright-core');
 const fs = require('fs');
 (async () => {
@@ -37,11 +38,21 @@ async function showAll(browser, url, jobs) {
     const wf = JSON.parse(fs.readFileSync(job.workflow));
     await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, wf);
     await page.waitForTimeout(2500);
+    let before = null;
+    if (job.command) {  // a command of the pack's extension, run on the loaded workflow
+      before = await page.evaluate(() => document.body.innerText);
+      await page.keyboard.press('Escape');  // the missing-nodes dialog of a workflow with foreign nodes
+      await page.waitForTimeout(300);
+      await page.evaluate(async (c) => { await window.app.extensionManager.command.execute(c); }, job.command);
+      await page.waitForTimeout(2500);
+    }
     const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
     const missing = await page.evaluate(() => window.app.graph.nodes.filter(n => n.has_errors || n.type === undefined)
       .map(n => n.type));
     await page.screenshot({path: job.png});
-    fs.writeFileSync(job.json, JSON.stringify({prompt, missing, console: [...boot, ...logs.filter(reported)]}));
+    const after = job.command ? await page.evaluate(() => document.body.innerText) : null;
+    fs.writeFileSync(job.json, JSON.stringify({prompt, missing, console: [...boot, ...logs.filter(reported)],
+                                               before, after}));
   }
   await page.close();
 }

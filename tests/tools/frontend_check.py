@@ -53,10 +53,13 @@ class FrontendResult:
     console: list  # errors and warnings the page logged
     missing: list  # node types the frontend could not build
     screenshot: str
+    text: tuple = (None, None)  # the page's text before and after a job's command
 
 
-def check_examples(comfyui: str, workdir: str) -> list[FrontendResult]:
-    """Start a server with the pack and empty model files, load every UI example in Chromium."""
+def check_examples(comfyui: str, workdir: str, commands: tuple = ()) -> list[FrontendResult]:
+    """Start a server with the pack and empty model files, load every UI example in Chromium; then each
+    of ``commands`` ``(name, workflow, command id, expected API graph)``: load the workflow, run the
+    pack's command on it, and read back the graph."""
     runner = _load("ads_runner", os.path.join(ROOT, "__main__.py"))
     workflows = _load("ads_workflows", os.path.join(HERE, "workflows.py"))
     folders = {}
@@ -74,17 +77,25 @@ def check_examples(comfyui: str, workdir: str) -> list[FrontendResult]:
         jobs = [{"workflow": os.path.join(ROOT, "example_workflows", f"{name}.json"),
                  "png": os.path.join(workdir, f"{name}.png"), "json": os.path.join(workdir, f"{name}.json")}
                 for name in workflows.EXAMPLES]
+        expected = {name: workflows.normalised(graph) for name, (graph, _, _) in workflows.EXAMPLES.items()}
+        for name, workflow, command, graph in commands:
+            path = os.path.join(workdir, f"{name}.workflow.json")
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(workflow, handle)
+            jobs.append({"workflow": path, "command": command, "png": os.path.join(workdir, f"{name}.png"),
+                         "json": os.path.join(workdir, f"{name}.json")})
+            expected[name] = graph
         jobs_path = os.path.join(workdir, "jobs.json")
         with open(jobs_path, "w", encoding="utf-8") as handle:
             json.dump(jobs, handle)
         subprocess.run(["node", os.path.join(HERE, "frontend_check.js"), server.url, jobs_path], check=True, timeout=600)
-        for job, (name, (graph, _, _)) in zip(jobs, workflows.EXAMPLES.items()):
+        for job, name in zip(jobs, expected):
             png, out = job["png"], job["json"]
             with open(out, encoding="utf-8") as handle:
                 shown = json.load(handle)
             prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in shown["prompt"].items()}
-            results.append(FrontendResult(name, prompt, workflows.normalised(graph), shown["console"],
-                                          shown["missing"], png))
+            results.append(FrontendResult(name, prompt, expected[name], shown["console"], shown["missing"], png,
+                                          (shown.get("before"), shown.get("after"))))
     finally:
         server.stop()
     return results

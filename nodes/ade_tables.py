@@ -1,0 +1,171 @@
+"""ADE's node and option names, and this pack's nodes the ADE importer writes (tables only)."""
+
+APPLY = "ADS_ApplyMotionModel"
+
+# This pack's nodes the importer writes: sockets, widgets (name, default) in the editor's order,
+# outputs. A ComfyUI-tier test checks this table against the nodes' real schemas.
+OUR_NODES = {
+    "ADS_LoadMotionModel": ([], [("model_name", "")], [("MOTION_MODEL", "MOTION_MODEL"), ("info", "STRING")]),
+    "ADS_LoadMotionLora": ([("prev_motion_lora", "MOTION_LORA")], [("lora_name", ""), ("strength", 1.0)],
+                           [("MOTION_LORA", "MOTION_LORA")]),
+    APPLY: ([("model", "MODEL"), ("motion_model", "MOTION_MODEL"), ("motion_lora", "MOTION_LORA"),
+             ("context_options", "CONTEXT_OPTIONS")],
+            [("domain_adapter", "none"), ("domain_adapter_strength", 1.0), ("motion_scale", 1.0),
+             ("start_percent", 0.0), ("end_percent", 1.0), ("beta_schedule", "auto"), ("frames_per_clip", 0),
+             ("norm_semantics", "AnimateDiff-Evolved")],
+            [("MODEL", "MODEL")]),
+    "ADS_ContextOptions": ([], [("context_length", 16), ("context_overlap", 4), ("context_stride", 1),
+                                ("closed_loop", False), ("schedule", "standard_static"), ("fuse_method", "pyramid"),
+                                ("noise_type", "default"), ("scope", "whole_model"), ("stretch_pe", False),
+                                ("window_batch", 1)],
+                           [("CONTEXT_OPTIONS", "CONTEXT_OPTIONS")]),
+    "ADS_FreeInit": ([("model", "MODEL")], [("iterations", 3), ("filter", "butterworth"), ("spatial_stop", 0.25),
+                                            ("temporal_stop", 0.25), ("butterworth_order", 4),
+                                            ("fast_sampling", False)],
+                     [("MODEL", "MODEL")]),
+    "ADS_PromptTravel": ([("clip", "CLIP")], [("text", ""), ("frames", 16), ("prefix", ""), ("suffix", ""),
+                                              ("interpolation", "linear")],
+                         [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("width", 512), ("height", 512), ("batch_size", 1)], [("LATENT", "LATENT")]),
+    "CheckpointLoaderSimple": ([], [("ckpt_name", "")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+}
+
+# ADE's widgets in the editor's order (its current release; an older release saved a prefix of
+# these: the missing ones take ADE's defaults). ``deprecation_warning`` is a display-only widget.
+ADE_WIDGETS = {
+    "ADE_LoadAnimateDiffModel": ["model_name"],
+    "ADE_ApplyAnimateDiffModel": ["start_percent", "end_percent"],
+    "ADE_ApplyAnimateDiffModelSimple": [],
+    "ADE_UseEvolvedSampling": ["beta_schedule"],
+    "ADE_AnimateDiffLoaderGen1": ["model_name", "beta_schedule"],
+    "ADE_AnimateDiffLoaderWithContext": ["model_name", "beta_schedule", "motion_scale", "apply_v2_models_properly",
+                                         "deprecation_warning"],
+    "ADE_AnimateDiffLoRALoader": ["name", "strength"],
+    "ADE_StandardStaticContextOptions": ["context_length", "context_overlap", "fuse_method", "use_on_equal_length",
+                                         "start_percent", "guarantee_steps"],
+    "ADE_StandardUniformContextOptions": ["context_length", "context_stride", "context_overlap", "fuse_method",
+                                          "use_on_equal_length", "start_percent", "guarantee_steps"],
+    "ADE_LoopedUniformContextOptions": ["context_length", "context_stride", "context_overlap", "closed_loop",
+                                        "fuse_method", "use_on_equal_length", "start_percent", "guarantee_steps"],
+    "ADE_AnimateDiffUniformContextOptions": ["context_length", "context_stride", "context_overlap", "context_schedule",
+                                             "closed_loop", "fuse_method", "use_on_equal_length", "start_percent",
+                                             "guarantee_steps", "deprecation_warning"],
+    "ADE_BatchedContextOptions": ["context_length", "start_percent", "guarantee_steps"],
+    "ADE_ViewsOnlyContextOptions": ["start_percent", "guarantee_steps"],
+    "ADE_StandardStaticViewOptions": ["view_length", "view_overlap", "fuse_method"],
+    "ADE_StandardUniformViewOptions": ["view_length", "view_stride", "view_overlap", "fuse_method"],
+    "ADE_LoopedUniformViewOptions": ["view_length", "view_stride", "view_overlap", "closed_loop", "fuse_method",
+                                     "use_on_equal_length"],
+    "ADE_AnimateDiffSamplingSettings": ["batch_offset", "noise_type", "seed_gen", "seed_offset",
+                                        "adapt_denoise_steps"],
+    "ADE_IterationOptsFreeInit": ["iterations", "filter", "d_s", "d_t", "n_butterworth", "sigma_step",
+                                  "apply_to_1st_iter", "init_type", "iter_batch_offset", "iter_seed_offset"],
+    "ADE_IterationOptsDefault": ["iterations", "iter_batch_offset", "iter_seed_offset"],
+    "ADE_MultivalDynamic": ["float_val"],
+    "ADE_PromptScheduling": ["prompts", "print_schedule", "max_length", "tensor_interp"],
+    "ADE_PromptSchedulingLatents": ["prompts", "print_schedule", "tensor_interp"],
+    "ADE_EmptyLatentImageLarge": ["width", "height", "batch_size"],
+    "CheckpointLoaderSimpleWithNoiseSelect": ["ckpt_name", "beta_schedule", "use_custom_scale_factor", "scale_factor"],
+    "ADE_AnimateDiffUnload": [],
+}
+
+# ADE's socket inputs of the nodes above (with the widgets: every input name the importer knows).
+ADE_SOCKETS = {
+    "ADE_LoadAnimateDiffModel": ["ad_settings"],
+    "ADE_ApplyAnimateDiffModel": ["motion_model", "motion_lora", "scale_multival", "effect_multival", "ad_keyframes",
+                                  "prev_m_models", "per_block"],
+    "ADE_ApplyAnimateDiffModelSimple": ["motion_model", "motion_lora", "scale_multival", "effect_multival",
+                                        "ad_keyframes", "per_block"],
+    "ADE_UseEvolvedSampling": ["model", "m_models", "context_options", "sample_settings"],
+    "ADE_AnimateDiffLoaderGen1": ["model", "context_options", "motion_lora", "ad_settings", "ad_keyframes",
+                                  "sample_settings", "scale_multival", "effect_multival", "per_block"],
+    "ADE_AnimateDiffLoaderWithContext": ["model", "context_options", "motion_lora", "ad_settings", "sample_settings",
+                                         "ad_keyframes"],
+    "ADE_AnimateDiffLoRALoader": ["prev_motion_lora", "lora_name"],
+    "ADE_StandardStaticContextOptions": ["prev_context", "view_opts"],
+    "ADE_StandardUniformContextOptions": ["prev_context", "view_opts"],
+    "ADE_LoopedUniformContextOptions": ["prev_context", "view_opts"],
+    "ADE_AnimateDiffUniformContextOptions": ["prev_context", "view_opts"],
+    "ADE_BatchedContextOptions": ["prev_context"],
+    "ADE_ViewsOnlyContextOptions": ["view_opts_req", "prev_context"],
+    "ADE_StandardStaticViewOptions": [],
+    "ADE_StandardUniformViewOptions": [],
+    "ADE_LoopedUniformViewOptions": [],
+    "ADE_AnimateDiffSamplingSettings": ["noise_layers", "iteration_opts", "seed_override", "custom_cfg",
+                                        "sigma_schedule", "image_inject", "ancestral_opts"],
+    "ADE_IterationOptsFreeInit": [],
+    "ADE_IterationOptsDefault": [],
+    "ADE_MultivalDynamic": ["mask_optional"],
+    "ADE_PromptScheduling": ["clip", "prepend_text", "append_text", "values_replace"],
+    "ADE_PromptSchedulingLatents": ["clip", "latent", "prepend_text", "append_text", "values_replace"],
+    "ADE_EmptyLatentImageLarge": [],
+    "CheckpointLoaderSimpleWithNoiseSelect": [],
+    "ADE_AnimateDiffUnload": ["model"],
+}
+
+# ADE's defaults for the options the importer reads (an input an older release did not have).
+ADE_DEFAULTS = {
+    "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "autoselect", "motion_scale": 1.0,
+    "apply_v2_models_properly": True, "strength": 1.0, "context_stride": 1, "closed_loop": False,
+    "fuse_method": "pyramid", "use_on_equal_length": False, "guarantee_steps": 1, "context_schedule": "uniform",
+    "view_stride": 1, "batch_offset": 0, "noise_type": "default", "seed_gen": "comfy", "seed_offset": 0,
+    "adapt_denoise_steps": False, "iterations": 1, "filter": "gaussian", "d_s": 0.25, "d_t": 0.25,
+    "n_butterworth": 4, "sigma_step": 999, "apply_to_1st_iter": False, "init_type": "FreeInit [sampler sigma]",
+    "iter_batch_offset": 0, "iter_seed_offset": 1, "float_val": 1.0, "print_schedule": False, "max_length": 0,
+    "tensor_interp": "lerp", "use_custom_scale_factor": False, "scale_factor": 0.18215,
+}
+
+# Nodes that exist only to feed another ADE node: dropped once nothing reads them any more.
+ABSORBED = {"ADE_ApplyAnimateDiffModel", "ADE_ApplyAnimateDiffModelSimple", "ADE_AnimateDiffSamplingSettings",
+            "ADE_IterationOptsFreeInit", "ADE_IterationOptsDefault", "ADE_MultivalDynamic",
+            "ADE_StandardStaticContextOptions", "ADE_StandardUniformContextOptions", "ADE_LoopedUniformContextOptions",
+            "ADE_AnimateDiffUniformContextOptions", "ADE_BatchedContextOptions", "ADE_ViewsOnlyContextOptions",
+            "ADE_StandardStaticViewOptions", "ADE_StandardUniformViewOptions", "ADE_LoopedUniformViewOptions",
+            "Reroute"}
+
+BETA_SCHEDULES = {"autoselect": "auto", "use existing": "use existing",
+                  "sqrt_linear (AnimateDiff)": "sqrt_linear (AnimateDiff)",
+                  "linear (AnimateDiff-SDXL)": "linear (AnimateDiff SDXL beta)",
+                  "linear (HotshotXL/default)": "linear (SD default)", "lcm >> sqrt_linear": "lcm (AnimateLCM)"}
+FUSE_METHODS = {"pyramid": "pyramid", "relative": "pyramid", "flat": "flat", "overlap-linear": "overlap-linear",
+                "delayed reverse sawtooth": "delayed_reverse_sawtooth"}
+NOISE_TYPES = {"default": "default", "repeated_context": "repeated_context", "FreeNoise": "shuffle_context"}
+CONTEXT_SCHEDULES = {"ADE_StandardStaticContextOptions": "standard_static",
+                     "ADE_StandardUniformContextOptions": "standard_uniform",
+                     "ADE_LoopedUniformContextOptions": "looped_uniform",
+                     "ADE_AnimateDiffUniformContextOptions": "looped_uniform",
+                     "ADE_BatchedContextOptions": "batched",
+                     "ADE_StandardStaticViewOptions": "standard_static",
+                     "ADE_StandardUniformViewOptions": "standard_uniform",
+                     "ADE_LoopedUniformViewOptions": "looped_uniform"}
+
+
+# Why ADE's other nodes stay as they are (prefix of the node type -> reason).
+NOT_COVERED = {
+    "ADE_AnimateDiffLoaderV1": "ADE's first loader (deprecated there); re-create it with Apply Motion Model",
+    "AnimateDiffLoaderV1": "ADE's first loader (deprecated there); re-create it with Apply Motion Model",
+    "ADE_AnimateDiffModelSettings": "motion model settings (PE/attention adjustments) have no equivalent",
+    "ADE_AnimateDiffSettings": "motion model settings (PE/attention adjustments) have no equivalent",
+    "ADE_Adjust": "PE and weight adjustments have no equivalent",
+    "ADE_AnimateDiffKeyframe": "scheduled motion strength keyframes have no equivalent",
+    "ADE_Multival": "masked or scheduled multivals have no equivalent",
+    "ADE_ContextExtras": "context extras (ContextRef, NaiveReuse) have no equivalent",
+    "ADE_VisualizeContextOptions": "use Context Schedule Preview (ADS_ContextScheduleImage) instead",
+    "ADE_CustomCFG": "custom CFG schedules have no equivalent",
+    "ADE_CFGExtras": "CFG extras have no equivalent (ComfyUI core has PAG and RescaleCFG nodes)",
+    "ADE_SigmaSchedule": "sigma schedules have no equivalent",
+    "ADE_RawSigmaSchedule": "sigma schedules have no equivalent",
+    "ADE_NoiseLayer": "noise layers have no equivalent",
+    "ADE_NoisedImageInject": "image injection has no equivalent",
+    "ADE_AncestralOptions": "ancestral options have no equivalent",
+    "ADE_ValueScheduling": "value scheduling has no equivalent",
+    "ADE_PerBlock": "per-block motion strengths have no equivalent",
+    "ADE_ApplyAnimateLCMI2V": "AnimateLCM-I2V is not supported",
+    "ADE_LoadAnimateLCMI2V": "AnimateLCM-I2V is not supported",
+    "ADE_CameraCtrl": "CameraCtrl is not supported",
+    "ADE_LoadAnimateDiffModelWithCameraCtrl": "CameraCtrl is not supported",
+    "ADE_ApplyAnimateDiffModelWithCameraCtrl": "CameraCtrl is not supported",
+    "ADE_PIA": "PIA is not supported",
+    "ADE_ApplyAnimateDiffModelWithPIA": "PIA is not supported",
+    "ADE_RegisterLoraHook": "LoRA hooks: use ComfyUI core's hook nodes",
+}

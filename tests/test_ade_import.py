@@ -1,0 +1,209 @@
+"""The AnimateDiff-Evolved workflow importer without ComfyUI: mapped graphs against graphs written
+out by hand (tests/ade_workflows.py), the report, the editor format's links, the command line.
+The ComfyUI tier (test_comfy_ade_import.py) checks the editor format against the real node
+schemas and runs every imported graph on a real server."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ade_workflows as ade
+from ads_package import ROOT, load_module
+
+runner = load_module("ads_runner", "__main__.py")
+importer = runner.ade_importer()
+mapping = importlib.import_module("animatediff_suite_ade.ade_mapping")
+
+
+def convert(workflow):
+    before = copy.deepcopy(workflow)
+    converted, report, mapped = importer.convert(workflow)
+    assert workflow == before, "the input workflow was modified"
+    return converted, report, mapped
+
+
+def kinds(report):
+    """[(kind, node id)] of report lines 'kind: node ID (TYPE): ...'."""
+    return [(line.split(": ", 1)[0], line.split("node ", 1)[1].split(" ", 1)[0]) for line in report]
+
+
+def test_gen2_workflow_maps_to_the_hand_written_graph():
+    converted, report, mapped = convert(ade.GEN2_API)
+    assert converted == ade.GEN2_EXPECTED
+    assert kinds(report) == ade.GEN2_REPORT_KINDS
+    assert mapped == 10  # every ADE node: loader, LoRA, multival, apply, context, FreeInit, settings, ...
+
+
+def test_gen1_loader_with_unload_and_a_noise_select_checkpoint_loader():
+    converted, report, mapped = convert(ade.GEN1_API)
+    assert converted == ade.GEN1_EXPECTED
+    assert report == [] and mapped == 5
+
+
+def test_views_only_context_options_become_the_motion_attention_scope():
+    converted, report, mapped = convert(ade.VIEWS_API)
+    assert converted == ade.VIEWS_EXPECTED
+    assert kinds(report) == [("approximate", "2")] and mapped == 6
+
+
+def test_a_newer_ade_release_is_read_by_the_widget_names_it_saved():
+    workflow = copy.deepcopy(ade.LEGACY_UI)
+    lora = next(n for n in workflow["nodes"] if n["type"] == "ADE_AnimateDiffLoRALoader")
+    lora["widgets_values"] = ["v2_lora_ZoomIn.ckpt", "linear", 0.7]  # a made-up widget before strength
+    lora["inputs"] += [{"name": "name", "type": "COMBO", "link": None, "widget": {"name": "name"}},
+                       {"name": "blend", "type": "COMBO", "link": None, "widget": {"name": "blend"}},
+                       {"name": "strength", "type": "FLOAT", "link": None, "widget": {"name": "strength"}}]
+    converted, report, _ = convert(workflow)
+    ours = next(n for n in converted["nodes"] if n["id"] == lora["id"])
+    assert ours["type"] == "ADS_LoadMotionLora" and ours["widgets_values"] == ["v2_lora_ZoomIn.ckpt", 0.7]
+    assert [line for line in report if f"node {lora['id']} " in line] == [
+        f"warning: node {lora['id']} (ADE_AnimateDiffLoRALoader): 3 widget values saved by another ADE release; "
+        "read by the widget names it saved",
+        f"option not mapped: node {lora['id']} (ADE_AnimateDiffLoRALoader): widgets this importer does not know: "
+        "blend"]
+
+
+def test_api_inputs_of_another_ade_release_are_read_by_name_and_unknown_ones_listed():
+    graph = copy.deepcopy(ade.GEN1_API)
+    graph["2"]["inputs"]["context_window_jitter"] = 0.5  # an input this importer does not know
+    del graph["2"]["inputs"]["closed_loop"]  # an input an older release did not have: ADE's default
+    converted, report, _ = convert(graph)
+    assert report == ["option not mapped: node 2 (ADE_LoopedUniformContextOptions): inputs this importer does "
+                      "not know (another ADE release?): context_window_jitter"]
+    assert converted["13"]["inputs"]["closed_loop"] is False
+
+
+def test_every_unmappable_node_and_option_is_reported_and_unmapped_nodes_are_kept():
+    converted, report, _ = convert(ade.UNMAPPED_API)
+    assert len(report) == len(ade.UNMAPPED_REPORT), "\n".join(report)
+    for kind, node_id, words in ade.UNMAPPED_REPORT:
+        hits = [line for line in report if line.startswith(f"{kind}: node {node_id} (") and words in line]
+        assert len(hits) == 1, (kind, node_id, words, report)
+    types = {node_id: node["class_type"] for node_id, node in converted.items()}
+    # kept as they were: the ADE nodes that could not be mapped, and the context options they read
+    for node_id in ("6", "11", "12", "13"):
+        assert converted[node_id] == ade.UNMAPPED_API[node_id]
+    # mapped: loader, and FreeInit (in node 10's place) over a new Apply with new context options
+    assert types["2"] == "ADS_LoadMotionModel" and types["10"] == "ADS_FreeInit"
+    apply_id = converted["10"]["inputs"]["model"][0]
+    apply = converted[apply_id]["inputs"]
+    assert (apply["motion_scale"], apply["beta_schedule"], apply["norm_semantics"]) == (1.0, "auto",
+                                                                                         "AnimateDiff-Evolved")
+    context = converted[apply["context_options"][0]]["inputs"]
+    assert (context["schedule"], context["fuse_method"], context["noise_type"]) == ("standard_static", "pyramid",
+                                                                                     "default")
+    assert converted["10"]["inputs"] == {"model": [apply_id, 0], "iterations": 3, "filter": "gaussian",
+                                         "spatial_stop": 0.3, "temporal_stop": 0.2, "butterworth_order": 4,
+                                         "fast_sampling": False}
+    # the nodes that only fed dropped options are gone with them
+    assert not {"3", "4", "5", "7", "8", "9"} & set(converted)
+
+
+def test_editor_format_keeps_links_consistent_and_lists_the_report_in_a_note():
+    converted, report, mapped = convert(ade.LEGACY_UI)
+    assert mapped == 3  # context options, the legacy loader, the MotionLoRA loader
+    nodes = {n["id"]: n for n in converted["nodes"]}
+    links = {row[0]: row for row in converted["links"]}
+    assert len(links) == len(converted["links"])
+    for link_id, origin, slot, target, target_slot, kind in converted["links"]:
+        assert link_id in nodes[origin]["outputs"][slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[origin]["outputs"][slot]["type"] == kind or nodes[origin]["type"] == "Reroute"
+    for node in nodes.values():
+        for socket in node.get("inputs") or []:
+            assert socket["link"] is None or links[socket["link"]][3] == node["id"]
+    # the reroute that carried ADE's context options went with them; links between kept nodes keep their ids
+    assert 3 not in nodes and 2 not in nodes
+    kept = (2, 3, 4, 8, 9, 10, 11, 14)
+    assert {k: links[k][1:5] for k in kept} == {r[0]: r[1:5] for r in ade.LEGACY_UI["links"] if r[0] in kept}
+    assert converted["last_link_id"] >= max(links) and converted["last_node_id"] >= max(nodes)
+    # an older ADE release saved 2 of the legacy loader's 4 widgets: read by position, and said so
+    assert kinds(report) == [("warning", "4")]
+    assert "2 widget values" in report[0] and "older" in report[0]
+    note = next(n for n in nodes.values() if n["type"] == "Note")
+    assert note["widgets_values"] == ["\n".join(report)]
+    assert converted["extra"]["animatediff_suite_import"] == {"report": report}
+
+
+@pytest.mark.parametrize("name", ["txt2vid_freeinit", "long_loop_sd15", "txt2vid_motionlora"])
+def test_a_workflow_without_ade_nodes_comes_back_unchanged(name):
+    with open(os.path.join(ROOT, "example_workflows", f"{name}.json"), encoding="utf-8") as handle:
+        workflow = json.load(handle)
+    assert convert(workflow) == (workflow, [], 0)
+    api = runner.load_example(name)
+    assert convert(api) == (api, [], 0)
+
+
+def test_links_saved_as_objects_are_written_back_as_objects():
+    workflow = copy.deepcopy(ade.LEGACY_UI)
+    keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+    workflow["links"] = [dict(zip(keys, row)) for row in workflow["links"]]
+    converted, _, _ = convert(workflow)
+    as_rows, _, _ = convert(ade.LEGACY_UI)
+    assert converted["links"] == [dict(zip(keys, row)) for row in as_rows["links"]]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('"0": "a cat",\n"8": "a dog"', [(0, "a cat"), (8, "a dog")]),
+    ('0 = "a cat", 8 = "a\\"dog\\""', [(0, "a cat"), (8, 'a"dog"')]),
+    ('"4": "two\n lines",', [(4, "two lines")]),
+    ('"0": "a", "-1": "b"', None),      # from the end
+    ('"0.5": "a"', None),               # relative
+    ('"0:8": "a"', None),               # range
+    ('"0": "a `key` b"', None),         # value key
+    ("0: a cat", None),                 # not ADE's syntax
+    ("", None),
+])
+def test_prompt_schedules(text, expected):
+    assert mapping.parse_ade_prompts(text) == expected
+
+
+def test_prompt_scheduling_latents_takes_the_frame_count_from_the_latent_and_passes_it_on():
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "ADE_EmptyLatentImageLarge", "inputs": {"width": 256, "height": 256, "batch_size": 24}},
+        "3": {"class_type": "ADE_PromptSchedulingLatents", "inputs": {
+            "prompts": '"0": "day", "12": "night"', "clip": ["1", 1], "latent": ["2", 0],
+            "prepend_text": ["5", 0], "print_schedule": True, "tensor_interp": "lerp"}},
+        "4": {"class_type": "KSampler", "inputs": {"positive": ["3", 0], "latent_image": ["3", 1]}},
+        "5": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "masterpiece"}},
+    }
+    converted, report, mapped = convert(graph)
+    assert converted["3"] == {"class_type": "ADS_PromptTravel", "inputs": {
+        "clip": ["1", 1], "text": "0: day\n12: night", "frames": 24, "prefix": ["5", 0], "suffix": "",
+        "interpolation": "linear"}}
+    assert converted["4"]["inputs"] == {"positive": ["3", 0], "latent_image": ["2", 0]}
+    assert kinds(report) == [("option not mapped", "3")] and "print_schedule" in report[0]
+    assert mapped == 2
+
+
+def test_not_a_workflow_is_an_error_naming_what_was_expected():
+    for bad in ({}, [], {"nodes": "x"}, {"1": {"inputs": {}}}):
+        with pytest.raises(importer.WorkflowError, match="not a ComfyUI workflow"):
+            importer.convert(bad)
+
+
+def test_command_line(tmp_path):
+    source, target = tmp_path / "ade.json", tmp_path / "out.json"
+    source.write_text(json.dumps(ade.UNMAPPED_API), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "__main__.py"), "import-ade", str(source),
+                           str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected, report, mapped = importer.convert(ade.UNMAPPED_API)
+    assert json.loads(target.read_text(encoding="utf-8")) == expected
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{target}: {mapped} AnimateDiff-Evolved node(s) mapped, {len(report)} report line(s)"
+    assert [line.strip() for line in lines[1:]] == report
+    assert "comfy" not in done.stderr.lower()
+
+    source.write_text("{not json", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "__main__.py"), "import-ade", str(source),
+                           str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and str(source) in done.stderr
