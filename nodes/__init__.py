@@ -1,6 +1,6 @@
 """ComfyUI nodes of AnimateDiff Suite (V3 schema, ids prefixed ``ADS_``)."""
 
-from comfy_api.latest import ComfyExtension, io
+from .comfy_compat import ComfyExtension, io
 
 from .ade_routes import register_routes
 from .context_nodes import NODES as CONTEXT_NODES

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .comfy_compat import io
 
 from ..motion_modules import FILTERS, FUSE_METHODS, NOISE_TYPES, SCHEDULES, SCOPES, ContextOptions, FreeInitOptions
 from ..motion_modules.context import schedule_image, window_report

@@ -32,6 +32,7 @@ from ..motion_modules.context import WindowAccumulator, window_groups
 from ..motion_modules.layout import FrameLayout, clip_count
 from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
 from .sampling_checks import call_plan, check_inputs, check_memory, check_output, motion_bytes
+from .comfy_compat import check_no_core_context_windows, check_no_multigpu
 
 log = logging.getLogger(__name__)
 KEY = "animatediff_suite"  # transformer_options entry of Apply Motion Model's MotionSettings
@@ -286,7 +287,10 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
     free_init: FreeInitOptions | None = transformer_options.get(FREE_INIT_KEY)
     motion = transformer_options.get(KEY)
     if motion is not None:
-        check_inputs(executor.class_obj, noise, latent_image)
+        guider = executor.class_obj
+        check_no_multigpu(getattr(guider, "model_patcher", None), "sampling an animated MODEL")
+        check_no_core_context_windows(getattr(guider, "model_options", {}), "sampling an animated MODEL")
+        check_inputs(guider, noise, latent_image)
         check_memory(executor.class_obj, noise, context, motion.heads, motion.channels,
                      clips_of(transformer_options, noise.shape[0]))
     output = _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,

@@ -16,7 +16,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 from comfy.ldm.models.autoencoder import AutoencoderKL
-from comfy_api.latest import io
+from .comfy_compat import io, new_model_patcher
 
 from ..motion_modules import MotionModel, MotionSpec
 from .injection import LoadedMotionModel, wrap_motion_model
@@ -63,7 +63,7 @@ def seeded_fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch
     return module
 
 
-def tiny_model(seed: int = 0, family: str = "SD1.5") -> comfy.model_patcher.ModelPatcher:
+def tiny_model(seed: int = 0, family: str = "SD1.5", disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A tiny UNet of the given family ("SD1.5": 4 levels, "SDXL": 3 levels with an ADM input)."""
     if family == "SDXL":
         config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
@@ -76,8 +76,9 @@ def tiny_model(seed: int = 0, family: str = "SD1.5") -> comfy.model_patcher.Mode
     with torch.no_grad():
         model.diffusion_model.out[2].weight.mul_(30)  # noise predictions of roughly unit scale
     model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return new_model_patcher(model, comfy.model_management.get_torch_device(),
+                             comfy.model_management.unet_offload_device(), rebuild=(tiny_model, (seed, family)),
+                             disable_dynamic=disable_dynamic)
 
 
 def tiny_clip(seed: int = 0) -> comfy.sd.CLIP:

@@ -33,6 +33,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
 from ..motion_modules.context import weighted_windows
+from .comfy_compat import check_no_core_context_windows, check_no_multigpu, new_model_patcher
 from .context_sampling import (CONTEXT_KEY, KEY, add_context_windows, add_sampling_wrappers, frame_layout,
                                step_index)
 from .v1_norms import add_frame_spanning_norms, remove_frame_spanning_norms
@@ -88,19 +89,26 @@ class MotionSettings:
         return self.sigma_end <= sigma <= self.sigma_start
 
 
-def wrap_motion_model(model: MotionModel, name: str) -> LoadedMotionModel:
-    """A MotionModel in its own ModelPatcher, loaded and offloaded where the UNet is."""
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
+def wrap_motion_model(model: MotionModel, name: str, rebuild=None,
+                      disable_dynamic: bool = False) -> LoadedMotionModel:
+    """A MotionModel in its own ModelPatcher (of the kind core loaders make: comfy_compat), loaded and
+    offloaded where the UNet is; ``rebuild`` as in ``comfy_compat.new_model_patcher``."""
+    patcher = new_model_patcher(model, comfy.model_management.get_torch_device(),
+                                comfy.model_management.unet_offload_device(), rebuild, disable_dynamic)
     return LoadedMotionModel(name, patcher)
 
 
 def load_motion_patcher(path: str, name: str) -> LoadedMotionModel:
     """Load a motion model file in the UNet dtype with ComfyUI's casting layers."""
+    return LoadedMotionModel(name, reload_motion_patcher(path, name))
+
+
+def reload_motion_patcher(path: str, name: str, disable_dynamic: bool = False):
+    """A fresh ModelPatcher of the motion model in ``path``; also the factory ComfyUI rebuilds it with
+    (``rebuild`` in ``comfy_compat.new_model_patcher``)."""
     model = load_motion_model(path, dtype=comfy.model_management.unet_dtype(),
                               operations=comfy.ops.manual_cast)
-    return wrap_motion_model(model, name)
+    return wrap_motion_model(model, name, (reload_motion_patcher, (path, name)), disable_dynamic).patcher
 
 
 class MotionSlot(torch.nn.Module):
@@ -265,12 +273,15 @@ def _insert(container: torch.nn.Sequential, placement: str, slot: MotionSlot) ->
 
 
 def make_injection(motion_model: MotionModel) -> comfy.patcher_extension.PatcherInjection:
-    """Inject/eject callbacks that place this motion model's modules into the patched UNet."""
-    modules = dict(motion_model.named_temporal_modules())
+    """Inject/eject callbacks that place the motion model's modules into the patched UNet: the one
+    registered on the patcher being injected (a per-device clone has its own), else ``motion_model``."""
 
     def inject(patcher):
         unet = unet_of(patcher)
-        targets = _targets(unet, motion_model.spec)
+        registered = patcher.get_additional_models_with_key(KEY) if hasattr(patcher, "get_additional_models_with_key") else []
+        model = registered[0].model if registered else motion_model
+        modules = dict(model.named_temporal_modules())
+        targets = _targets(unet, model.spec)
         for container, _, _ in targets:
             _strip_slots(container)  # never stack on slots left by an earlier, unejected run
         for container, placement, prefix in targets:
@@ -311,6 +322,8 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
         raise MotionModelError(f"unknown norm_semantics {norm_semantics!r}; expected one of {list(NORM_SEMANTICS)}")
     if frames_per_clip < 0:
         raise MotionModelError(f"frames_per_clip must be 0 (one clip) or more, got {frames_per_clip}")
+    check_no_multigpu(model, "Apply Motion Model")
+    check_no_core_context_windows(model.model_options, "Apply Motion Model")
     check_compatible(model, motion)
     deltas = motion_lora_deltas(motion.patcher.model, [(e.lora, e.strength) for e in loras]) if loras else {}
     adapter_patches = _domain_adapter_patches(model, domain_adapter) if domain_adapter else {}

@@ -6,7 +6,7 @@ import functools
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from .comfy_compat import io
 
 from ..motion_modules import load_domain_adapter, load_lora
 from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path

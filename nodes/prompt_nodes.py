@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .comfy_compat import io
 
 from ..motion_modules.prompt_travel import INTERPOLATIONS, parse_keyframes, travel
 from .motion_nodes import CATEGORY

@@ -1,6 +1,6 @@
 """The pack's node category and its custom socket types, in one place (node API only)."""
 
-from comfy_api.latest import io
+from .comfy_compat import io
 
 CATEGORY = "AnimateDiff Suite"
 MOTION_MODEL = io.Custom("MOTION_MODEL")  # carries an injection.LoadedMotionModel

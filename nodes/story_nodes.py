@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from .comfy_compat import io
 
 from ..motion_modules import MotionModelError
 from ..motion_modules.comic_page import READING_ORDERS, comic_page

@@ -8,7 +8,7 @@ import os
 import torch
 
 import folder_paths
-from comfy_api.latest import io
+from .comfy_compat import io
 
 from ..motion_modules import MotionModelError, load_lora
 from ..training.config import MODES, config_from_dict

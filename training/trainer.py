@@ -196,7 +196,7 @@ def patched_models(config: Config, models: BaseModels, trainables: Trainables):
         return _maybe_checkpointed(base, config)
     if trainables.motion_model is not None:
         name = models.motion.name if models.motion is not None else f"new {config.base.new_motion_version}"
-        motion = wrap_motion_model(trainables.motion_model, name)
+        motion = wrap_motion_model(trainables.motion_model, name, disable_dynamic=True)  # trained in place
     else:
         motion = LoadedMotionModel(models.motion.name, models.motion.patcher.clone())
     attach(motion.patcher, trainables.temporal)
