@@ -209,9 +209,13 @@ def convert(workflow: dict) -> tuple[dict, list[str], int]:
     """
     kind = detect_format(workflow)
     report: list[str] = []
-    nodes = _read_ui(workflow, report) if kind == "ui" else _read_api(workflow, report)
-    importer = Importer(nodes, report)
-    importer.run()
+    try:
+        nodes = _read_ui(workflow, report) if kind == "ui" else _read_api(workflow, report)
+        importer = Importer(nodes, report)
+        importer.run()
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a node or link saved in no known shape
+        raise WorkflowError(f"the workflow could not be read ({type(exc).__name__}: {exc}); is it a ComfyUI "
+                            "workflow saved by the editor or exported in API format?") from exc
     if kind == "ui":
         for name, raw in _subgraph_nodes(workflow):
             if is_ade(raw.get("type", "")):

@@ -278,7 +278,7 @@ def make_injection(motion_model: MotionModel) -> comfy.patcher_extension.Patcher
 
     def inject(patcher):
         unet = unet_of(patcher)
-        registered = patcher.get_additional_models_with_key(KEY) if hasattr(patcher, "get_additional_models_with_key") else []
+        registered = patcher.get_additional_models_with_key(KEY)
         model = registered[0].model if registered else motion_model
         modules = dict(model.named_temporal_modules())
         targets = _targets(unet, model.spec)

@@ -188,6 +188,10 @@ def test_not_a_workflow_is_an_error_naming_what_was_expected():
     for bad in ({}, [], {"nodes": "x"}, {"1": {"inputs": {}}}):
         with pytest.raises(importer.WorkflowError, match="not a ComfyUI workflow"):
             importer.convert(bad)
+    for broken in ({"nodes": [{"type": "KSampler"}], "links": []},  # a node without an id
+                   {"1": {"class_type": "ADE_AnimateDiffLoRALoader", "inputs": "x"}}):
+        with pytest.raises(importer.WorkflowError, match="could not be read"):
+            importer.convert(broken)
 
 
 def test_command_line(tmp_path):

@@ -334,7 +334,9 @@ def test_import_route_converts_the_editor_format_and_the_result_runs(server):
     assert graph == ade.LEGACY_EXPECTED_API
     entry = server.run(tiny(graph))
     assert frame_counts(server, entry) == {"webp": 20}
-    for body in (b"{not json", json.dumps({"workflow": {"nodes": 3}}).encode(), json.dumps([1]).encode()):
+    broken = {"workflow": {"nodes": [{"type": "KSampler"}], "links": []}}  # a node without an id
+    for body in (b"{not json", json.dumps({"workflow": {"nodes": 3}}).encode(), json.dumps([1]).encode(),
+                 json.dumps(broken).encode()):
         status, answer = _post(server, "/animatediff_suite/import_ade", body)
         assert status == 400 and answer["error"], answer
 

@@ -21,8 +21,8 @@ export async function convertADEWorkflow() {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ workflow: app.graph.serialize() }),
     });
-    const result = await response.json();
-    if (!response.ok) {
+    const result = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+    if (!response.ok || result.error) {
         notify("error", "AnimateDiff-Evolved import failed", result.error ?? response.statusText);
         return result;
     }
