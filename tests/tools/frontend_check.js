@@ -46,13 +46,62 @@ async function showAll(browser, url, jobs) {
       await page.evaluate(async (c) => { await window.app.extensionManager.command.execute(c); }, job.command);
       await page.waitForTimeout(2500);
     }
+    const preview = job.preview ? await page.evaluate(checkPreview, job.preview) : null;
     const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
     const missing = await page.evaluate(() => window.app.graph.nodes.filter(n => n.has_errors || n.type === undefined)
       .map(n => n.type));
     await page.screenshot({path: job.png});
     const after = job.command ? await page.evaluate(() => document.body.innerText) : null;
     fs.writeFileSync(job.json, JSON.stringify({prompt, missing, console: [...boot, ...logs.filter(reported)],
-                                               before, after}));
+                                               before, after, preview}));
   }
   await page.close();
+}
+
+// In the page: the schedule preview of the first Context Options node, before and after changing its
+// settings and the latent's frame count; the pixels against a reference rendering of the expected
+// windows (renderSchedule of the pack's extension fed the Python core's windows); then an invalid overlap.
+async function checkPreview(p) {
+  const app = window.app;
+  const node = app.graph.nodes.find((n) => n.type === 'ADS_ContextOptions');
+  const latent = app.graph.nodes.find((n) => n.type === 'EmptyLatentImage');
+  const redraw = async () => {
+    app.graph.setDirtyCanvas(true, true);
+    app.canvas.draw(true, true);
+    await new Promise((r) => setTimeout(r, 400));
+  };
+  const set = (n, name, value) => {
+    const widget = n.widgets.find((w) => w.name === name);
+    widget.value = value;
+    widget.callback?.(value);
+  };
+  const pixels = (c) => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height - 16).data);
+  const value = (n, name) => n.widgets.find((w) => w.name === name).value;
+  const restore = [[latent, 'batch_size', value(latent, 'batch_size')],
+                   ...Object.keys(p.set).map((name) => [node, name, value(node, name)])];
+  await redraw();
+  const canvas = node.adsPreview.canvas;
+  const before = pixels(canvas);
+  for (const [name, value] of Object.entries(p.set)) set(node, name, value);
+  set(latent, 'batch_size', p.expected.frames);
+  await redraw();
+  const after = pixels(canvas);
+  const extensions = await (await fetch('/extensions')).json();
+  const module = await import(extensions.find((path) => path.endsWith('/context_preview.js')));
+  const reference = document.createElement('canvas');
+  reference.width = canvas.width;
+  reference.height = canvas.height;
+  module.renderSchedule(reference, p.expected, '');
+  const expected = pixels(reference);
+  const shown = {clip: node.adsPreview.clip, windows: node.adsPreview.model.steps};
+  set(node, 'context_overlap', p.set.context_length);
+  await redraw();
+  const invalid = node.adsPreview.model.problems;
+  const flagged = pixels(canvas);
+  let red = 0;
+  for (let i = 0; i < flagged.length; i += 4) red += flagged[i] > 200 && flagged[i + 1] < 120 ? 1 : 0;
+  for (const [n, name, v] of restore) set(n, name, v);  // the graph as loaded, for graphToPrompt
+  await redraw();
+  return {changed: before.some((v, i) => v !== after[i]), equal: expected.every((v, i) => v === after[i]),
+          invalid, redPixels: red, shown, nonBlank: after.some((v, i) => i % 4 !== 3 && v > 60)};
 }

@@ -54,12 +54,14 @@ class FrontendResult:
     missing: list  # node types the frontend could not build
     screenshot: str
     text: tuple = (None, None)  # the page's text before and after a job's command
+    preview: dict | None = None  # what checkPreview found
 
 
-def check_examples(comfyui: str, workdir: str, commands: tuple = ()) -> list[FrontendResult]:
+def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: dict | None = None) -> list[FrontendResult]:
     """Start a server with the pack and empty model files, load every UI example in Chromium; then each
     of ``commands`` ``(name, workflow, command id, expected API graph)``: load the workflow, run the
-    pack's command on it, and read back the graph."""
+    pack's command on it, and read back the graph. ``previews``: {example: preview check} for the
+    context-schedule preview (frontend_check.js ``checkPreview``), run before the API graph is read."""
     runner = _load("ads_runner", os.path.join(ROOT, "__main__.py"))
     workflows = _load("ads_workflows", os.path.join(HERE, "workflows.py"))
     folders = {}
@@ -77,6 +79,9 @@ def check_examples(comfyui: str, workdir: str, commands: tuple = ()) -> list[Fro
         jobs = [{"workflow": os.path.join(ROOT, "example_workflows", f"{name}.json"),
                  "png": os.path.join(workdir, f"{name}.png"), "json": os.path.join(workdir, f"{name}.json")}
                 for name in workflows.EXAMPLES]
+        for job, name in zip(jobs, workflows.EXAMPLES):
+            if name in (previews or {}):
+                job["preview"] = previews[name]
         expected = {name: workflows.normalised(graph) for name, (graph, _, _) in workflows.EXAMPLES.items()}
         for name, workflow, command, graph in commands:
             path = os.path.join(workdir, f"{name}.workflow.json")
@@ -95,7 +100,7 @@ def check_examples(comfyui: str, workdir: str, commands: tuple = ()) -> list[Fro
                 shown = json.load(handle)
             prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in shown["prompt"].items()}
             results.append(FrontendResult(name, prompt, expected[name], shown["console"], shown["missing"], png,
-                                          (shown.get("before"), shown.get("after"))))
+                                          (shown.get("before"), shown.get("after")), shown.get("preview")))
     finally:
         server.stop()
     return results
