@@ -10,8 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from .ade_tables import (ABSORBED, ADE_DEFAULTS, ADE_WIDGETS, APPLY, BETA_SCHEDULES, CONTEXT_SCHEDULES,
-                         FUSE_METHODS, NOISE_TYPES, NOT_COVERED)
+from .ade_tables import (ABSORBED, ADE_DEFAULTS, ADE_WIDGETS, APPLY, ADE_BETA_SCHEDULES, ADE_CONTEXT_SCHEDULES,
+                         ADE_FUSE_METHODS, ADE_NOISE_TYPES, NOT_COVERED)
 
 
 class WorkflowError(ValueError):
@@ -202,13 +202,13 @@ class Importer:
 
     def beta_schedule(self, node: Node, model_name) -> str:
         name = self.value(node, "beta_schedule")
-        if name not in BETA_SCHEDULES:
+        if name not in ADE_BETA_SCHEDULES:
             self.note(node, "option not mapped", f"beta_schedule {name!r} has no equivalent; 'auto' used")
             return "auto"
         if name == "autoselect" and isinstance(model_name, str) and "lcm" in model_name.lower():
             self.note(node, "approximate", "for AnimateLCM, ADE's autoselect picks 'lcm' (linear betas); 'auto' "
                                            "here picks 'lcm (AnimateLCM)' (sqrt_linear betas)")
-        return BETA_SCHEDULES[name]
+        return ADE_BETA_SCHEDULES[name]
 
     def sample_settings(self, node: Node):
         """(noise type, FreeInit inputs or None) from the node's sample_settings."""
@@ -220,7 +220,7 @@ class Importer:
             self.note(node, "option not mapped", "sample_settings does not come from Sample Settings; left out")
             return "default", None
         noise_type = self.value(settings, "noise_type")
-        if noise_type not in NOISE_TYPES:
+        if noise_type not in ADE_NOISE_TYPES:
             self.note(settings, "option not mapped", f"noise_type {noise_type!r} has no equivalent; 'default' used")
         elif noise_type == "FreeNoise":
             self.note(settings, "approximate", "noise_type FreeNoise -> shuffle_context: the same FreeNoise "
@@ -232,7 +232,7 @@ class Importer:
                                                          f"equivalent; {default!r} used")
         self.dropped(settings, ["noise_layers", "seed_override", "custom_cfg", "sigma_schedule", "image_inject",
                                 "ancestral_opts"])
-        return NOISE_TYPES.get(noise_type, "default"), self.free_init(settings)
+        return ADE_NOISE_TYPES.get(noise_type, "default"), self.free_init(settings)
 
     def free_init(self, settings: Node):
         options = self.source(settings.inputs.get("iteration_opts"))
@@ -281,7 +281,7 @@ class Importer:
         elif options is not None:
             self.dropped(options, ["prev_context", "view_opts"])
             self._check_step_range(options)
-        if options is None or options.type not in CONTEXT_SCHEDULES:
+        if options is None or options.type not in ADE_CONTEXT_SCHEDULES:
             what = options.type if options is not None else "nothing"
             self.note(consumer, "option not mapped", f"context_options from {what} has no equivalent; left out")
             return None
@@ -296,7 +296,7 @@ class Importer:
             self.note(options, "option not mapped", "use_on_equal_length: a clip as long as one window is sampled "
                                                     "without windows here")
         inputs = {"context_length": length, "context_overlap": overlap, "context_stride": stride,
-                  "closed_loop": self.value(options, "closed_loop"), "schedule": CONTEXT_SCHEDULES[options.type],
+                  "closed_loop": self.value(options, "closed_loop"), "schedule": ADE_CONTEXT_SCHEDULES[options.type],
                   "fuse_method": self.fuse_method(options, length), "noise_type": noise_type, "scope": scope,
                   "stretch_pe": False, "window_batch": 1}
         if isinstance(stride, int) and stride > 8:
@@ -314,7 +314,7 @@ class Importer:
         if options.type == "ADE_BatchedContextOptions":
             return "flat"
         name = str(ade).removeprefix("🔬")
-        if name not in FUSE_METHODS:
+        if name not in ADE_FUSE_METHODS:
             self.note(options, "option not mapped", f"fuse_method {ade!r} has no equivalent; 'pyramid' used")
             return "pyramid"
         if name == "overlap-linear":
@@ -322,7 +322,7 @@ class Importer:
         if name == "delayed reverse sawtooth" and isinstance(length, int) and length % 2:
             self.note(options, "approximate", "delayed reverse sawtooth at an odd length: ADE's weights have one "
                                               "entry too many there; this pack's are the even-length rule")
-        return FUSE_METHODS[name]
+        return ADE_FUSE_METHODS[name]
 
     def prompts(self, node: Node) -> None:
         text = self.value(node, "prompts")

@@ -123,14 +123,14 @@ ABSORBED = {"ADE_ApplyAnimateDiffModel", "ADE_ApplyAnimateDiffModelSimple", "ADE
             "ADE_StandardStaticViewOptions", "ADE_StandardUniformViewOptions", "ADE_LoopedUniformViewOptions",
             "Reroute"}
 
-BETA_SCHEDULES = {"autoselect": "auto", "use existing": "use existing",
+ADE_BETA_SCHEDULES = {"autoselect": "auto", "use existing": "use existing",
                   "sqrt_linear (AnimateDiff)": "sqrt_linear (AnimateDiff)",
                   "linear (AnimateDiff-SDXL)": "linear (AnimateDiff SDXL beta)",
                   "linear (HotshotXL/default)": "linear (SD default)", "lcm >> sqrt_linear": "lcm (AnimateLCM)"}
-FUSE_METHODS = {"pyramid": "pyramid", "relative": "pyramid", "flat": "flat", "overlap-linear": "overlap-linear",
+ADE_FUSE_METHODS = {"pyramid": "pyramid", "relative": "pyramid", "flat": "flat", "overlap-linear": "overlap-linear",
                 "delayed reverse sawtooth": "delayed_reverse_sawtooth"}
-NOISE_TYPES = {"default": "default", "repeated_context": "repeated_context", "FreeNoise": "shuffle_context"}
-CONTEXT_SCHEDULES = {"ADE_StandardStaticContextOptions": "standard_static",
+ADE_NOISE_TYPES = {"default": "default", "repeated_context": "repeated_context", "FreeNoise": "shuffle_context"}
+ADE_CONTEXT_SCHEDULES = {"ADE_StandardStaticContextOptions": "standard_static",
                      "ADE_StandardUniformContextOptions": "standard_uniform",
                      "ADE_LoopedUniformContextOptions": "looped_uniform",
                      "ADE_AnimateDiffUniformContextOptions": "looped_uniform",

@@ -70,11 +70,14 @@ AUTO_SCHEDULE = {
 SCHEDULE_OPTIONS = ["auto", "use existing", *BETA_SCHEDULES]
 
 
-def resolve_schedule(name: str, spec) -> BetaSchedule | None:
-    if name == "use existing":
-        return None
-    if name == "auto":
-        name = AUTO_SCHEDULE[spec.version]
-    if name not in BETA_SCHEDULES:
+def schedule_name(name: str, spec) -> str:
+    """The option ``name`` stands for with this motion model: ``auto`` resolved, others as they are."""
+    name = AUTO_SCHEDULE[spec.version] if name == "auto" else name
+    if name != "use existing" and name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(SCHEDULE_OPTIONS)}")
-    return BETA_SCHEDULES[name]
+    return name
+
+
+def resolve_schedule(name: str, spec) -> BetaSchedule | None:
+    name = schedule_name(name, spec)
+    return None if name == "use existing" else BETA_SCHEDULES[name]

@@ -10,7 +10,7 @@ from .comfy_compat import io
 
 from ..motion_modules import load_domain_adapter, load_lora
 from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path
-from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule
+from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule, schedule_name
 from .injection import NORM_SEMANTICS, MotionLoraEntry, apply_motion, load_motion_patcher
 from .sockets import CATEGORY, CONTEXT_OPTIONS, MOTION_LORA, MOTION_MODEL
 from .validation import check_widgets
@@ -184,7 +184,10 @@ class ApplyMotionModel(io.ComfyNode):
                                schedule=resolve_schedule(beta_schedule, motion_model.spec),
                                domain_adapter=adapter, context=context_options,
                                frames_per_clip=int(frames_per_clip or 0), norm_semantics=norm_semantics)
-        return io.NodeOutput(patched)
+        chosen = schedule_name(beta_schedule, motion_model.spec)
+        info = f"beta_schedule {beta_schedule}" + (f": {chosen} ({motion_model.spec.version})"
+                                                   if beta_schedule == "auto" else "")
+        return io.NodeOutput(patched, ui={"text": [info]})
 
 
 NODES = [LoadMotionModel, LoadMotionLora, ApplyMotionModel]

@@ -316,6 +316,8 @@ def test_imported_ade_workflows_run(server, name):
     entry = server.run(tiny(converted))
     frames = expected_frames(converted)
     assert frame_counts(server, entry) == {"webp": frames}
+    if name == "GEN2_API":  # ADE's autoselect became auto; the node says what auto chose for a v2 model
+        assert entry["outputs"]["17"]["text"] == ["beta_schedule auto: sqrt_linear (AnimateDiff) (v2)"]
 
 
 def _post(server, path: str, body: bytes):

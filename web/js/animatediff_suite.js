@@ -1,13 +1,15 @@
-// AnimateDiff Suite: show what Load Motion Model loaded (family, version, frame limit) on the node.
+// AnimateDiff Suite: show what Load Motion Model loaded (family, version, modules, frame limit) and the
+// beta schedule Apply Motion Model chose (auto resolved) on the node, once it ran.
 // Chains the original onExecuted and only touches this pack's nodes (ids prefixed "ADS_").
 import { app } from "../../scripts/app.js";
 
-const INFO_WIDGET = "loaded";
+const INFO_WIDGETS = { ADS_LoadMotionModel: "loaded", ADS_ApplyMotionModel: "chosen" };
 
 app.registerExtension({
     name: "AnimateDiffSuite.LoadedInfo",
     async beforeRegisterNodeDef(nodeType, nodeData) {
-        if (!nodeData?.name?.startsWith("ADS_LoadMotionModel")) {
+        const INFO_WIDGET = INFO_WIDGETS[nodeData?.name];
+        if (!INFO_WIDGET) {
             return;
         }
         const onExecuted = nodeType.prototype.onExecuted;
