@@ -97,7 +97,7 @@ def _read_widgets(node: Node, nodes: dict, report: list) -> None:
         report.append(f"option not mapped: {where}: widgets this importer does not know: {', '.join(unknown)}")
     for name, value in named.items():
         link = node.inputs.get(name)
-        if link is None or nodes.get(link.node, Node("", "", {})).type == "PrimitiveNode":
+        if link is None or getattr(nodes.get(link.node), "type", None) == "PrimitiveNode":
             node.inputs[name] = value  # a widget value (a primitive's value is saved on its target too)
 
 

@@ -100,6 +100,13 @@ class Importer:
                 self.note(node, "option not mapped", f"{name} is connected but has no equivalent; left out "
                                                      "(with the ADE nodes that only fed it)")
 
+    def defaults_only(self, node: Node, options) -> None:
+        """Report each ``(name, default)`` option set to anything but the default (this pack has only that)."""
+        for name, default in options:
+            if self.value(node, name) != default:
+                self.note(node, "option not mapped", f"{name} = {self.value(node, name)!r} has no equivalent; "
+                                                     f"{default!r} used")
+
     def constant(self, node: Node, name: str, default: float):
         link = node.inputs.get(name)
         if link is None:
@@ -190,8 +197,8 @@ class Importer:
                   "end_percent": settings["end_percent"],
                   "beta_schedule": self.beta_schedule(node, model_name), "frames_per_clip": 0,
                   "norm_semantics": "AnimateDiff-Evolved"}
-        for name in ("motion_lora", "context_options"):
-            value = settings.get(name) if name == "motion_lora" else self.context(node, noise_type)
+        for name, value in (("motion_lora", settings.get("motion_lora")),
+                            ("context_options", self.context(node, noise_type))):
             if isinstance(value, Link):
                 inputs[name] = value
         if free_init is None:
@@ -225,11 +232,8 @@ class Importer:
         elif noise_type == "FreeNoise":
             self.note(settings, "approximate", "noise_type FreeNoise -> shuffle_context: the same FreeNoise "
                                                "shuffling, with permutations from another generator")
-        for name, default in (("batch_offset", 0), ("seed_gen", "comfy"), ("seed_offset", 0),
-                              ("adapt_denoise_steps", False)):
-            if self.value(settings, name) != default:
-                self.note(settings, "option not mapped", f"{name} = {self.value(settings, name)!r} has no "
-                                                         f"equivalent; {default!r} used")
+        self.defaults_only(settings, (("batch_offset", 0), ("seed_gen", "comfy"), ("seed_offset", 0),
+                                      ("adapt_denoise_steps", False)))
         self.dropped(settings, ["noise_layers", "seed_override", "custom_cfg", "sigma_schedule", "image_inject",
                                 "ancestral_opts"])
         return ADE_NOISE_TYPES.get(noise_type, "default"), self.free_init(settings)
@@ -248,10 +252,7 @@ class Importer:
         if isinstance(iterations, int) and iterations > 10:
             self.note(options, "option not mapped", f"iterations {iterations} is above this pack's 10; 10 used")
             iterations = 10
-        for name, default in (("sigma_step", 999), ("apply_to_1st_iter", False), ("iter_batch_offset", 0)):
-            if self.value(options, name) != default:
-                self.note(options, "option not mapped", f"{name} = {self.value(options, name)!r} has no "
-                                                        f"equivalent; {default!r} used")
+        self.defaults_only(options, (("sigma_step", 999), ("apply_to_1st_iter", False), ("iter_batch_offset", 0)))
         if str(self.value(options, "init_type")).startswith("DinkInit"):
             self.note(options, "option not mapped", "init_type DinkInit_v1 has no equivalent; FreeInit used")
         self.note(options, "approximate", "FreeInit: the same filters and passes; the fresh noise of later passes "
@@ -305,7 +306,7 @@ class Importer:
         return Link(self.fresh("ADS_ContextOptions", inputs, options.id).id, 0)
 
     def _check_step_range(self, options: Node) -> None:
-        if self.value(options, "start_percent") not in (0, 0.0):
+        if self.value(options, "start_percent") != 0:
             self.note(options, "option not mapped", f"start_percent {self.value(options, 'start_percent')} "
                                                     "(windows from part-way through sampling); windows used throughout")
 

@@ -164,12 +164,3 @@ const FUSE_FUNCTIONS = {
 export function fuseWeights(window, frames, options) {
     return FUSE_FUNCTIONS[options.fuse_method](window, frames, options);
 }
-
-/** Per frame, its share of each window that holds it: [{window, weight}] normalised to sum to 1. */
-export function frameShares(frames, options, step = 0) {
-    const windows = contextWindows(frames, options, step);
-    const totals = new Array(frames).fill(0);
-    const weights = windows.map((w) => fuseWeights(w, frames, options));
-    windows.forEach((w, k) => w.forEach((f, i) => { totals[f] += weights[k][i]; }));
-    return { windows, weights, totals };
-}
