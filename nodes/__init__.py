@@ -3,6 +3,7 @@
 from .comfy_compat import ComfyExtension, io
 
 from .ade_routes import register_routes
+from .animated_preview import register_routes as register_preview_routes
 from .context_nodes import NODES as CONTEXT_NODES
 from .demo import NODES as DEMO_NODES
 from .folders import register_folders
@@ -13,6 +14,7 @@ from .train_nodes import NODES as TRAIN_NODES
 
 register_folders()
 register_routes()
+register_preview_routes()
 
 
 class AnimateDiffSuiteExtension(ComfyExtension):

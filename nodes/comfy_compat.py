@@ -18,6 +18,9 @@ The pack is built and tested on ComfyUI v0.3.64. Newer releases were read file b
   the CALC_COND_BATCH wrappers; ``check_no_core_context_windows`` refuses the combination with ours.
 - Progress updates are throttled (``comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL``): intermediate
   window updates may not reach the client; the first and last of a bar always do.
+- Previews: ``preview_sender`` sends a preview image the way the progress hook does (with metadata to
+  clients that announced ``supports_preview_metadata``, else as an unencoded preview), from any thread;
+  ``get_executing_context`` and the progress registry's display node ids are read where present.
 - ``outer_sample`` gains keyword arguments (``latent_shapes``): every wrapper passes ``*args,
   **kwargs`` on. ``model_base`` copies ``transformer_options`` per call: per-call facts are set
   before the UNet is called and objects in it are shared by reference, so a copy loses nothing.
@@ -26,6 +29,9 @@ The pack is built and tested on ComfyUI v0.3.64. Newer releases were read file b
 from __future__ import annotations
 
 import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import comfy.model_patcher
 import comfy.utils
@@ -117,3 +123,72 @@ def check_no_core_context_windows(model_options: dict, where: str) -> None:
 def progress_is_throttled() -> bool:
     """Whether ComfyUI drops progress updates that come too fast (newer releases)."""
     return hasattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL")
+
+
+@dataclass(frozen=True)
+class PreviewSender:
+    """Sends preview images to the client of the running prompt, shown on ``node_id`` (any thread)."""
+    client_id: str
+    node_id: str | None
+    send: Callable  # send(PIL image): queued on the server's event loop (PromptServer.send_sync)
+
+
+def preview_sender(max_size: int | None) -> PreviewSender | None:
+    """A sender for the node executing now, or None without a server or a client to show it to.
+
+    Called on the sampling thread (it reads the executing node there); the returned ``send`` may be
+    called from any thread. Images are sent as JPEG, contained in ``max_size`` pixels as ComfyUI's own
+    previews are."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    client_id = getattr(server, "client_id", None)
+    if server is None or client_id is None:
+        return None
+    from protocol import BinaryEventTypes
+
+    prompt_id, node_id = _executing(server)
+    metadata = None
+    if hasattr(BinaryEventTypes, "PREVIEW_IMAGE_WITH_METADATA") and _supports_metadata(server, client_id):
+        metadata = {"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
+                    "parent_node_id": None, "real_node_id": node_id, **_display_ids(node_id)}
+
+    def send(image) -> None:
+        preview = ("JPEG", image, max_size)
+        if metadata is None:
+            server.send_sync(BinaryEventTypes.UNENCODED_PREVIEW_IMAGE, preview, client_id)
+        else:
+            server.send_sync(BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA, (preview, dict(metadata)), client_id)
+
+    return PreviewSender(client_id, node_id, send)
+
+
+def _executing(server) -> tuple:
+    """(prompt id, node id) of the node executing on this thread."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        context = get_executing_context()
+    except ImportError:
+        context = None
+    if context is not None:
+        return context.prompt_id, context.node_id
+    return getattr(server, "last_prompt_id", None), getattr(server, "last_node_id", None)
+
+
+def _supports_metadata(server, client_id: str) -> bool:
+    try:
+        from comfy_api import feature_flags
+    except ImportError:
+        return False
+    return bool(feature_flags.supports_feature(getattr(server, "sockets_metadata", {}), client_id,
+                                               "supports_preview_metadata"))
+
+
+def _display_ids(node_id) -> dict:
+    """The display/parent/real node ids the progress registry gives ``node_id`` (nodes in subgraphs)."""
+    try:
+        from comfy_execution.progress import get_progress_state
+        dynprompt = get_progress_state().dynprompt
+        return {"display_node_id": dynprompt.get_display_node_id(node_id),
+                "parent_node_id": dynprompt.get_parent_node_id(node_id),
+                "real_node_id": dynprompt.get_real_node_id(node_id)}
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return {}

@@ -62,7 +62,8 @@ class ContextOptionsNode(io.ComfyNode):
                                      "on a GPU, more memory; same result within float rounding). 1: one window "
                                      "per call. 0 (auto): as many as the free memory allows."),
             ],
-            outputs=[CONTEXT_OPTIONS.Output(display_name="CONTEXT_OPTIONS")],
+            outputs=[CONTEXT_OPTIONS.Output(display_name="CONTEXT_OPTIONS",
+                                             tooltip="For Apply Motion Model's context_options.")],
         )
 
     @classmethod

@@ -1,5 +1,5 @@
 """Sampling-side AnimateDiff features (the counterpart of injection.py): context windows,
-FreeNoise initial noise, FreeInit.
+FreeNoise initial noise, FreeInit, and the animated sampling preview (animated_preview.py).
 
 A keyed CALC_COND_BATCH wrapper splits the frames of each model call into the windows of
 ``motion_modules.context`` and fuses the outputs. Everything with a frame axis is windowed:
@@ -31,6 +31,7 @@ from ..motion_modules import ContextOptions, FreeInitOptions, MotionModelError, 
 from ..motion_modules.context import WindowAccumulator, window_groups
 from ..motion_modules.layout import FrameLayout, clip_count
 from ..motion_modules.freeinit import fewer_sigmas, frames_first_mix, fresh_noise_seed, pass_steps
+from .animated_preview import animate
 from .sampling_checks import call_plan, check_inputs, check_memory, check_output, motion_bytes
 from .comfy_compat import check_no_core_context_windows, check_no_multigpu
 
@@ -286,15 +287,21 @@ def sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=
     context: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
     free_init: FreeInitOptions | None = transformer_options.get(FREE_INIT_KEY)
     motion = transformer_options.get(KEY)
+    player = None
     if motion is not None:
         guider = executor.class_obj
+        clips = clips_of(transformer_options, noise.shape[0])
         check_no_multigpu(getattr(guider, "model_patcher", None), "sampling an animated MODEL")
         check_no_core_context_windows(getattr(guider, "model_options", {}), "sampling an animated MODEL")
         check_inputs(guider, noise, latent_image)
-        check_memory(executor.class_obj, noise, context, motion.heads, motion.channels,
-                     clips_of(transformer_options, noise.shape[0]))
-    output = _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler, sigmas,
-                     denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
+        check_memory(executor.class_obj, noise, context, motion.heads, motion.channels, clips)
+        callback, player = animate(callback, guider.model_patcher, context, clips)
+    try:
+        output = _sample(executor, transformer_options, context, free_init, noise, latent_image, sampler,
+                         sigmas, denoise_mask, callback, disable_pbar, seed, *args, **kwargs)
+    finally:
+        if player is not None:
+            player.close()
     if motion is not None:
         check_output(output)
     return output

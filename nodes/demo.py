@@ -137,15 +137,18 @@ class TinyDemoModels(io.ComfyNode):
             description="Builds a tiny random SD1.5-shaped model, CLIP, VAE and a matching motion model "
                         "in memory, to try a workflow end to end without downloads. Frames are noise-like.",
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the random weights (kept as set: no randomize after queueing)."),
                 io.Combo.Input("family", options=list(FAMILY_VERSIONS), default="SD1.5",
                                tooltip="Shape of the tiny model: SD1.5 (4 UNet levels) or SDXL (3 levels)."),
                 io.Combo.Input("motion_version", options=[v for vs in FAMILY_VERSIONS.values() for v in vs],
                                default="v3", tooltip="Layout of the demo motion model; must suit the family "
                                                      "(v1/v2/v3 for SD1.5, sdxl_beta/hotshotxl for SDXL)."),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(),
-                     MOTION_MODEL.Output(display_name="MOTION_MODEL"),
+            outputs=[io.Model.Output(tooltip="A tiny random SD1.5- or SDXL-shaped model."),
+                     io.Clip.Output(tooltip="Its tiny text encoder."), io.Vae.Output(tooltip="Its tiny VAE."),
+                     MOTION_MODEL.Output(display_name="MOTION_MODEL", tooltip="A matching motion model, for "
+                                                                               "Apply Motion Model."),
                      io.ControlNet.Output(tooltip="A tiny ControlNet for RGB hint images, matching MODEL.")],
         )
 

@@ -1,5 +1,7 @@
 """Model folders of the pack, registered with ComfyUI's folder_paths (names the community uses)."""
 
+import functools
+import hashlib
 import os
 
 import folder_paths
@@ -38,3 +40,19 @@ def file_fingerprint(folder: str, name: str):
     except OSError:
         stat = None
     return (name, stat.st_size, stat.st_mtime_ns) if stat else (name, None, None)
+
+
+def sha256_prefix(path: str, chars: int = 10) -> str:
+    """The first ``chars`` hex digits of the file's SHA-256 (Civitai's "AutoV2" hash at 10), cached per
+    (path, size, mtime): compare it with a download page's hash to know which file was loaded."""
+    stat = os.stat(path)
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)[:chars]
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

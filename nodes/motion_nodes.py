@@ -9,7 +9,7 @@ import folder_paths
 from .comfy_compat import io
 
 from ..motion_modules import load_domain_adapter, load_lora
-from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path
+from .folders import MOTION_LORAS, MOTION_MODELS, file_fingerprint, full_path, sha256_prefix
 from .beta_schedules import SCHEDULE_OPTIONS, resolve_schedule, schedule_name
 from .injection import NORM_SEMANTICS, MotionLoraEntry, apply_motion, load_motion_patcher
 from .sockets import CATEGORY, CONTEXT_OPTIONS, MOTION_LORA, MOTION_MODEL
@@ -52,8 +52,10 @@ class LoadMotionModel(io.ComfyNode):
             inputs=[io.Combo.Input("model_name", options=folder_paths.get_filename_list(MOTION_MODELS),
                                    tooltip="Motion module file in models/animatediff_models (or a path "
                                            "from extra_model_paths.yaml). The format is detected from its weights.")],
-            outputs=[MOTION_MODEL.Output(display_name="MOTION_MODEL"),
-                     io.String.Output(display_name="info", tooltip="What was loaded: family, version, frame limit.")],
+            outputs=[MOTION_MODEL.Output(display_name="MOTION_MODEL", tooltip="For Apply Motion Model."),
+                     io.String.Output(display_name="info", tooltip="What was loaded: family, version, modules, "
+                                                                    "mid block, frame limit, norm, and the first 10 "
+                                                                    "hex digits of the file's SHA-256.")],
         )
 
     @classmethod
@@ -66,8 +68,9 @@ class LoadMotionModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        motion = load_motion_patcher(full_path(MOTION_MODELS, model_name), model_name)
-        info = f"{model_name}: {motion.spec.describe()}"
+        path = full_path(MOTION_MODELS, model_name)
+        motion = load_motion_patcher(path, model_name)
+        info = f"{model_name}: {motion.spec.describe()}, sha256 {sha256_prefix(path)}"
         return io.NodeOutput(motion, info, ui={"text": [info]})
 
 
@@ -88,7 +91,8 @@ class LoadMotionLora(io.ComfyNode):
                 MOTION_LORA.Input("prev_motion_lora", optional=True,
                                  tooltip="Optional earlier MotionLoRAs; all are applied, added together."),
             ],
-            outputs=[MOTION_LORA.Output(display_name="MOTION_LORA")],
+            outputs=[MOTION_LORA.Output(display_name="MOTION_LORA",
+                                         tooltip="This LoRA after the chain, for Apply Motion Model.")],
         )
 
     @classmethod

@@ -78,7 +78,7 @@ class ConsistentSelfAttention(io.ComfyNode):
                                 tooltip="With a bank: the character(s) to read, comma-separated names without "
                                         "brackets (empty = every character in the bank)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of MODEL; the input is unchanged.")],
         )
 
     @classmethod
@@ -128,7 +128,7 @@ class StoryPrompts(io.ComfyNode):
                                      "sampled first by Story Sampler."),
             ],
             outputs=[io.Conditioning.Output(tooltip="One conditioning entry per panel, in reading order."),
-                     STORY.Output(display_name="STORY"),
+                     STORY.Output(display_name="STORY", tooltip="The story plan, for Story Sampler."),
                      io.String.Output(display_name="captions", tooltip="One caption per line, for Comic Page."),
                      io.Int.Output(display_name="panels", tooltip="Number of panels (the latent batch size).")],
         )

@@ -35,8 +35,9 @@ def _common_inputs(default_steps: int, default_lr: float) -> list:
                      tooltip="Take every stride-th frame (spread over the clip when it is shorter)."),
         io.Int.Input("width", default=256, min=64, max=2048, step=8, tooltip="Training width (resize + centre crop)."),
         io.Int.Input("height", default=256, min=64, max=2048, step=8, tooltip="Training height."),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds initialisation, noise, timesteps, "
-                     "frame picks and flips: the same inputs and seed give the same weights."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                     tooltip="Seeds initialisation, noise, timesteps, frame picks and flips: the same inputs "
+                             "and seed give the same weights (kept as set: no randomize after queueing)."),
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute activations in backward: much less memory (a third of a plain "
                          "loop's peak at full SD1.5 width), usually somewhat slower."),
@@ -108,9 +109,9 @@ class TrainMotionLora(io.ComfyNode):
                 MOTION_LORA.Input("prev_motion_lora", optional=True, tooltip="Earlier MotionLoRAs to chain "
                                   "the result after (not applied while training)."),
             ],
-            outputs=[MOTION_LORA.Output(display_name="MOTION_LORA"),
+            outputs=[MOTION_LORA.Output(display_name="MOTION_LORA", tooltip="The trained LoRA, loaded."),
                      io.Image.Output(display_name="loss", tooltip="The loss curve."),
-                     io.String.Output(display_name="info")],
+                     io.String.Output(display_name="info", tooltip="Steps, final loss and the files written.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -206,7 +207,8 @@ class CameraMotionClips(io.ComfyNode):
                 io.Int.Input("height", default=256, min=64, max=2048, step=8, tooltip="Clip height."),
                 io.Float.Input("speed_jitter", default=0.0, min=0.0, max=0.9, step=0.01,
                                tooltip="Each clip's speed varies by up to this fraction (drawn from the seed)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds the speed jitter."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seeds the speed jitter."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="All clips, one after the other."),
                      io.Int.Output(display_name="frames_per_clip", tooltip="Connect to Train MotionLoRA's "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -157,6 +158,51 @@ def run_interrupted(server, nodes: dict, at_value: int, node: str = "7", timeout
                 return prompt_id
 
     return server.wait(asyncio.run(go()))
+
+
+def run_watching_previews(server, nodes: dict, timeout: float = 300) -> tuple[str, list]:
+    """Queue ``nodes`` with a websocket client that announces preview metadata support, as the
+    frontend does; returns (prompt id, [(metadata, image bytes)] of every preview sent for it)."""
+    import aiohttp
+
+    async def go():
+        previews = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={server.client_id}") as ws:
+                await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+                await asyncio.sleep(0.2)
+                prompt_id = server.queue(nodes)
+                async with asyncio.timeout(timeout):
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.BINARY:
+                            kind, = struct.unpack(">I", message.data[:4])
+                            if kind == 4:  # PREVIEW_IMAGE_WITH_METADATA
+                                length, = struct.unpack(">I", message.data[4:8])
+                                previews.append((json.loads(message.data[8:8 + length]), message.data[8 + length:]))
+                            continue
+                        data = json.loads(message.data)
+                        if data["type"] in ("execution_error", "execution_success", "execution_interrupted") \
+                                and data["data"].get("prompt_id") == prompt_id:
+                            break
+        return prompt_id, [p for p in previews if p[0].get("prompt_id") == prompt_id]
+
+    prompt_id, previews = asyncio.run(go())
+    server.wait(prompt_id)
+    return prompt_id, previews
+
+
+def post_json(server, path: str, body) -> tuple[int, dict]:
+    """POST ``body`` as JSON; (status, answer)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def rss_bytes(server) -> int:

@@ -1,6 +1,6 @@
 """The README's boundary claims, checked against the imports: which node modules touch ComfyUI's
-internals (``comfy``, ``comfy_extras``; the public node API ``comfy_api`` and ``folder_paths`` do not
-count), and that the core never imports ComfyUI at all."""
+internals (``comfy``, ``comfy_extras``, ``comfy_execution``, ``latent_preview``, ``protocol``; the public
+node API ``comfy_api`` and ``folder_paths`` do not count), and that the core never imports ComfyUI at all."""
 
 import ast
 import os
@@ -18,7 +18,8 @@ def comfy_imports(path: str) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-    return {n for n in names if n.split(".")[0] in ("comfy", "comfy_extras")}
+    return {n for n in names if n.split(".")[0] in ("comfy", "comfy_extras", "comfy_execution", "latent_preview",
+                                                     "protocol")}
 
 
 def python_files(folder: str) -> list[str]:

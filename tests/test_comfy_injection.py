@@ -171,7 +171,15 @@ def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
     out = env["motion_nodes"].LoadMotionModel.execute("tiny_v2.safetensors")
     loaded, info = out.result
     assert loaded.spec.version == "v2" and "SD1.5 v2" in info and "32 frames" in info
+    import hashlib
+    digest = hashlib.sha256((folder / "tiny_v2.safetensors").read_bytes()).hexdigest()
+    assert info.endswith(f", sha256 {digest[:10]}")  # the hash a download page shows (Civitai's AutoV2)
     assert out.ui["text"] == [info]
+    save_motion_model(env["demo"].tiny_motion_model(4, "v2", operations=torch.nn), folder / "tiny_v2.safetensors")
+    os.utime(folder / "tiny_v2.safetensors", ns=(1, 10**18))  # replaced in place: a new mtime, a new hash
+    changed = env["motion_nodes"].LoadMotionModel.execute("tiny_v2.safetensors").result[1]
+    assert changed.endswith(hashlib.sha256((folder / "tiny_v2.safetensors").read_bytes()).hexdigest()[:10])
+    assert changed != info
     model = env["demo"].tiny_model(0)
     patched = env["motion_nodes"].ApplyMotionModel.execute(model, loaded).result[0]
     assert patched is not model and ksample(env, patched).shape == (FRAMES, 4, 8, 8)

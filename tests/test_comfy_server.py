@@ -50,7 +50,8 @@ def server(comfyui, tmp_path_factory):
     frames[0].save(root / "input" / "example_clip.webp", save_all=True, append_images=frames[1:], duration=125)
     output = root / "output"
     instance = runner.ComfyServer.start(
-        comfyui, str(root), ["--cpu", "--input-directory", str(root / "input"), "--output-directory", str(output)],
+        comfyui, str(root), ["--cpu", "--input-directory", str(root / "input"), "--output-directory", str(output),
+                             "--preview-method", "latent2rgb"],
         model_folders={k: str(v) for k, v in folders.items()})
     instance.output = output
     yield instance
@@ -286,9 +287,37 @@ def test_stock_advanced_and_custom_samplers(server, kind):
     assert len(webps) == (1 if kind == "KSamplerAdvanced" else 2)
 
 
+def test_animated_preview_plays_frames_between_steps_and_the_setting_turns_it_off(server):
+    """With previews on (--preview-method latent2rgb) the sampler node gets the stock still of each step
+    and, in between, the frames of the clip at the client's frame rate; the setting turns that off."""
+    import io as bytes_io
+
+    from server_helpers import graph, post_json, run_watching_previews
+
+    steps = 30
+    nodes = graph(motion="mm_sd_v15_v2.ckpt", frames=16, steps=steps, seed=11)
+    assert post_json(server, "/animatediff_suite/preview_settings",
+                     {"client_id": server.client_id, "enabled": True, "fps": 30}) == (200, {"enabled": True, "fps": 30})
+    prompt_id, previews = run_watching_previews(server, nodes)
+    assert {(m["node_id"], m["display_node_id"], m["prompt_id"]) for m, _ in previews} == {("7", "7", prompt_id)}
+    assert len(previews) > steps + 2, len(previews)  # more than one still per step
+    sizes = {Image.open(bytes_io.BytesIO(data)).size for _, data in previews}
+    assert sizes == {(512, 512)}  # latent2rgb previews of the 8x8 latent, scaled to --preview-size
+    assert len({data for _, data in previews}) > steps  # frames of the clip, not one still repeated
+    assert post_json(server, "/animatediff_suite/preview_settings",
+                     {"client_id": server.client_id, "enabled": False}) == (200, {"enabled": False, "fps": 8})
+    try:
+        _, still = run_watching_previews(server, graph(motion="mm_sd_v15_v2.ckpt", frames=16, steps=steps, seed=12))
+    finally:
+        post_json(server, "/animatediff_suite/preview_settings", {"client_id": server.client_id, "enabled": True})
+    assert len(still) == steps  # the stock preview only: one still per step
+    status, answer = post_json(server, "/animatediff_suite/preview_settings", {"client_id": server.client_id, "fps": 99})
+    assert status == 400 and "fps must be an integer from 1 to 30, got 99" in answer["error"]
+
+
 def test_web_extension_is_served(server):
     extensions = server.get("/extensions")
-    for script in ("/animatediff_suite.js", "/ade_import.js"):
+    for script in ("/animatediff_suite.js", "/ade_import.js", "/animated_preview.js"):
         assert any(path.endswith(script) for path in extensions), extensions
 
 

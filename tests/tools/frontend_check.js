@@ -50,10 +50,11 @@ async function showAll(browser, url, jobs) {
     const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
     const missing = await page.evaluate(() => window.app.graph.nodes.filter(n => n.has_errors || n.type === undefined)
       .map(n => n.type));
-    await page.screenshot({path: job.png});
+    const run = job.run ? await queueAnimated(page, job.run, job.png) : null;
+    if (!run) await page.screenshot({path: job.png});
     const after = job.command ? await page.evaluate(() => document.body.innerText) : null;
     fs.writeFileSync(job.json, JSON.stringify({prompt, missing, console: [...boot, ...logs.filter(reported)],
-                                               before, after, preview}));
+                                               before, after, preview, run}));
   }
   await page.close();
 }
@@ -104,4 +105,52 @@ async function checkPreview(p) {
   await redraw();
   return {changed: before.some((v, i) => v !== after[i]), equal: expected.every((v, i) => v === after[i]),
           invalid, redPixels: red, shown, nonBlank: after.some((v, i) => i % 4 !== 3 && v > 60)};
+}
+
+// Queue the loaded workflow with the animated preview at p.fps (set through the pack's setting, which
+// posts it to the server), collect the previews the page receives for the sampler, screenshot the
+// canvas while it samples, and wait for the prompt to finish.
+async function queueAnimated(page, p, png) {
+  await page.evaluate(async (p) => {
+    const app = window.app;
+    const api = app.api ?? (await import('/scripts/api.js')).api;
+    await app.extensionManager.setting.set('AnimateDiffSuite.AnimatedPreview.Fps', p.fps);
+    await new Promise((r) => setTimeout(r, 500));
+    const sampler = app.graph.nodes.find((n) => n.type === 'KSampler');
+    const run = window.adsRun = {sampler: String(sampler.id), previews: 0, hashes: [], nodes: [], done: false};
+    api.addEventListener('b_preview_with_metadata', async ({detail}) => {
+      run.previews += 1;
+      if (!run.nodes.includes(detail.displayNodeId)) run.nodes.push(detail.displayNodeId);
+      const bytes = new Uint8Array(await detail.blob.arrayBuffer());
+      let hash = 0;
+      for (const b of bytes) hash = (hash * 31 + b) >>> 0;
+      if (!run.hashes.includes(hash)) run.hashes.push(hash);
+    });
+    for (const kind of ['execution_success', 'execution_error', 'execution_interrupted']) {
+      api.addEventListener(kind, ({detail}) => { run.done = run.done || kind; run.detail = detail; });
+    }
+    await app.queuePrompt(0, 1);
+  }, p);
+  let shot = false;
+  for (let i = 0; i < 600; i++) {
+    const run = await page.evaluate(() => window.adsRun);
+    if (!shot && run.hashes.length >= 3) {
+      await page.waitForTimeout(200);
+      await page.screenshot({path: png});
+      shot = true;
+    }
+    if (run.done) break;
+    await page.waitForTimeout(100);
+  }
+  const run = await page.evaluate(() => {
+    const widget = (type, name) => window.app.graph.nodes.find((n) => n.type === type)
+      ?.widgets?.find((w) => w.name === name)?.value ?? null;
+    return {...window.adsRun, badges: {loaded: widget('ADS_LoadMotionModel', 'loaded'),
+                                       chosen: widget('ADS_ApplyMotionModel', 'chosen')}};
+  });
+  if (!shot) await page.screenshot({path: png});
+  await page.evaluate(() => window.app.canvas.draw(true, true));
+  await page.waitForTimeout(300);
+  await page.screenshot({path: png.replace(/\.png$/, '_done.png')});
+  return {...run, hashes: run.hashes.length, screenshotWhileSampling: shot};
 }

@@ -55,13 +55,19 @@ class FrontendResult:
     screenshot: str
     text: tuple = (None, None)  # the page's text before and after a job's command
     preview: dict | None = None  # what checkPreview found
+    run: dict | None = None  # what queueAnimated saw
 
 
-def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: dict | None = None) -> list[FrontendResult]:
+def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: dict | None = None,
+                   runs: tuple = (), model_files: dict | None = None) -> list[FrontendResult]:
     """Start a server with the pack and empty model files, load every UI example in Chromium; then each
     of ``commands`` ``(name, workflow, command id, expected API graph)``: load the workflow, run the
     pack's command on it, and read back the graph. ``previews``: {example: preview check} for the
-    context-schedule preview (frontend_check.js ``checkPreview``), run before the API graph is read."""
+    context-schedule preview (frontend_check.js ``checkPreview``), run before the API graph is read.
+    ``runs``: ``(name, API graph, fps)``: the graph is laid out as a UI workflow, loaded and queued from
+    the page with the animated preview at ``fps`` (``queueAnimated``); the screenshot is taken while
+    it samples. Previews are on (``--preview-method latent2rgb``). ``model_files``: {folder: [paths]},
+    real model files (for ``runs``) copied beside the empty ones."""
     runner = _load("ads_runner", os.path.join(ROOT, "__main__.py"))
     workflows = _load("ads_workflows", os.path.join(HERE, "workflows.py"))
     folders = {}
@@ -72,8 +78,13 @@ def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: d
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, description.split()[0]), "wb").close()
                 folders[folder.split("/", 1)[1]] = path
-    server = runner.ComfyServer.start(comfyui, workdir, ["--cpu", "--output-directory", os.path.join(workdir, "out")],
-                                      model_folders=folders)
+    for folder, paths in (model_files or {}).items():
+        folders.setdefault(folder, os.path.join(workdir, folder))
+        os.makedirs(folders[folder], exist_ok=True)
+        for path in paths:
+            shutil.copy(path, folders[folder])
+    server = runner.ComfyServer.start(comfyui, workdir, ["--cpu", "--output-directory", os.path.join(workdir, "out"),
+                                                         "--preview-method", "latent2rgb"], model_folders=folders)
     results = []
     try:
         jobs = [{"workflow": os.path.join(ROOT, "example_workflows", f"{name}.json"),
@@ -90,6 +101,14 @@ def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: d
             jobs.append({"workflow": path, "command": command, "png": os.path.join(workdir, f"{name}.png"),
                          "json": os.path.join(workdir, f"{name}.json")})
             expected[name] = graph
+        object_info = server.get("/object_info") if runs else {}
+        for name, graph, fps in runs:
+            path = os.path.join(workdir, f"{name}.workflow.json")
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(workflows.api_to_ui(graph, object_info, "animated sampling preview"), handle)
+            jobs.append({"workflow": path, "run": {"fps": fps}, "png": os.path.join(workdir, f"{name}.png"),
+                         "json": os.path.join(workdir, f"{name}.json")})
+            expected[name] = workflows.normalised(graph)
         jobs_path = os.path.join(workdir, "jobs.json")
         with open(jobs_path, "w", encoding="utf-8") as handle:
             json.dump(jobs, handle)
@@ -100,7 +119,8 @@ def check_examples(comfyui: str, workdir: str, commands: tuple = (), previews: d
                 shown = json.load(handle)
             prompt = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in shown["prompt"].items()}
             results.append(FrontendResult(name, prompt, expected[name], shown["console"], shown["missing"], png,
-                                          (shown.get("before"), shown.get("after")), shown.get("preview")))
+                                          (shown.get("before"), shown.get("after")), shown.get("preview"),
+                                          shown.get("run")))
     finally:
         server.stop()
     return results

@@ -356,8 +356,11 @@ def _height(info: dict, sockets: int, outputs: int) -> int:
     widgets = [spec for _, spec, _ in _inputs(info) if _kind(spec) in WIDGET_TYPES]
     multiline = sum(1 for spec in widgets if len(spec) > 1 and spec[1].get("multiline"))
     rows = max(sockets, outputs) + sum(1 + len(_extra_widgets(spec)) for spec in widgets) - multiline
-    preview = {"ADS_ContextOptions": 24 + 200, "ADS_ContextScheduleImage": 200}.get(info.get("name"), 0)
-    return 40 + 24 * rows + 90 * multiline + preview  # the web extension's schedule preview (context_preview.js)
+    # what the web extension adds: the schedule preview (context_preview.js), the info of a run
+    # (animatediff_suite.js: five lines on Load Motion Model, two on Apply Motion Model)
+    extra = {"ADS_ContextOptions": 24 + 200, "ADS_ContextScheduleImage": 200,
+             "ADS_LoadMotionModel": 90, "ADS_ApplyMotionModel": 44}.get(info.get("name"), 0)
+    return 40 + 24 * rows + 90 * multiline + extra
 
 
 def api_to_ui(graph: dict, object_info: dict, note: str) -> dict:
