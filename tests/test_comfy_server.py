@@ -319,6 +319,10 @@ def test_web_extension_is_served(server):
     extensions = server.get("/extensions")
     for script in ("/animatediff_suite.js", "/ade_import.js", "/animated_preview.js"):
         assert any(path.endswith(script) for path in extensions), extensions
+    # the node help page where the editor asks for it: /extensions/<pack folder>/docs/<node id>.md
+    prefix = next(path for path in extensions if path.endswith("/animatediff_suite.js"))[:-len("animatediff_suite.js")]
+    with urllib.request.urlopen(f"{server.url}{prefix}docs/ADS_LoadMotionModel.md", timeout=30) as response:
+        assert response.read().decode().startswith("# Load Motion Model (AnimateDiff)\n")
 
 
 def test_ade_importer_writes_our_nodes_as_their_schemas_say(server):
