@@ -122,6 +122,48 @@ def test_one_window_is_bit_identical_and_fusion_is_a_weighted_mean(method):
     torch.testing.assert_close(fused, frames)  # every window agrees, so the mean is the value itself
 
 
+def test_default_pyramid_fuses_distinct_windows_as_a_hand_computed_weighted_mean():
+    """40 frames at the default 16/4: windows [0..15], [12..27], [24..39] output the constants 1, 10 and
+    100. Pyramid weights of a 16-frame window are 1..8, 8..1, so frame 12 gets (4*1 + 1*10) / 5 = 2.8,
+    frame 13 (3*1 + 2*10) / 5 = 4.6, ..., frame 27 (1*10 + 4*100) / 5 = 82 (worked out by hand)."""
+    options = ContextOptions(16, 4)
+    constants = {0: 1.0, 12: 10.0, 24: 100.0}
+    windows = context_windows(40, options)
+    assert [w[0] for w in windows] == [0, 12, 24]
+    fused = fuse_windows([(w, torch.full((len(w), 1), constants[w[0]], dtype=torch.float64)) for w in windows],
+                         40, options)
+    expected = [1.0] * 12 + [2.8, 4.6, 6.4, 8.2] + [10.0] * 8 + [28.0, 46.0, 64.0, 82.0] + [100.0] * 12
+    torch.testing.assert_close(fused[:, 0], torch.tensor(expected, dtype=torch.float64))
+    assert FUSE_METHODS["pyramid"](list(range(16)), 40, options) == [1, 2, 3, 4, 5, 6, 7, 8, 8, 7, 6, 5, 4, 3, 2, 1]
+
+
+def test_looped_uniform_windows_per_step_listed_by_hand():
+    """20 frames, 8/2: the grid (advance 6) starts at round(20 * halving(step)) = 0, 10, 5, 15 for steps
+    0-3 and wraps past frame 19; without closed_loop the last overlap's start is left out (3 windows),
+    with it the seam gets its window (4)."""
+    r = lambda a, b: list(range(a, b + 1))  # noqa: E731
+    looped = ContextOptions(8, 2, schedule="looped_uniform")
+    assert [context_windows(20, looped, step) for step in range(4)] == [
+        [r(0, 7), r(6, 13), r(12, 19)],
+        [r(10, 17), r(16, 19) + r(0, 3), r(2, 9)],
+        [r(5, 12), r(11, 18), r(17, 19) + r(0, 4)],
+        [r(15, 19) + r(0, 2), r(1, 8), r(7, 14)],
+    ]
+    closed = ContextOptions(8, 2, closed_loop=True, schedule="looped_uniform")
+    assert context_windows(20, closed, 0) == [r(0, 7), r(6, 13), r(12, 19), r(18, 19) + r(0, 5)]
+
+
+def test_standard_uniform_steps_2_and_3_worked_by_hand():
+    """32 frames, 16/4 (continuing the worked example above). Step 2 (shift 8): grid 8, 20, 32 -> [8..23],
+    [20..31, 0..3] (moved to end: [16..31]; frame 0 is in the next window), [0..15]. Step 3 (shift 24):
+    grid 24, 36, 48 -> [24..31, 0..7] moves to [16..31] and, as [4..19] lacks frame 0, [0..15] follows;
+    [4..19]; the grid's [16..31] repeats and is dropped."""
+    r = lambda a, b: list(range(a, b + 1))  # noqa: E731
+    uniform = ContextOptions(16, 4, schedule="standard_uniform")
+    assert context_windows(32, uniform, 2) == [r(8, 23), r(16, 31), r(0, 15)]
+    assert context_windows(32, uniform, 3) == [r(16, 31), r(0, 15), r(4, 19)]
+
+
 def test_uncovered_frames_are_an_error():
     with pytest.raises(ValueError, match=r"frames \[4, 5\] are covered by no window"):
         fuse_windows([([0, 1, 2, 3], torch.zeros(4, 1))], 6, ContextOptions(4, 1))

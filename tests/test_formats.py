@@ -152,6 +152,30 @@ def test_full_size_layouts_match_published_files(version, channels, modules, key
     assert expected_channels.items() <= spec.channels.items()
 
 
+# Facts of the original code (REFERENCE §1-2), written out rather than read from the pack's VERSIONS table:
+# family, motion GroupNorm statistics, mid block, positional-encoding rows, modules at full width.
+ORIGINAL_FACTS = {
+    "v1": ("SD1.5", "per_frame", False, 24, 20),  # 4 down x 2 + 4 up x 3, PE 24 (REFERENCE §2 detection)
+    "v2": ("SD1.5", "per_frame", True, 32, 21),  # the mid block is v2 only
+    "v3": ("SD1.5", "per_frame", False, 32, 20),
+    "animatelcm": ("SD1.5", "per_frame", False, 64, 20),  # an ordinary SD1.5 module without PE keys
+    "sdxl_beta": ("SDXL", "across_frames", False, 32, 15),  # normalises the 5D tensor; 3 down x 2 + 3 up x 3
+    # HotShot-XL: REFERENCE states only its key names; per-frame statistics and 32 rows are this pack's
+    # reading of its code (its own tests pin it so a change is deliberate)
+    "hotshotxl": ("SDXL", "per_frame", False, 32, 15),
+}
+
+
+@pytest.mark.parametrize("version", sorted(ORIGINAL_FACTS))
+def test_every_version_maps_to_the_original_codes_layout_and_norm_mode(version):
+    from animatediff_suite.motion_modules import MotionSpec
+
+    channels = FULL_SDXL if ORIGINAL_FACTS[version][0] == "SDXL" else FULL_SD15
+    spec = MotionSpec.standard(version, channels)
+    assert (spec.family, spec.norm_mode, spec.has_mid_block, spec.frame_limit, len(spec.modules)) == \
+        ORIGINAL_FACTS[version]
+
+
 def test_public_spec_fields():
     model = load_motion_model(original_state_dict(source_model("v2")))
     spec = model.spec

@@ -55,6 +55,21 @@ def test_travel_linear_and_slerp():
     torch.testing.assert_close(s, expected[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("frame, t", [(1, 0.1), (3, 0.3), (8, 0.8)])
+def test_travel_at_asymmetric_t_follows_the_lerp_and_slerp_formulas(frame, t):
+    """Keyframes at 0 and 10: frame k is t = k / 10 of the way. At t != 0.5 lerp and slerp are not
+    symmetric, so swapped weights (1 - t for t) or a swapped a/b fail here. Formulas written out:
+    lerp = (1 - t) a + t b; slerp = (sin((1 - t) w) a + sin(t w) b) / sin w, w the angle per token."""
+    torch.manual_seed(frame)
+    a, b = torch.randn(1, 77, 32, dtype=torch.float64), torch.randn(1, 77, 32, dtype=torch.float64)
+    linear = travel([a, b], [0, 10], 12, "linear")[frame]
+    torch.testing.assert_close(linear, ((1 - t) * a + t * b)[0])
+    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))
+    omega = torch.acos(cos)
+    expected = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    torch.testing.assert_close(travel([a, b], [0, 10], 12, "slerp")[frame], expected[0])
+
+
 def test_slerp_of_parallel_vectors_is_lerp():
     a = torch.ones(1, 4, 8)
     torch.testing.assert_close(slerp(a, 3 * a, 0.5), 2 * a)
