@@ -135,14 +135,17 @@ def eps_of(model, noise):
 
 
 class SamplerSpy:
-    """A SAMPLER_SAMPLE wrapper recording each pass's noise and sigmas."""
+    """A SAMPLER_SAMPLE wrapper recording each pass's noise and sigmas, and its result (in the model's
+    latent space, before process_latent_out)."""
 
     def __init__(self, model):
         import comfy.patcher_extension
 
-        self.passes = []
+        self.passes, self.outputs = [], []
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "test.spy", self)
 
     def __call__(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
         self.passes.append((noise.clone(), sigmas.clone()))
-        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+        result = executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+        self.outputs.append(result.clone())
+        return result

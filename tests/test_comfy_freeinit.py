@@ -83,6 +83,39 @@ def test_freeinit_fast_sampling_and_freenoise_together(env):
     assert spy.passes[0][1][0] == spy.passes[2][1][0] and spy.passes[0][1][-1] == spy.passes[2][1][-1]
 
 
+def test_every_freeinit_pass_mixes_the_previous_result_with_fresh_freenoise(env):
+    """Passes 2 and 3 (not only the first) start from LP(n0 + x0 / a) + HP(z_k): n0 the first pass's
+    (FreeNoise) noise, x0 the previous pass's result, a = sqrt(1 + sigma_max^2), and z_k the pass's fresh
+    noise with the same FreeNoise treatment: repeated_context repeats its first 16 frames over the 40.
+    Written out here with torch.fft; the seeds of the fresh noise are the documented fresh_noise_seed."""
+    from animatediff_suite.motion_modules import ContextOptions
+    from animatediff_suite.motion_modules.freeinit import fresh_noise_seed, low_pass_filter
+    from animatediff_suite.nodes.context_nodes import FreeInitNode
+
+    frames, seed = 40, 5
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2", seed=1),
+                  context=ContextOptions(16, 4, noise_type="repeated_context"))
+    free_init = FreeInitNode.execute(model, 3, "box", 0.3, 0.2, 4, True).result[0]
+    spy = SamplerSpy(free_init)
+    ksample(env, free_init, steps=6, frames=frames, seed=seed)
+    n0 = spy.passes[0][0]
+    assert torch.equal(n0, torch.cat([n0[:16]] * 3)[:frames])
+    mask = low_pass_filter(frames, 8, 8, "box", 0.3, 0.2)
+    dims = (-3, -2, -1)  # (c f h w): frames, height, width
+
+    def spectrum(v):
+        return torch.fft.fftshift(torch.fft.fftn(v.transpose(0, 1).double(), dim=dims), dim=dims)
+
+    for k in (1, 2):
+        sigma_max = float(spy.passes[k][1][0])
+        a = (1 + sigma_max ** 2) ** 0.5
+        drawn = torch.randn(n0.shape, generator=torch.Generator().manual_seed(fresh_noise_seed(seed, k)))
+        z = torch.cat([drawn[:16]] * 3)[:frames]
+        mixed = spectrum(n0 + spy.outputs[k - 1] / a) * mask + spectrum(z) * (1 - mask)
+        expected = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=dims), dim=dims).real.transpose(0, 1)
+        torch.testing.assert_close(spy.passes[k][0].double(), expected, atol=1e-4, rtol=0)
+
+
 def test_freeinit_leaves_disabled_noise_and_input_model_alone(env):
     from animatediff_suite.motion_modules import ContextOptions
     from animatediff_suite.nodes.context_nodes import FreeInitNode
