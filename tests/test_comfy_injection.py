@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from ads_helpers import tiny_domain_adapter_state_dict
+from ads_helpers import motion_lora_state_dict, tiny_domain_adapter_state_dict
 from ads_package import ROOT
 from comfy_helpers import FRAMES, apply, ksample, motion, reference_unet
 
@@ -52,9 +52,14 @@ def test_patched_unet_equals_core_reference(env, version, cfg):
     """One euler step returns the x0 prediction; recompute it with the reference forward."""
     model = env["demo"].tiny_model(0)
     loaded = motion(env, version, seed=1)
-    patched = apply(env, model, loaded)
-    out = ksample(env, patched, cfg=cfg, steps=1)
-    plain = ksample(env, model, cfg=cfg, steps=1)  # also unloads `patched`: the UNet is ejected again
+    out = ksample(env, apply(env, model, loaded), cfg=cfg, steps=1)
+    plain = ksample(env, model, cfg=cfg, steps=1)  # also unloads the patched model: the UNet is ejected again
+    assert_one_step_equals_reference(env, model, loaded.patcher.model, out, plain, cfg, spanning=version == "v1")
+
+
+def assert_one_step_equals_reference(env, model, motion_model, out, plain, cfg, spanning=False):
+    """One euler step (seed 5) returned ``out``, the x0 prediction; recompute it with the block-by-block
+    reference forward of ``motion_model`` and compare the noise predictions."""
     sampling = model.get_model_object("model_sampling")
     sigma = sampling.sigma_max.reshape(1)
     noise = env["sample"].prepare_noise(torch.zeros(FRAMES, 4, 8, 8), 5)
@@ -65,8 +70,8 @@ def test_patched_unet_equals_core_reference(env, version, cfg):
     def x0(conditioning):
         context = conditioning[0][0].expand(FRAMES, -1, -1)
         with torch.no_grad():
-            eps = reference_unet(unet, loaded.patcher.model, sampling.calculate_input(sigma, x), t, context,
-                                 FRAMES, spanning=version == "v1")
+            eps = reference_unet(unet, motion_model, sampling.calculate_input(sigma, x), t, context,
+                                 FRAMES, spanning=spanning)
         return sampling.calculate_denoised(sigma, eps, x)
 
     expected = x0(env["cond"])
@@ -79,6 +84,38 @@ def test_patched_unet_equals_core_reference(env, version, cfg):
     # eps = u + cfg (c - u), so a 1e-4 error per UNet output can grow to (|cfg| + |cfg - 1|) 1e-4.
     tolerance = 1e-4 * (abs(cfg) + abs(cfg - 1))
     torch.testing.assert_close((x - got) / sigma, (x - expected) / sigma, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("strength, scale", [(0.7, 1.0), (-1.3, 1.0), (None, 1.6), (None, 0.6)])
+def test_motion_lora_strength_and_motion_scale_through_ksampler_equal_merged_weights(env, strength, scale):
+    """The real KSampler with a MotionLoRA at ``strength`` (None: no LoRA) and ``motion_scale`` equals the
+    reference forward of a copy of the motion model whose weights are merged by hand: the original LoRA format's
+    W += strength * up @ down on each target (``...processor.to_q_lora`` -> ``...to_q.weight``,
+    ``to_out_lora`` -> ``to_out.0.weight``), and ``to_q`` multiplied by the scale, which multiplies
+    q k^T, i.e. the softmax scale."""
+    import copy
+
+    from animatediff_suite.motion_modules import load_lora
+
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v2", seed=1)
+    lora_weights = motion_lora_state_dict(loaded.spec, seed=4)
+    loras = () if strength is None else (
+        env["injection"].MotionLoraEntry("zoom", load_lora(lora_weights, kind="MotionLoRA"), strength),)
+    merged = copy.deepcopy(loaded.patcher.model)  # before sampling: a loaded patcher holds patched weights
+    out = ksample(env, apply(env, model, loaded, loras=loras, scale=scale), cfg=1.0, steps=1)
+    plain = ksample(env, model, cfg=1.0, steps=1)
+    weights = merged.state_dict()
+    with torch.no_grad():
+        for key, down in lora_weights.items() if loras else ():
+            if key.endswith("_lora.down.weight"):
+                base, proj = key[:-len("_lora.down.weight")].rsplit(".processor.", 1)
+                target = f"{base}.{proj}.0.weight" if proj == "to_out" else f"{base}.{proj}.weight"
+                weights[target] += strength * lora_weights[key.replace(".down.", ".up.")] @ down
+        for key, weight in weights.items():
+            if key.endswith(".to_q.weight"):
+                weight *= scale
+    assert_one_step_equals_reference(env, model, merged, out, plain, 1.0)
 
 
 def test_v1_norms_really_span_frames(env):
