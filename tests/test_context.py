@@ -164,6 +164,22 @@ def test_standard_uniform_steps_2_and_3_worked_by_hand():
     assert context_windows(32, uniform, 3) == [r(16, 31), r(0, 15), r(4, 19)]
 
 
+def test_dilation_levels_stop_where_a_dilated_window_no_longer_fits():
+    """A level of dilation d fits when its window spans (length - 1) d + 1 <= frames (worked by hand: length
+    4 spans 7 frames at d = 2; length 2 spans 9 at d = 8). Uniform schedules count levels as
+    AnimateDiff-Evolved does: min(stride, ceil(log2(frames / length)) + 1), e.g. 40 / 16 -> 3."""
+    from animatediff_suite.motion_modules.context import _dilations, _uniform_levels
+
+    assert _dilations(7, ContextOptions(4, 1, 2)) == [1, 2]
+    assert _dilations(6, ContextOptions(4, 1, 2)) == [1]
+    assert _dilations(8, ContextOptions(2, 0, 4)) == [1, 2, 4]
+    assert _dilations(9, ContextOptions(2, 0, 4)) == [1, 2, 4, 8]
+    assert _uniform_levels(40, ContextOptions(16, 4, 5)) == 3
+    assert _uniform_levels(64, ContextOptions(16, 4, 5)) == 3  # log2(4) = 2 exactly
+    assert _uniform_levels(65, ContextOptions(16, 4, 5)) == 4
+    assert _uniform_levels(40, ContextOptions(16, 4, 2)) == 2
+
+
 def test_uncovered_frames_are_an_error():
     with pytest.raises(ValueError, match=r"frames \[4, 5\] are covered by no window"):
         fuse_windows([([0, 1, 2, 3], torch.zeros(4, 1))], 6, ContextOptions(4, 1))
@@ -195,6 +211,27 @@ def test_schedule_image_draws_every_window_of_every_step():
     assert sorted(set(lit.tolist())) == first  # the first row lights exactly the first window's frames
     with pytest.raises(ValueError, match="steps must be at least 1"):
         schedule_image(40, options, steps=0)
+
+
+def test_schedule_image_pixels_worked_by_hand():
+    """One step of 40 frames at 16/4 with overlap-linear weights, default 6-pixel cells. Window k's colour
+    is 1 - clamp(|h - 3| - 1, 0, 1), scaled into [0.2, 1], for h = (0.37 k mod 1) 6 + (0, 4, 2) mod 6:
+    window 0 (0.2, 1, 1), window 1 (1, 0.2, 0.824), window 2 (0.648, 1, 0.2); brightness 0.25 + 0.75 w / max w
+    with w the overlap ramps 0.2, 0.4, ... (frame 15 of window 0: w 0.2 -> 0.4)."""
+    from animatediff_suite.motion_modules.context import schedule_image
+
+    image = schedule_image(40, ContextOptions(16, 4, fuse_method="overlap-linear"), steps=1)
+    assert image.shape == (3 * 6, 40 * 6, 3)
+
+    def pixel(row, frame):
+        return image[row * 6 + 3, frame * 6 + 3].tolist()
+
+    assert pixel(0, 0) == pytest.approx([0.2, 1.0, 1.0])
+    assert pixel(0, 15) == pytest.approx([0.08, 0.4, 0.4])
+    assert pixel(0, 16) == [0.0, 0.0, 0.0]
+    assert pixel(1, 12) == pytest.approx([0.4, 0.08, 0.3296])
+    assert pixel(1, 20) == pytest.approx([1.0, 0.2, 0.824])
+    assert pixel(2, 30) == pytest.approx([0.648, 1.0, 0.2])
 
 
 def test_window_costs_name_the_end_aligned_window_that_adds_little():
