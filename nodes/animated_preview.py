@@ -136,8 +136,8 @@ def animate(callback, patcher, context: ContextOptions | None, clips: int):
     if callback is None:
         return callback, None
     sender = preview_sender(latent_preview.MAX_PREVIEW_RESOLUTION)
-    setting = SETTINGS.get(sender.client_id if sender else None)
-    if sender is None or not setting.enabled:
+    setting = SETTINGS.get(sender.client_id) if sender is not None else None
+    if setting is None or not setting.enabled:
         return callback, None
     previewer = latent_preview.get_previewer(patcher.load_device, patcher.model.latent_format)
     if previewer is None:
