@@ -18,7 +18,6 @@ browser client through ``POST /animatediff_suite/preview_settings``.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import latent_preview
 
 from ..motion_modules import ContextOptions, context_windows
-from .comfy_compat import preview_sender
+from .comfy_compat import preview_sender, prompt_server
 
 log = logging.getLogger(__name__)
 ROUTE = "/animatediff_suite/preview_settings"
@@ -154,7 +153,7 @@ def animate(callback, patcher, context: ContextOptions | None, clips: int):
 
 def register_routes() -> bool:
     """Add the settings route to the running ComfyUI server; False where there is none."""
-    instance = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    instance = prompt_server()
     if instance is None:
         return False
     instance.routes.post(ROUTE)(post_settings)

@@ -125,11 +125,15 @@ def progress_is_throttled() -> bool:
     return hasattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL")
 
 
+def prompt_server():
+    """The running ComfyUI server (``PromptServer.instance``), or None (ComfyUI used as a library)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
 @dataclass(frozen=True)
 class PreviewSender:
-    """Sends preview images to the client of the running prompt, shown on ``node_id`` (any thread)."""
+    """Sends preview images to the client of the running prompt, shown on the executing node (any thread)."""
     client_id: str
-    node_id: str | None
     send: Callable  # send(PIL image): queued on the server's event loop (PromptServer.send_sync)
 
 
@@ -139,7 +143,7 @@ def preview_sender(max_size: int | None) -> PreviewSender | None:
     Called on the sampling thread (it reads the executing node there); the returned ``send`` may be
     called from any thread. Images are sent as JPEG, contained in ``max_size`` pixels as ComfyUI's own
     previews are."""
-    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    server = prompt_server()
     client_id = getattr(server, "client_id", None)
     if server is None or client_id is None:
         return None
@@ -158,7 +162,7 @@ def preview_sender(max_size: int | None) -> PreviewSender | None:
         else:
             server.send_sync(BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA, (preview, dict(metadata)), client_id)
 
-    return PreviewSender(client_id, node_id, send)
+    return PreviewSender(client_id, send)
 
 
 def _executing(server) -> tuple:

@@ -39,7 +39,7 @@ def recorded(comfyui, monkeypatch):
     sent, shown = [], []
     monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
     monkeypatch.setattr(animated_preview, "preview_sender",
-                        lambda max_size: PreviewSender("client-a", "7", sent.append))
+                        lambda max_size: PreviewSender("client-a", sent.append))
     show = animated_preview.FramePlayer.show
     monkeypatch.setattr(animated_preview.FramePlayer, "show",
                         lambda self, frames: shown.append(list(frames)) or show(self, frames))

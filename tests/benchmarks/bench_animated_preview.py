@@ -53,7 +53,7 @@ def main() -> None:
         ImageOps.contain(image, (512, 512)).save(buffer, format="JPEG", quality=95)
         sent.append(len(buffer.getvalue()))
 
-    animated_preview.preview_sender = lambda max_size: PreviewSender("bench", "7", encode)
+    animated_preview.preview_sender = lambda max_size: PreviewSender("bench", encode)
     clip = demo.tiny_clip(0)
     positive = nodes.CLIPTextEncode().encode(clip, "a fox running")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
