@@ -132,7 +132,8 @@ async function queueAnimated(page, p, png) {
     await app.queuePrompt(0, 1);
   }, p);
   let shot = false;
-  for (let i = 0; i < 600; i++) {
+  // up to 5 minutes: the run is 16 frames on tiny models (seconds), but a loaded CI machine runs it far slower
+  for (const deadline = Date.now() + 300000; Date.now() < deadline;) {
     const run = await page.evaluate(() => window.adsRun);
     if (!shot && run.hashes.length >= 3) {
       await page.waitForTimeout(200);
