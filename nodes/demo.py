@@ -6,6 +6,8 @@ one, through the stock nodes, but the weights are random, so the frames are colo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import comfy.model_management
@@ -19,6 +21,7 @@ from comfy.ldm.models.autoencoder import AutoencoderKL
 from .comfy_compat import io, new_model_patcher
 
 from ..motion_modules import MotionModel, MotionSpec
+from ..motion_modules.sparsectrl import SparseCtrlModel, SparseCtrlSpec
 from .injection import LoadedMotionModel, wrap_motion_model
 from .sockets import CATEGORY, MOTION_MODEL
 from .validation import check_widgets
@@ -125,6 +128,15 @@ def tiny_motion_model(seed: int = 0, version: str = "v3", operations=comfy.ops.m
 
 def tiny_motion_patcher(seed: int = 0, version: str = "v3") -> LoadedMotionModel:
     return wrap_motion_model(tiny_motion_model(seed, version), f"tiny demo {version} (seed {seed})")
+
+
+def tiny_sparsectrl(seed: int = 0, kind: str = "rgb", operations=comfy.ops.manual_cast) -> SparseCtrlModel:
+    """A SparseCtrl encoder matching the tiny SD1.5 UNet (scribble: a 8-16-16-32 hint encoder), random weights."""
+    spec = dataclasses.replace(SparseCtrlSpec.sd15(kind, TINY_CHANNELS, cross_attention_dim=TINY_UNET["context_dim"]),
+                               embedding_channels=(8, 16, 16, 32))
+    model = SparseCtrlModel(spec, operations=operations)
+    seeded_fill_(model, seed + 5, gain=0.5)
+    return model.eval().requires_grad_(False)
 
 
 class TinyDemoModels(io.ComfyNode):

@@ -10,13 +10,15 @@ from ..motion_modules import MotionModelError
 
 MOTION_MODELS = "animatediff_models"
 MOTION_LORAS = "animatediff_motion_lora"
+MOTION_PREDICTORS = "animatediff_motion_predictor"
 EXTENSIONS = {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"}
 
 
 def register_folders() -> None:
-    """Add ``models/animatediff_models`` and ``models/animatediff_motion_lora``; keep any paths that
-    ``extra_model_paths.yaml`` already gave these names."""
-    for name in (MOTION_MODELS, MOTION_LORAS):
+    """Add ``models/animatediff_models``, ``models/animatediff_motion_lora`` and
+    ``models/animatediff_motion_predictor``; keep any paths that ``extra_model_paths.yaml`` already gave
+    these names."""
+    for name in (MOTION_MODELS, MOTION_LORAS, MOTION_PREDICTORS):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
         paths, extensions = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | EXTENSIONS)

@@ -138,3 +138,13 @@ def tiny_domain_adapter_state_dict(rank: int = 4, seed: int = 0) -> dict[str, to
             base = f"{match[1]}.processor.{proj}_lora"
             sd[f"{base}.up.weight"], sd[f"{base}.down.weight"] = up, down
     return sd
+
+
+def released_sparsectrl(model) -> dict:
+    """A SparseCtrl model as the released v3_sd15_sparsectrl_*.ckpt files hold it: under a ``controlnet``
+    key, with an ``animatediff_config`` entry and a PE table beside each temporal attention."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for key, value in list(sd.items()):
+        if key.endswith(".attention_blocks.0.to_q.weight"):
+            sd[key.replace(".to_q.weight", ".pos_encoder.pe")] = sinusoidal_pe(32, value.shape[0])
+    return {"controlnet": sd, "animatediff_config": {"L": 16}}

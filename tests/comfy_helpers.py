@@ -52,9 +52,12 @@ def apply(env, model, loaded, schedule="use existing", **kwargs):
     return env["injection"].apply_motion(model, loaded, schedule=schedule, **kwargs)
 
 
-def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None, windows=None):
+def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=False, y=None, windows=None,
+                   control=None):
     """UNet forward walked block by block, calling the core's temporal modules where the original
-    AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn."""
+    AnimateDiff puts them (REFERENCE §1): after each down/up layer, before Upsample, mid after attn.
+    ``control``: (skip residuals, first to last; mid residual), added as diffusers' UNet adds a
+    ControlNet's ``down_block_additional_residuals`` and ``mid_block_additional_residual``."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample, forward_timestep_embed
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
@@ -81,6 +84,10 @@ def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=F
         if "mid_block.motion_modules.0" in modules:
             h = modules["mid_block.motion_modules.0"](h, frames)
         h = run(mid[-1:], h)
+        residuals = list(control[0]) if control is not None else []
+        if control is not None:
+            h = h + control[1]
+            skips = [skip + residual for skip, residual in zip(skips, residuals, strict=True)]
         for index, block in enumerate(unet.output_blocks):
             h = torch.cat([h, skips.pop()], dim=1)
             shape = skips[-1].shape if skips else None
@@ -149,3 +156,25 @@ class SamplerSpy:
         result = executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
         self.outputs.append(result.clone())
         return result
+
+
+TINY_CLIP_VISION = {"hidden_act": "gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
+                    "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 4,
+                    "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 24}
+
+
+def tiny_clip_vision(folder, seed: int = 0):
+    """A ComfyUI ClipVisionModel of a tiny config (written to ``folder``), random weights."""
+    import json
+    import os
+
+    import comfy.clip_vision
+
+    from animatediff_suite.nodes.demo import seeded_fill_
+
+    path = os.path.join(folder, "tiny_clip_vision.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(TINY_CLIP_VISION, handle)
+    vision = comfy.clip_vision.ClipVisionModel(path)
+    seeded_fill_(vision.model, seed + 6).requires_grad_(False)
+    return vision

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import ade_workflows as ade
-from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model
+from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model, released_sparsectrl
 from ads_package import ROOT, load_module
 from server_helpers import refused, runner
 
@@ -30,10 +30,10 @@ workflows = load_module("ads_workflows", "tests/tools/workflows.py")
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
     from ads_helpers import tiny_domain_adapter_state_dict
-    from animatediff_suite.nodes.demo import TINY_CHANNELS, TINY_SDXL_CHANNELS
+    from animatediff_suite.nodes.demo import TINY_CHANNELS, TINY_SDXL_CHANNELS, tiny_sparsectrl
 
     root = tmp_path_factory.mktemp("comfy_e2e")
-    folders = {name: root / name for name in ("animatediff_models", "animatediff_motion_lora", "loras")}
+    folders = {name: root / name for name in ("animatediff_models", "animatediff_motion_lora", "loras", "controlnet")}
     for folder in folders.values():
         folder.mkdir()
     v2 = random_model(make_spec("v2", channels=TINY_CHANNELS), seed=1)
@@ -44,8 +44,10 @@ def server(comfyui, tmp_path_factory):
                folders["animatediff_models"] / "mm_sdxl_v10_beta.ckpt")
     torch.save(motion_lora_state_dict(v2.spec), folders["animatediff_motion_lora"] / "v2_lora_ZoomIn.ckpt")
     torch.save(tiny_domain_adapter_state_dict(), folders["loras"] / "v3_sd15_adapter.ckpt")
+    torch.save(released_sparsectrl(tiny_sparsectrl(0, "rgb", torch.nn)), folders["controlnet"] / "v3_sd15_sparsectrl_rgb.ckpt")
     (root / "input").mkdir()
     Image.new("RGB", (96, 80), (200, 120, 40)).save(root / "input" / "example.png")
+    Image.new("RGB", (96, 80), (30, 60, 200)).save(root / "input" / "example_end.png")
     frames = [Image.new("RGB", (96, 80), (10 * i, 120, 40)) for i in range(16)]  # an animated clip
     frames[0].save(root / "input" / "example_clip.webp", save_all=True, append_images=frames[1:], duration=125)
     output = root / "output"

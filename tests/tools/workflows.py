@@ -70,6 +70,24 @@ def _img2vid() -> dict:
     return graph
 
 
+def _sparsectrl_transition() -> dict:
+    graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "v3_sd15_mm.ckpt",
+                     "a cozy cottage in a meadow, soft light, masterpiece", "AnimateDiff/transition", cfg=7.5,
+                     apply_extra={"domain_adapter": "v3_sd15_adapter.ckpt", "domain_adapter_strength": 0.6})
+    for node_id, image in (("12", "example.png"), ("13", "example_end.png")):
+        graph[node_id] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    for node_id, source in (("14", "12"), ("15", "13")):
+        graph[node_id] = {"class_type": "ImageScale", "inputs": {"image": [source, 0], "upscale_method": "bilinear",
+                                                                 "width": 512, "height": 512, "crop": "center"}}
+    graph["16"] = {"class_type": "ImageBatch", "inputs": {"image1": ["14", 0], "image2": ["15", 0]}}
+    graph["17"] = {"class_type": "ADS_LoadSparseCtrl", "inputs": {"sparsectrl_name": "v3_sd15_sparsectrl_rgb.ckpt"}}
+    graph["18"] = {"class_type": "ADS_ApplySparseCtrl", "inputs": {
+        "positive": ["4", 0], "negative": ["5", 0], "sparsectrl": ["17", 0], "images": ["16", 0],
+        "keyframe_indexes": "0, -1", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "vae": ["1", 2]}}
+    graph["7"]["inputs"].update(positive=["18", 0], negative=["18", 1])
+    return graph
+
+
 def _long_loop() -> dict:
     graph = _txt2vid("v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "", "AnimateDiff/long_loop", cfg=7.5)
     graph["16"] = {"class_type": "ADS_ContextOptions", "inputs": {
@@ -261,6 +279,14 @@ EXAMPLES = {
          "models/animatediff_models": "v3_sd15_mm.ckpt", "models/loras": "v3_sd15_adapter.ckpt",
          "input": "example.png (any image)"},
         "Image to video (light): the image is encoded, repeated as the 16-frame latent batch, denoise 0.7."),
+    "transition_sparsectrl_sd15": (
+        _sparsectrl_transition(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "v3_sd15_mm.ckpt", "models/loras": "v3_sd15_adapter.ckpt",
+         "models/controlnet": "v3_sd15_sparsectrl_rgb.ckpt",
+         "input": "example.png and example_end.png (the first and the last frame)"},
+        "A transition between two pictures: Apply SparseCtrl (RGB) puts them on the first and the last of 16 "
+        "frames, the v3 motion model with its domain adapter at 0.6 animates between them."),
     "long_loop_sd15": (
         _long_loop(),
         {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
@@ -357,9 +383,9 @@ def _height(info: dict, sockets: int, outputs: int) -> int:
     multiline = sum(1 for spec in widgets if len(spec) > 1 and spec[1].get("multiline"))
     rows = max(sockets, outputs) + sum(1 + len(_extra_widgets(spec)) for spec in widgets) - multiline
     # what the web extension adds: the schedule preview (context_preview.js), the info of a run
-    # (animatediff_suite.js: five lines on Load Motion Model, two on Apply Motion Model)
-    extra = {"ADS_ContextOptions": 24 + 200, "ADS_ContextScheduleImage": 200,
-             "ADS_LoadMotionModel": 90, "ADS_ApplyMotionModel": 44}.get(info.get("name"), 0)
+    # (animatediff_suite.js: five lines on Load Motion Model and Load SparseCtrl, two on Apply Motion Model)
+    extra = {"ADS_ContextOptions": 24 + 200, "ADS_ContextScheduleImage": 200, "ADS_LoadMotionModel": 90,
+             "ADS_LoadSparseCtrl": 90, "ADS_ApplyMotionModel": 44}.get(info.get("name"), 0)
     return 40 + 24 * rows + 90 * multiline + extra
 
 

@@ -1,10 +1,10 @@
-// AnimateDiff Suite: show what Load Motion Model loaded (family, version, modules, mid block, frame limit,
+// AnimateDiff Suite: show what Load Motion Model / Load SparseCtrl loaded (family or kind, version, modules, frame limit,
 // norm, SHA-256 prefix) and the beta schedule Apply Motion Model chose (auto resolved) on the node, once
 // it ran, as read-only selectable text (the hash can be copied and compared with a download page).
 // Chains the original onExecuted and only touches this pack's nodes (ids prefixed "ADS_").
 import { app } from "../../scripts/app.js";
 
-const INFO_WIDGETS = { ADS_LoadMotionModel: "loaded", ADS_ApplyMotionModel: "chosen" };
+const INFO_WIDGETS = { ADS_LoadMotionModel: "loaded", ADS_LoadSparseCtrl: "loaded", ADS_ApplyMotionModel: "chosen" };
 
 function infoWidget(node, name) {
     const existing = node.widgets?.find((w) => w.name === name);

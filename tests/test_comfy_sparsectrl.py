@@ -1,0 +1,164 @@
+"""ComfyUI tier, in-process: SparseCtrl through ComfyUI's ControlNet plumbing on the tiny models: one step
+against the block-by-block reference fed with hand-placed keyframes, rgb keyframes through the VAE,
+context windows, start/end percent, chaining, untouched inputs and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_helpers import FRAMES, apply, eps_of, motion, reference_unet, sample_with_noise
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def sc(env):
+    from animatediff_suite.nodes import sparsectrl
+
+    env["sparsectrl"] = sparsectrl
+    return {kind: sparsectrl.wrap_sparsectrl(env["demo"].tiny_sparsectrl(3, kind), f"tiny {kind}")
+            for kind in ("rgb", "scribble")}
+
+
+def keyframe_images(count: int, seed: int = 4) -> torch.Tensor:
+    return torch.rand(count, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def one_step(env, model, positive, negative, cfg, frames=FRAMES, seed=5):
+    noise = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), seed)
+    return noise, sample_with_noise(env, model, noise, positive, negative, cfg)
+
+
+def expected_eps(env, model, motion_model, sparsectrl, noise, keyed: dict, strength: float, cfg: float):
+    """The noise prediction of one step at sigma_max, from the reference UNet plus SparseCtrl residuals of
+    a condition written out here: ``keyed`` maps frame -> condition, every other frame zero, mask likewise."""
+    one_step(env, model, env["cond"], env["negative"], 1.0)  # the plain model's run ejects the motion slots
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigma_max.reshape(1)
+    frames = noise.shape[0]
+    x = sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    t = sampling.timestep(sigma).float().expand(frames)
+    shape = next(iter(keyed.values())).shape
+    condition, mask = torch.zeros(frames, *shape), torch.zeros(frames, 1, *shape[1:])
+    for frame, value in keyed.items():
+        condition[frame], mask[frame] = value, 1.0
+
+    def eps(conditioning):
+        context = conditioning[0][0].expand(frames, -1, -1)
+        with torch.no_grad():
+            residuals, mid = sparsectrl(t, context, condition, mask, frames)
+            control = ([r * strength for r in residuals], mid * strength)
+            return reference_unet(model.model.diffusion_model, motion_model, sampling.calculate_input(sigma, x), t,
+                                  context, frames, control=control)
+
+    cond = eps(env["cond"])
+    return cond if cfg == 1.0 else eps(env["negative"]) + cfg * (cond - eps(env["negative"]))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 7.0], ids=["cond_only", "cond_and_uncond"])
+def test_scribble_step_equals_reference_with_hand_placed_keyframes(env, sc, cfg):
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3", seed=1)
+    images = keyframe_images(2)  # 64x64 = 8 x the 8x8 latent: no resizing
+    positive, negative = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"], images,
+                                                            (0, -1), 0.8, 0.0, 1.0)
+    animated = apply(env, model, loaded)
+    noise, out = one_step(env, animated, positive, negative, cfg)
+    _, without = one_step(env, animated, env["cond"], env["negative"], cfg)
+    eps = eps_of(model, noise)
+    want = expected_eps(env, model, loaded.patcher.model, sc["scribble"].patcher.model, noise,
+                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, cfg)
+    assert (eps(out) - eps(without)).abs().max() > 1e-2  # SparseCtrl changed the step
+    # float32 rounding through the 13 residuals on top of the UNet's: measured 1.0e-4 (cfg 1) and 7.2e-4 (cfg 7)
+    # at most, against a SparseCtrl effect of 0.17 and 0.72 on noise predictions of magnitude ~1.2 and ~2.3
+    torch.testing.assert_close(eps(out), want, atol=2e-4 * (abs(cfg) + abs(cfg - 1)), rtol=0)
+
+
+def test_rgb_keyframes_are_vae_latents_in_model_space(env, sc):
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3", seed=1)
+    vae = env["demo"].tiny_vae(0)
+    images = keyframe_images(3, seed=8)
+    positive, negative = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["rgb"], images, None,
+                                                            1.0, 0.0, 1.0, vae)
+    noise, out = one_step(env, apply(env, model, loaded), positive, negative, 1.0)
+    latents = model.model.latent_format.process_in(vae.encode(images))  # 0.18215 x the VAE's mean
+    keyed = {frame: latents[k] for k, frame in enumerate((0, 8, 15))}  # 3 images spread over 16 frames
+    want = expected_eps(env, model, loaded.patcher.model, sc["rgb"].patcher.model, noise, keyed, 1.0, 1.0)
+    torch.testing.assert_close(eps_of(model, noise)(out), want, atol=2e-4, rtol=0)
+
+
+def test_keyframes_follow_their_frames_into_context_windows(env, sc):
+    """40 frames in windows 0-15, 12-27, 24-39 with keyframes on frames 0, 20 and 39: the windowed step
+    equals the fused steps of each window sampled as its own 16-frame clip with its one keyframe on the
+    window's frame 0, 8 and 15."""
+    from animatediff_suite.motion_modules import ContextOptions, context_windows, fuse_windows
+
+    frames, cfg, options = 40, 7.0, ContextOptions(16, 4)
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3", seed=1)
+    images = keyframe_images(3, seed=9)
+    noise = torch.randn(frames, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    windowed = sample_with_noise(env, apply(env, model, loaded, context=options), noise,
+                                 *env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"],
+                                                                     images, (0, 20, -1), 1.0, 0.0, 1.0), cfg)
+    plain = apply(env, model, loaded)
+    windows = context_windows(frames, options)
+    assert [(w[0], w[-1]) for w in windows] == [(0, 15), (12, 27), (24, 39)]
+    parts = []
+    for k, (window, index) in enumerate(zip(windows, (0, 8, 15))):
+        conditioning = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"],
+                                                          images[k:k + 1], (index,), 1.0, 0.0, 1.0)
+        parts.append((window, sample_with_noise(env, plain, noise[window], *conditioning, cfg)))
+    eps = eps_of(model, noise)
+    torch.testing.assert_close(eps(windowed), eps(fuse_windows(parts, frames, options)), atol=1e-4 * (2 * cfg - 1),
+                               rtol=0)
+
+
+def test_start_percent_past_the_step_leaves_it_unchanged_and_inputs_stay_untouched(env, sc):
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3", seed=1))
+    images = keyframe_images(2)
+    before = [dict(entry[1]) for entry in env["cond"]]
+    late = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"], images, None, 1.0, 0.5, 1.0)
+    assert [dict(entry[1]) for entry in env["cond"]] == before and "control" not in env["cond"][0][1]
+    _, out = one_step(env, model, *late, 7.0)
+    _, without = one_step(env, model, env["cond"], env["negative"], 7.0)
+    assert torch.equal(out, without)
+    control = late[0][0][1]["control"]
+    assert control is late[1][0][1]["control"]  # one object for both: cond and uncond batch together
+    assert control.encoded == {} and control.timestep_range is None  # cleaned up after sampling
+
+
+def test_chains_after_a_native_controlnet(env, sc):
+    """A ControlNet applied first stays in the chain: removing SparseCtrl's effect (strength 1 vs the chain
+    without it) leaves exactly the ControlNet's step."""
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3", seed=1))
+    hints = keyframe_images(1, seed=11)
+    with_cn = env["nodes"].ControlNetApplyAdvanced().apply_controlnet(env["cond"], env["negative"],
+                                                                      env["demo"].tiny_controlnet(7), hints, 0.9, 0.0, 1.0)
+    chained = env["sparsectrl"].apply_sparsectrl(*with_cn, sc["scribble"], keyframe_images(2), None, 1.0, 0.0, 1.0)
+    assert chained[0][0][1]["control"].previous_controlnet is with_cn[0][0][1]["control"]
+    _, both = one_step(env, model, *chained, 7.0)
+    _, cn_only = one_step(env, model, *with_cn, 7.0)
+    _, sc_only = one_step(env, model, *env["sparsectrl"].apply_sparsectrl(
+        env["cond"], env["negative"], sc["scribble"], keyframe_images(2), None, 1.0, 0.0, 1.0), 7.0)
+    assert (both - cn_only).abs().max() > 1e-3 and (both - sc_only).abs().max() > 1e-3
+
+
+def test_bad_inputs_are_named(env, sc):
+    from animatediff_suite.motion_modules import MotionModelError
+
+    apply_sc = env["sparsectrl"].apply_sparsectrl
+    with pytest.raises(MotionModelError, match="'tiny rgb' is an RGB SparseCtrl: its keyframes go through the VAE"):
+        apply_sc(env["cond"], env["negative"], sc["rgb"], keyframe_images(1), None, 1.0, 0.0, 1.0)
+    with pytest.raises(MotionModelError, match=r"2 keyframe indexes \[0, 4\] for 3 images"):
+        apply_sc(env["cond"], env["negative"], sc["scribble"], keyframe_images(3), (0, 4), 1.0, 0.0, 1.0)
+    with pytest.raises(MotionModelError, match=r"expected whole frame numbers separated by commas"):
+        env["sparsectrl"].parse_indexes("0, last")
+    assert env["sparsectrl"].parse_indexes(" 0; 8 ,-1 ") == (0, 8, -1) and env["sparsectrl"].parse_indexes(" ") is None
+    far = apply_sc(env["cond"], env["negative"], sc["scribble"], keyframe_images(2), (0, 20), 1.0, 0.0, 1.0)
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3", seed=1))
+    with pytest.raises(MotionModelError, match=r"Apply SparseCtrl \('tiny scribble'\): keyframe index 20 is outside "
+                                               r"a clip of 16 frames"):
+        one_step(env, model, *far, 7.0)

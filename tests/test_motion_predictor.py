@@ -1,0 +1,133 @@
+"""Semantic Motion Predictor core: eq. 4's interpolation, an untrained predictor starting from it, eq. 6's
+attention against the formula written out, the strength bias, the paper-size parameter count, files."""
+
+import math
+
+import pytest
+import torch
+
+from animatediff_suite.motion_modules import MotionModelError
+from animatediff_suite.motion_modules.motion_predictor import (SD15_CROSS_ATTENTION, MotionPredictor, PredictorSpec,
+                                                               attention_with_tokens, interpolate, load_predictor,
+                                                               save_predictor)
+
+TINY_LAYERS = ((("input", 1, 0), 32), (("middle", 0, 0), 64), (("output", 11, 0), 32))
+
+
+def tiny_spec(**changes) -> PredictorSpec:
+    return PredictorSpec(**{"image_dim": 12, "layers": TINY_LAYERS, "hidden": 16, "depth": 2, "heads": 4,
+                            "tokens": 3, "token_dim": 8, **changes})
+
+
+def randomised(spec: PredictorSpec, seed: int = 0) -> MotionPredictor:
+    model = MotionPredictor(spec).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.2)
+    return model.eval()
+
+
+def test_interpolation_is_eq_4_by_hand():
+    start, end = torch.tensor([[0.0, 2.0]]), torch.tensor([[4.0, 6.0]])
+    assert interpolate(start, end, 3).tolist() == [[[0.0, 2.0], [2.0, 4.0], [4.0, 6.0]]]
+    assert interpolate(start, end, 5)[0, 1].tolist() == [1.0, 3.0]
+    assert interpolate(start, end, 1).tolist() == [[[0.0, 2.0]]]
+
+
+def test_an_untrained_predictor_gives_the_interpolation_exactly():
+    model = MotionPredictor(tiny_spec()).double()
+    gen = torch.Generator().manual_seed(1)
+    start, end = (torch.randn(2, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        assert torch.equal(model.predict(start, end, 7), interpolate(start, end, 7))
+
+
+def test_a_trained_predictor_sees_the_frame_order():
+    """With weights, frame i's prediction depends on i (the frame PE): two frames with the same interpolated
+    input (start == end) still differ, and the start/end pair is not symmetric."""
+    model = randomised(tiny_spec())
+    gen = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(1, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        same = model.predict(a, a, 4)
+        assert (same[0, 0] - same[0, 3]).abs().max() > 1e-3
+        assert (model.predict(a, b, 4) - model.predict(b, a, 4).flip(1)).abs().max() > 1e-3
+
+
+def explicit_attention(q, k, v, k2, v2, heads, strength):
+    """Eq. 6 written out per row and head: weights exp(s_j) on text keys, strength * exp(s_j) on the extra
+    keys, normalised; the output is the weighted sum of the values."""
+    b, n, inner = q.shape
+    d = inner // heads
+    out = torch.zeros_like(q)
+    for row in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            keys = torch.cat([k[row, :, cols], k2[row, :, cols]])
+            values = torch.cat([v[row, :, cols], v2[row, :, cols]])
+            scores = q[row, :, cols] @ keys.T / math.sqrt(d)
+            weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
+            weights[:, k.shape[1]:] *= strength
+            out[row, :, cols] = (weights / weights.sum(dim=1, keepdim=True)) @ values
+    return out
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
+def test_attention_with_tokens_is_eq_6(strength):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 5, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k2, v2 = (torch.randn(3, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    got = attention_with_tokens(q, k, v, k2, v2, heads=4, strength=strength)
+    torch.testing.assert_close(got, explicit_attention(q, k, v, k2, v2, 4, strength), atol=1e-12, rtol=0)
+
+
+def test_strength_zero_is_plain_cross_attention():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k2, v2 = (torch.randn(2, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    plain = explicit_attention(q, k, v, k2[:, :0], v2[:, :0], 4, 1.0)
+    torch.testing.assert_close(attention_with_tokens(q, k, v, k2, v2, 4, 0.0), plain, atol=1e-12, rtol=0)
+
+
+def test_paper_size_parameter_count():
+    """8 layers of width 1024 (to_qkv, to_out, a 4x MLP, two LayerNorms), proj_in/out, the token projection and
+    SD1.5's 16 cross-attention layers' W_k', W_v' (widths 320 x 5, 640 x 5, 1280 x 6: 12,480 in all)."""
+    h = 1024
+    block = (h * 3 * h + 3 * h) + (h * h + h) + (h * 4 * h + 4 * h) + (4 * h * h + h) + 2 * (2 * h)
+    predictor = (h * h + h) + 8 * block + 2 * h + (h * h + h)
+    tokens = (h * 4 * h + 4 * h) + 2 * h
+    kv = 2 * h * (320 * 5 + 640 * 5 + 1280 * 6)
+    with torch.device("meta"):
+        model = MotionPredictor(PredictorSpec.paper())
+    assert sum(w for _, w in SD15_CROSS_ATTENTION) == 12480 and len(SD15_CROSS_ATTENTION) == 16
+    assert sum(p.numel() for p in model.parameters()) == predictor + tokens + kv == 132_630_528
+
+
+def test_spec_checks_and_round_trip():
+    with pytest.raises(ValueError, match="hidden 1024 is not divisible by heads 12"):
+        PredictorSpec.paper().__class__(1024, SD15_CROSS_ATTENTION, heads=12)
+    spec = tiny_spec()
+    assert PredictorSpec.from_json(spec.to_json()) == spec
+
+
+def test_file_round_trip_and_bad_files(tmp_path):
+    model = randomised(tiny_spec()).float()
+    path = tmp_path / "smp.safetensors"
+    save_predictor(model, str(path))
+    loaded = load_predictor(str(path))
+    assert loaded.spec == model.spec
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"down_blocks.0.motion_modules.0.x": torch.zeros(1)}, str(other))
+    with pytest.raises(MotionModelError, match=r"not a Semantic Motion Predictor file.*\(a SparseCtrl or motion model\?\)"):
+        load_predictor(str(other))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del sd["kv.middle_0_0.to_v.weight"]
+    save_file(sd, str(other), metadata={"animatediff_suite.motion_predictor": model.spec.to_json()})
+    with pytest.raises(MotionModelError, match="missing 'kv.middle_0_0.to_v.weight'"):
+        load_predictor(str(other))
+    with pytest.raises(MotionModelError, match="saved as .safetensors only"):
+        save_predictor(model, str(tmp_path / "smp.ckpt"))

@@ -1,0 +1,216 @@
+"""SparseCtrl core: parity with diffusers' SparseControlNetModel (random weights, both kinds, both norm
+modes), the released files' naming and wrappers, keyframe placement, and clear errors for wrong files."""
+
+import copy
+
+import pytest
+import torch
+from einops import rearrange
+
+from comfy_env import import_or_skip
+
+diffusers = import_or_skip("diffusers")
+from diffusers import SparseControlNetModel  # noqa: E402
+
+from animatediff_suite.motion_modules import MotionModelError  # noqa: E402
+from animatediff_suite.motion_modules.sparsectrl import (SparseCtrlSpec, keyframe_positions,  # noqa: E402
+                                                         sparse_condition)
+from animatediff_suite.motion_modules.sparsectrl_format import load_sparsectrl  # noqa: E402
+from test_parity_diffusers import PerFrameNorm, randomize  # noqa: E402
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+CHANNELS = (32, 64, 64, 64)
+FRAMES, BATCH, SIZE = 6, 2, 8
+KINDS = {
+    # kind: diffusers config (condition channels, simplified embedding, embedding widths)
+    "rgb": dict(conditioning_channels=4, use_simplified_condition_embedding=True),
+    "scribble": dict(conditioning_channels=3, use_simplified_condition_embedding=False,
+                     conditioning_embedding_out_channels=(8, 16, 16, 32)),
+}
+
+
+def build_diffusers(kind: str, dtype=torch.float64) -> SparseControlNetModel:
+    model = SparseControlNetModel(block_out_channels=CHANNELS, cross_attention_dim=32, attention_head_dim=8,
+                                  norm_num_groups=32, motion_max_seq_length=32, motion_num_attention_heads=8,
+                                  **KINDS[kind])
+    randomize(model, seed=11 if kind == "rgb" else 12)
+    return model.to(dtype).eval()
+
+
+def per_frame(model):
+    ref = copy.deepcopy(model)
+    for module in list(ref.modules()):
+        if type(module).__name__ == "AnimateDiffTransformer3D":
+            module.norm = PerFrameNorm(module.norm)
+    return ref
+
+
+def inputs(kind: str, dtype, keyed=(0, 4)):
+    gen = torch.Generator().manual_seed(3)
+    scale = 1 if kind == "rgb" else 8
+    channels = KINDS[kind]["conditioning_channels"]
+    condition = torch.randn(BATCH, channels, FRAMES, SIZE * scale, SIZE * scale, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(BATCH, 1, FRAMES, SIZE * scale, SIZE * scale, dtype=torch.float64)
+    mask[:, :, list(keyed)] = 1
+    condition = condition * mask
+    context = torch.randn(BATCH, 5, 32, generator=gen, dtype=torch.float64)
+    return condition.to(dtype), mask.to(dtype), context.to(dtype)
+
+
+def reference(model, kind, dtype, timestep=torch.tensor(321)):
+    condition, mask, context = inputs(kind, dtype)
+    sample = torch.randn(BATCH, 4, FRAMES, SIZE, SIZE, dtype=dtype)  # ignored: SparseCtrl zeroes it
+    with torch.no_grad():
+        down, mid = model(sample, timestep, encoder_hidden_states=context.repeat_interleave(FRAMES, dim=0),
+                          controlnet_cond=condition, conditioning_mask=mask, return_dict=False)
+    return list(down), mid
+
+
+def ours(model, kind, dtype, timestep=321):
+    condition, mask, context = inputs(kind, dtype)
+    rows = BATCH * FRAMES
+    with torch.no_grad():
+        return model(torch.full((rows,), float(timestep), dtype=dtype), context.repeat_interleave(FRAMES, dim=0),
+                     rearrange(condition, "b c f h w -> (b f) c h w"), rearrange(mask, "b c f h w -> (b f) c h w"),
+                     FRAMES)
+
+
+def assert_close(got, want, dtype):
+    down, mid = got
+    want_down, want_mid = want
+    assert len(down) == len(want_down) == 12
+    for i, (a, b) in enumerate(zip(down + [mid], want_down + [want_mid])):
+        scale = b.abs().max().item()
+        assert scale > 1e-3, f"residual {i} is ~0: the test would not see a difference"
+        assert (a - b).abs().max().item() <= TOLERANCE[dtype] * max(scale, 1.0), f"residual {i}"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm_mode", ["per_frame", "across_frames"])
+def test_matches_diffusers(kind, dtype, norm_mode):
+    reference_model = build_diffusers(kind)
+    model = load_sparsectrl(reference_model.state_dict(), dtype=dtype)
+    assert model.spec.kind == kind and model.spec.norm_mode == "per_frame"
+    model.set_norm_mode(norm_mode)
+    reference_model = (per_frame(reference_model) if norm_mode == "per_frame" else reference_model).to(dtype)
+    assert_close(ours(model, kind, dtype), reference(reference_model, kind, dtype), dtype)
+
+
+def test_the_norm_modes_differ_and_the_mask_matters():
+    reference_model = build_diffusers("rgb")
+    model = load_sparsectrl(reference_model.state_dict())
+    per = ours(model, "rgb", torch.float64)[1]
+    across = ours(model.set_norm_mode("across_frames"), "rgb", torch.float64)[1]
+    assert (per - across).abs().max() > 1e-3
+    condition, mask, context = inputs("rgb", torch.float64)
+    flat = lambda t: rearrange(t, "b c f h w -> (b f) c h w")  # noqa: E731
+    t = torch.full((BATCH * FRAMES,), 321.0, dtype=torch.float64)
+    ctx = context.repeat_interleave(FRAMES, dim=0)
+    with torch.no_grad():
+        keyed = model(t, ctx, flat(condition), flat(mask), FRAMES)[1]
+        unkeyed = model(t, ctx, flat(condition), torch.zeros_like(flat(mask)), FRAMES)[1]
+    assert (keyed - unkeyed).abs().max() > 1e-3
+
+
+def original_naming(diffusers_sd: dict) -> dict:
+    """The released .ckpt naming, written out by hand from AnimateDiff's sparse_controlnet.py."""
+    out = {}
+    for key, value in diffusers_sd.items():
+        if ".motion_modules." in key:
+            head, rest = key.split(".motion_modules.")
+            index, rest = rest.split(".", 1)
+            rest = (rest.replace("transformer_blocks.0.attn1.", "transformer_blocks.0.attention_blocks.0.")
+                    .replace("transformer_blocks.0.norm1.", "transformer_blocks.0.norms.0.")
+                    .replace("transformer_blocks.0.norm3.", "transformer_blocks.0.ff_norm."))
+            if rest == "transformer_blocks.0.pos_embed.pe":
+                rest = "transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+            key = f"{head}.motion_modules.{index}.temporal_transformer.{rest}"
+        out[key] = value
+    return out
+
+
+def test_released_ckpt_layout_loads(tmp_path):
+    reference_model = build_diffusers("scribble", torch.float32)
+    sd = original_naming(reference_model.state_dict())
+    assert any(k.endswith("attention_blocks.0.pos_encoder.pe") for k in sd)
+    path = tmp_path / "v3_sd15_sparsectrl_scribble.ckpt"
+    torch.save({"controlnet": sd, "animatediff_config": {"L": 16}}, path)
+    model = load_sparsectrl(path)
+    spec = model.spec
+    assert (spec.kind, spec.channels, spec.cross_attention, spec.condition_channels, spec.embedding_channels,
+            spec.cross_attention_dim, spec.pe_length) == ("scribble", CHANNELS, (True, True, True, False), 3,
+                                                          (8, 16, 16, 32), 32, 32)
+    assert_close(ours(model, "scribble", torch.float32),
+                 reference(per_frame(reference_model), "scribble", torch.float32), torch.float32)
+
+
+def test_released_sd15_layout_has_the_released_size():
+    # v3_sd15_sparsectrl_rgb.ckpt holds 1,985 MB of float32 weights minus its PE tables
+    with torch.device("meta"):
+        from animatediff_suite.motion_modules.sparsectrl import SparseCtrlModel
+        rgb = SparseCtrlModel(SparseCtrlSpec.sd15("rgb"))
+    reference_model = SparseControlNetModel()  # diffusers' defaults are the SD1.5 rgb release's layout
+    expected = sum(v.numel() for k, v in reference_model.state_dict().items() if not k.endswith(".pe"))
+    assert sum(p.numel() for p in rgb.parameters()) == expected
+
+
+@pytest.mark.parametrize("indexes, count, frames, expected", [
+    (None, 1, 16, [0]),
+    (None, 2, 16, [0, 15]),
+    (None, 3, 16, [0, 8, 15]),      # 7.5 rounds up
+    (None, 4, 16, [0, 5, 10, 15]),
+    (None, 3, 8, [0, 4, 7]),        # 3.5 rounds up
+    ([0, -1], 2, 16, [0, 15]),
+    ([5, -3, 2], 3, 12, [5, 9, 2]),
+])
+def test_keyframe_positions(indexes, count, frames, expected):
+    assert keyframe_positions(indexes, count, frames) == expected
+
+
+@pytest.mark.parametrize("indexes, count, frames, message", [
+    (None, 0, 16, "no keyframe images"),
+    (None, 5, 4, "5 keyframe images for a clip of 4 frames"),
+    ([0], 2, 16, "1 keyframe indexes [0] for 2 images"),
+    ([0, 16], 2, 16, "keyframe index 16 is outside a clip of 16 frames"),
+    ([0, -17], 2, 16, "keyframe index -17 is outside"),
+    ([3, -13], 2, 16, "put two images on the same frame"),
+])
+def test_keyframe_positions_errors(indexes, count, frames, message):
+    with pytest.raises(MotionModelError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        keyframe_positions(indexes, count, frames, "Apply SparseCtrl")
+
+
+def test_sparse_condition_places_keyframes_on_their_rows():
+    keyframes = torch.arange(1, 3, dtype=torch.float32)[:, None, None, None].expand(2, 2, 1, 1) * torch.tensor(
+        [1.0, 10.0])[None, :, None, None]  # keyframe k has channels (k+1, 10(k+1))
+    condition, mask = sparse_condition(keyframes, [3, 0], rows=[0, 1, 2, 3, 0])
+    assert condition[:, :, 0, 0].tolist() == [[2, 20], [0, 0], [0, 0], [1, 10], [2, 20]]
+    assert mask.flatten().tolist() == [1, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("sd, message", [
+    ({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(1)},
+     "ordinary ControlNet: load it with ComfyUI's Load ControlNet Model"),
+    ({"down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(32, 32)},
+     "it is a motion model: load it with Load Motion Model"),
+    ({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, "no 'controlnet_cond_embedding' weights"),
+    ({"animatediff_config": {"L": 16}}, "no tensors found"),
+])
+def test_not_a_sparsectrl_file(sd, message):
+    with pytest.raises(MotionModelError, match=message):
+        load_sparsectrl(sd)
+
+
+def test_damaged_files_name_the_key():
+    sd = build_diffusers("rgb", torch.float32).state_dict()
+    missing = {k: v for k, v in sd.items() if k != "down_blocks.1.attentions.0.proj_out.weight"}
+    with pytest.raises(MotionModelError, match=r"1 missing keys for a rgb SparseCtrl: 'down_blocks\.1\.attentions"):
+        load_sparsectrl(missing)
+    wrong = dict(sd, **{"controlnet_mid_block.weight": torch.zeros(64, 64, 3, 3)})
+    with pytest.raises(MotionModelError, match=r"wrong shapes: controlnet_mid_block\.weight \(64, 64, 3, 3\) "
+                                               r"\(expected \(64, 64, 1, 1\)\)"):
+        load_sparsectrl(wrong)
+    nan = dict(sd, **{"conv_in.bias": torch.full((32,), float("nan"))})
+    with pytest.raises(MotionModelError, match="NaN or Inf"):
+        load_sparsectrl(nan)
