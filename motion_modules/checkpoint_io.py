@@ -50,6 +50,18 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str
     return _read_safetensors(path, name, size)
 
 
+def read_source(path_or_state_dict) -> tuple[str, Mapping[str, Any], dict[str, str]]:
+    """``(name for messages, state dict, safetensors metadata)`` of a weight file path or an in-memory
+    state dict (``"<state dict>"``, no metadata; refused above ``MAX_KEYS`` entries)."""
+    if isinstance(path_or_state_dict, Mapping):
+        source = "<state dict>"
+        if len(path_or_state_dict) > MAX_KEYS:
+            raise MotionModelError(f"{source}: {len(path_or_state_dict)} entries (limit {MAX_KEYS}); refusing to load")
+        return source, path_or_state_dict, {}
+    data, metadata = read_weights(path_or_state_dict)
+    return f"'{os.path.basename(os.fspath(path_or_state_dict))}'", data, metadata
+
+
 def _looks_like_safetensors(path: str, size: int) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(9)

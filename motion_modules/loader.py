@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint_io import MAX_KEYS, read_weights
+from .checkpoint_io import read_source
 from .errors import MotionModelError, check_finite
 from .formats import check_keys_and_shapes, infer_spec, to_file_keys, to_original_keys, unwrap_state_dict
 from .model import VERSIONS, MotionModel, MotionSpec
@@ -31,13 +31,7 @@ def load_motion_model(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     Raises:
         MotionModelError: the file is not a usable motion module (the message says why).
     """
-    if isinstance(path_or_state_dict, Mapping):
-        source, data, metadata = "<state dict>", path_or_state_dict, {}
-        if len(data) > MAX_KEYS:
-            raise MotionModelError(f"{source}: {len(data)} entries (limit {MAX_KEYS}); refusing to load")
-    else:
-        source = f"'{os.path.basename(os.fspath(path_or_state_dict))}'"
-        data, metadata = read_weights(path_or_state_dict)
+    source, data, metadata = read_source(path_or_state_dict)
     sd, naming = to_original_keys(unwrap_state_dict(data, source))
     spec = _spec_from_metadata(infer_spec(sd, naming, source), metadata, source)
     params = check_keys_and_shapes(sd, spec, source)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint_io import MAX_KEYS, read_weights
+from .checkpoint_io import read_source
 from .errors import MotionModelError, check_finite, describe_keys
 from .formats import MAX_CHANNELS, MAX_PE_LENGTH, _DIFFUSERS_RENAMES
 from .sparsectrl import SparseCtrlModel, SparseCtrlSpec
@@ -41,13 +41,7 @@ def load_sparsectrl(path_or_state_dict: str | os.PathLike | Mapping[str, Any], d
     Raises:
         MotionModelError: the file is not a usable SparseCtrl model (the message says why).
     """
-    if isinstance(path_or_state_dict, Mapping):
-        source, data = "<state dict>", path_or_state_dict
-        if len(data) > MAX_KEYS:
-            raise MotionModelError(f"{source}: {len(data)} entries (limit {MAX_KEYS}); refusing to load")
-    else:
-        source = f"'{os.path.basename(os.fspath(path_or_state_dict))}'"
-        data, _ = read_weights(path_or_state_dict)
+    source, data, _ = read_source(path_or_state_dict)
     sd, pe_length = to_original_keys(unwrap(data, source))
     spec = infer_spec(sd, pe_length, source)
     check_keys_and_shapes(sd, spec, source)

@@ -1,8 +1,6 @@
 """SparseCtrl core: parity with diffusers' SparseControlNetModel (random weights, both kinds, both norm
 modes), the released files' naming and wrappers, keyframe placement, and clear errors for wrong files."""
 
-import copy
-
 import pytest
 import torch
 from einops import rearrange
@@ -16,7 +14,7 @@ from animatediff_suite.motion_modules import MotionModelError  # noqa: E402
 from animatediff_suite.motion_modules.sparsectrl import (SparseCtrlSpec, keyframe_positions,  # noqa: E402
                                                          sparse_condition)
 from animatediff_suite.motion_modules.sparsectrl_format import load_sparsectrl  # noqa: E402
-from test_parity_diffusers import PerFrameNorm, randomize  # noqa: E402
+from test_parity_diffusers import per_frame_reference as per_frame, randomize  # noqa: E402
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 CHANNELS = (32, 64, 64, 64)
@@ -35,14 +33,6 @@ def build_diffusers(kind: str, dtype=torch.float64) -> SparseControlNetModel:
                                   **KINDS[kind])
     randomize(model, seed=11 if kind == "rgb" else 12)
     return model.to(dtype).eval()
-
-
-def per_frame(model):
-    ref = copy.deepcopy(model)
-    for module in list(ref.modules()):
-        if type(module).__name__ == "AnimateDiffTransformer3D":
-            module.norm = PerFrameNorm(module.norm)
-    return ref
 
 
 def inputs(kind: str, dtype, keyed=(0, 4)):
