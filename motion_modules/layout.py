@@ -72,6 +72,10 @@ class FrameLayout:
         """Batch rows of one cond/uncond chunk."""
         return self.sequences * self.frames
 
+    def row_frames(self, chunks: int = 1) -> list[int]:
+        """The clip frame of every row of a call of ``chunks`` cond/uncond chunks (positions, chunk after chunk)."""
+        return [frame for positions in self.positions for frame in positions] * chunks
+
     def batch_index(self) -> list[int]:
         """Rows of the latent batch (clips of ``clip_frames`` one after the other) this call takes, in order."""
         return [clip * self.clip_frames + i for clip, positions in zip(self.clip_ids, self.positions)

@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .temporal import ATTENTION_BACKENDS, NORM_MODES, TemporalSelfAttention, VanillaTemporalModule, sinusoidal_pe
+from .temporal import (ATTENTION_BACKENDS, NORM_MODES, TemporalSelfAttention, VanillaTemporalModule,
+                       reset_positional_encodings)
 
 FAMILIES = ("SD1.5", "SDXL")
 # version -> (family, norm mode, naming of the original file)
@@ -191,11 +192,7 @@ class MotionModel(nn.Module):
 
     def reset_positional_encodings(self) -> None:
         """Recompute every PE table (after building on the meta device, or a dtype change)."""
-        for module in self.modules():
-            if hasattr(module, "pe") and isinstance(module.pe, torch.Tensor):
-                pe = sinusoidal_pe(self.spec.pe_length, module.pe.shape[-1])
-                device = self._param_device()
-                module.pe = pe.to(device=device, dtype=self._param_dtype())
+        reset_positional_encodings(self, self._param_device(), self._param_dtype())
 
     def _param_device(self) -> torch.device:
         return next(self.parameters()).device

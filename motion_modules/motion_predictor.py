@@ -105,8 +105,7 @@ class PredictorSpec:
 def interpolate(start: torch.Tensor, end: torch.Tensor, frames: int) -> torch.Tensor:
     """Eq. 4: (b, c) start and end embeddings -> (b, frames, c), ``start + i / (frames - 1) (end - start)``
     (one frame: the start)."""
-    weights = torch.linspace(0, 1, frames, dtype=start.dtype, device=start.device) if frames > 1 else \
-        torch.zeros(1, dtype=start.dtype, device=start.device)
+    weights = torch.linspace(0, 1, frames, dtype=start.dtype, device=start.device)  # [0.] for one frame
     return start[:, None] + weights[None, :, None] * (end - start)[:, None]
 
 
@@ -227,7 +226,8 @@ def load_predictor(path: str, dtype: torch.dtype | None = None, device: torch.de
     except (ValueError, TypeError, KeyError) as exc:
         raise MotionModelError(f"{source}: unreadable predictor spec in the metadata ({exc})") from None
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in MotionPredictor(spec).state_dict().items()}
+        model = MotionPredictor(spec)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
@@ -238,7 +238,5 @@ def load_predictor(path: str, dtype: torch.dtype | None = None, device: torch.de
         raise MotionModelError(f"{source}: wrong shapes: {'; '.join(wrong[:5])}")
     check_finite(tensors, source)
     dtype = dtype or tensors["proj_in.weight"].dtype
-    with torch.device("meta"):
-        model = MotionPredictor(spec)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

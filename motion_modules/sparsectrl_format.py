@@ -21,6 +21,7 @@ from .checkpoint_io import read_source
 from .errors import MotionModelError, check_finite, describe_keys
 from .formats import MAX_CHANNELS, MAX_PE_LENGTH, _DIFFUSERS_RENAMES
 from .sparsectrl import SparseCtrlModel, SparseCtrlSpec
+from .temporal import reset_positional_encodings
 
 log = logging.getLogger(__name__)
 MAX_BLOCKS = 8
@@ -53,18 +54,9 @@ def load_sparsectrl(path_or_state_dict: str | os.PathLike | Mapping[str, Any], d
     with torch.device("meta"):
         model = SparseCtrlModel(spec, operations=operations or torch.nn)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
-    model.apply(_reset_pe(device, dtype))
+    reset_positional_encodings(model, device, dtype)
     log.info("loaded %s: %s", source, spec.describe())
     return model.eval().requires_grad_(False)
-
-
-def _reset_pe(device, dtype):
-    from .temporal import PositionalEncoding, sinusoidal_pe
-
-    def reset(module):
-        if isinstance(module, PositionalEncoding):
-            module.pe = sinusoidal_pe(module.pe.shape[1], module.pe.shape[2]).to(device=device, dtype=dtype)
-    return reset
 
 
 def unwrap(data: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -149,11 +141,12 @@ def infer_spec(sd: dict[str, torch.Tensor], pe_length: int | None, source: str) 
         condition = int(_shape(sd, "controlnet_cond_embedding.weight", 4, source)[1]) - 1
     else:
         simplified = False
-        condition = int(_shape(sd, "controlnet_cond_embedding.conv_in.weight", 4, source)[1]) - 1
-        steps = _count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.") // 2
-        widths = tuple(int(_shape(sd, "controlnet_cond_embedding.conv_in.weight", 4, source)[0]) if j == 0 else
-                       int(_shape(sd, f"controlnet_cond_embedding.blocks.{2 * j - 1}.weight", 4, source)[0])
-                       for j in range(steps + 1))
+        conv_in = _shape(sd, "controlnet_cond_embedding.conv_in.weight", 4, source)
+        condition = int(conv_in[1]) - 1
+        steps = _count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.") // 2  # (conv, stride-2 conv) pairs
+        widths = (int(conv_in[0]),) + tuple(
+            int(_shape(sd, f"controlnet_cond_embedding.blocks.{2 * j - 1}.weight", 4, source)[0])
+            for j in range(1, steps + 1))
     if condition < 1:
         raise MotionModelError(f"{source}: the condition embedding takes {condition + 1} channel(s); expected "
                                "the condition's channels plus one for the keyframe mask")

@@ -131,6 +131,14 @@ class PositionalEncoding(nn.Module):
         return x + pe.to(device=x.device, dtype=x.dtype)
 
 
+def reset_positional_encodings(module: nn.Module, device, dtype: torch.dtype) -> None:
+    """Recompute the PE table of every ``PositionalEncoding`` in ``module`` (after building on the meta device
+    or a dtype change), on ``device`` in ``dtype``."""
+    for child in module.modules():
+        if isinstance(child, PositionalEncoding):
+            child.pe = sinusoidal_pe(child.pe.shape[1], child.pe.shape[2]).to(device=device, dtype=dtype)
+
+
 class TemporalSelfAttention(nn.Module):
     """Multi-head self-attention over the frame axis, PE added to its (normed) input."""
 

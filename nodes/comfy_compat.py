@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 
@@ -75,8 +76,9 @@ def is_dynamic(patcher) -> bool:
     return bool(check()) if callable(check) else False
 
 
-def new_model_patcher(model, load_device, offload_device, rebuild=None, disable_dynamic: bool = False):
-    """A ModelPatcher for ``model`` of the kind core loaders make in this process.
+def new_model_patcher(model, rebuild=None, disable_dynamic: bool = False):
+    """A ModelPatcher for ``model`` of the kind core loaders make in this process, loaded and offloaded where
+    ComfyUI puts the UNet (so weights that run inside the UNet's calls live beside it).
 
     Args:
         rebuild: ``(factory, args)``: ``factory(*args, disable_dynamic=...)`` returns a fresh patcher of
@@ -86,7 +88,8 @@ def new_model_patcher(model, load_device, offload_device, rebuild=None, disable_
     cls = comfy.model_patcher.ModelPatcher
     if not disable_dynamic:
         cls = getattr(comfy.model_patcher, "CoreModelPatcher", cls)
-    patcher = cls(model, load_device=load_device, offload_device=offload_device)
+    patcher = cls(model, load_device=comfy.model_management.get_torch_device(),
+                  offload_device=comfy.model_management.unet_offload_device())
     if rebuild is not None and hasattr(patcher, "cached_patcher_init"):
         patcher.cached_patcher_init = rebuild
     return patcher

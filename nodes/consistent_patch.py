@@ -237,16 +237,22 @@ def _all_others(rows: int) -> list[tuple[int, ...]]:
     return [tuple(j for j in range(rows) if j != i) for i in range(rows)]
 
 
-def attention_layers(model) -> list[tuple[str, int, int]]:
-    """Every self-attention layer of the UNet as ComfyUI keys them: (block name, block number, index)."""
+def transformer_blocks(model) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """Every transformer block of the UNet as ComfyUI keys its attention layers: (block name, block number,
+    index within the block), in order."""
     unet = model.get_model_object("diffusion_model")
-    layers = []
+    found = {}
     for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
                          ("output", unet.output_blocks)):
         for number, block in enumerate(blocks):
-            depth = sum(len(m.transformer_blocks) for m in block.modules() if hasattr(m, "transformer_blocks"))
-            layers.extend((name, number, index) for index in range(depth))
-    return layers
+            inner = [b for m in block.modules() if hasattr(m, "transformer_blocks") for b in m.transformer_blocks]
+            found.update(((name, number, index), b) for index, b in enumerate(inner))
+    return found
+
+
+def attention_layers(model) -> list[tuple[str, int, int]]:
+    """Every self-attention layer of the UNet as ComfyUI keys them: (block name, block number, index)."""
+    return list(transformer_blocks(model))
 
 
 def patch_model(model, options: ConsistencyOptions, blocks: str, bank: ReferenceBank | None = None,

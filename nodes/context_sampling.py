@@ -78,6 +78,22 @@ def add_sample_wrapper(model) -> None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLE_KEY, sample_wrapper)
 
 
+# every frame-aware layer of a UNet call asks for the same plan: compute it once per (frames, options, step)
+_cached_windows = functools.lru_cache(maxsize=64)(weighted_windows)
+
+
+def motion_attention_windows(transformer_options: dict, frames: int):
+    """``(windows, stretch_pe)`` for temporal attention over ``frames`` frames in this call: Context Options'
+    ``motion_attention`` windows when the sequence is longer than a window (else None), and its stretch_pe."""
+    context: ContextOptions | None = transformer_options.get(CONTEXT_KEY)
+    if context is None:
+        return None, False
+    windows = None
+    if context.scope == "motion_attention" and frames > context.context_length:
+        windows = _cached_windows(frames, context, step_index(transformer_options, transformer_options.get("sigmas")))
+    return windows, context.stretch_pe
+
+
 def step_index(transformer_options: dict, sigma: torch.Tensor | None) -> int:
     """Index of the current step in ``sample_sigmas`` (0 when unknown): drives per-step schedules."""
     sigmas = transformer_options.get("sample_sigmas")

@@ -79,8 +79,7 @@ def tiny_model(seed: int = 0, family: str = "SD1.5", disable_dynamic: bool = Fal
     with torch.no_grad():
         model.diffusion_model.out[2].weight.mul_(30)  # noise predictions of roughly unit scale
     model.requires_grad_(False)
-    return new_model_patcher(model, comfy.model_management.get_torch_device(),
-                             comfy.model_management.unet_offload_device(), rebuild=(tiny_model, (seed, family)),
+    return new_model_patcher(model, rebuild=(tiny_model, (seed, family)),
                              disable_dynamic=disable_dynamic)
 
 

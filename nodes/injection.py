@@ -16,7 +16,6 @@ Everything is attached to a *clone* of the user's MODEL under the key ``animated
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -32,10 +31,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
-from ..motion_modules.context import weighted_windows
 from .comfy_compat import check_no_core_context_windows, check_no_multigpu, new_model_patcher
 from .context_sampling import (CONTEXT_KEY, KEY, add_context_windows, add_sampling_wrappers, frame_layout,
-                               step_index)
+                               motion_attention_windows)
 from .v1_norms import add_frame_spanning_norms, remove_frame_spanning_norms
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,6 @@ log = logging.getLogger(__name__)
 # of the motion modules; other versions are the same under both.
 NORM_SEMANTICS = ("original", "AnimateDiff-Evolved")
 EVOLVED_SPANNING_VERSIONS = ("v1", "sdxl_beta")
-# every motion slot of a UNet call asks for the same plan: compute it once per (frames, options, step)
-_attention_windows = functools.lru_cache(maxsize=64)(weighted_windows)
 
 
 @dataclass(frozen=True)
@@ -93,8 +89,7 @@ def wrap_motion_model(model: MotionModel, name: str, rebuild=None,
                       disable_dynamic: bool = False) -> LoadedMotionModel:
     """A MotionModel in its own ModelPatcher (of the kind core loaders make: comfy_compat), loaded and
     offloaded where the UNet is; ``rebuild`` as in ``comfy_compat.new_model_patcher``."""
-    patcher = new_model_patcher(model, comfy.model_management.get_torch_device(),
-                                comfy.model_management.unet_offload_device(), rebuild, disable_dynamic)
+    patcher = new_model_patcher(model, rebuild, disable_dynamic)
     return LoadedMotionModel(name, patcher)
 
 
@@ -131,14 +126,8 @@ class MotionSlot(torch.nn.Module):
         layout = frame_layout(transformer_options, f"motion module {self.prefix}")
         layout.check_batch(x.shape[0], len(transformer_options.get("cond_or_uncond") or [0]),
                            f"motion module {self.prefix}")
-        frames = layout.frames
-        context = transformer_options.get(CONTEXT_KEY)
-        windows = None
-        if context is not None and context.scope == "motion_attention" and frames > context.context_length:
-            step = step_index(transformer_options, transformer_options.get("sigmas"))
-            windows = _attention_windows(frames, context, step)
-        stretch_pe = context is not None and context.stretch_pe
-        return self._module[0](x, frames, settings.scale, windows, stretch_pe, settings.motion_norm)
+        windows, stretch_pe = motion_attention_windows(transformer_options, layout.frames)
+        return self._module[0](x, layout.frames, settings.scale, windows, stretch_pe, settings.motion_norm)
 
     def forward(self, x):
         raise MotionModelError(f"motion module {self.prefix} was called without AnimateDiff Suite's "

@@ -23,8 +23,9 @@ import comfy.model_patcher
 
 from ..motion_modules import MotionModelError
 from ..motion_modules.layout import FrameLayout
-from ..motion_modules.motion_predictor import MotionPredictor, attention_with_tokens, layer_name, load_predictor
+from ..motion_modules.motion_predictor import MotionPredictor, attention_with_tokens, load_predictor
 from .comfy_compat import new_model_patcher
+from .consistent_patch import transformer_blocks
 from .context_sampling import LAYOUT_KEY
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class LoadedPredictor:
 
 
 def wrap_predictor(model: MotionPredictor, name: str, rebuild=None, disable_dynamic: bool = False) -> LoadedPredictor:
-    patcher = new_model_patcher(model, comfy.model_management.get_torch_device(),
-                                comfy.model_management.unet_offload_device(), rebuild, disable_dynamic)
+    patcher = new_model_patcher(model, rebuild, disable_dynamic)
     return LoadedPredictor(name, patcher)
 
 
@@ -63,16 +63,17 @@ class PredictorState:
     def __deepcopy__(self, memo):
         return self
 
-    def tokens(self, frames: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(frames, tokens, token_dim): the cross-attention tokens of every frame of a clip of ``frames``."""
-        key = (frames, device, dtype)
+    def tokens(self, frames: int) -> torch.Tensor:
+        """(frames, tokens, token_dim): the cross-attention tokens of every frame of a clip of ``frames``, on the
+        predictor's device in its dtype (where the layers' extra projections read them)."""
+        weight = self.predictor.patcher.model.proj_in.weight
+        key = (frames, weight.device, weight.dtype)
         if key not in self.cache:
             model: MotionPredictor = self.predictor.patcher.model
-            weight = model.proj_in.weight
             with torch.no_grad():
                 embeddings = model.predict(self.start.to(weight), self.end.to(weight), frames)[0]
                 self.cache.clear()
-                self.cache[key] = model.frame_tokens(embeddings).to(device=device, dtype=dtype)
+                self.cache[key] = model.frame_tokens(embeddings)
         return self.cache[key]
 
 
@@ -88,29 +89,15 @@ class PredictorPatch:
         where = f"Apply Semantic Motion Predictor ('{self.state.predictor.name}'), layer {self.layer}"
         layout: FrameLayout = extra_options.get(LAYOUT_KEY) or FrameLayout.whole(1, q.shape[0] // chunks)
         layout.check_batch(q.shape[0], chunks, where)
-        tokens = self.state.tokens(layout.clip_frames, q.device, q.dtype)
-        rows = torch.as_tensor([frame for sequence in layout.positions for frame in sequence] * chunks, device=q.device)
-        model: MotionPredictor = self.state.predictor.patcher.model
-        projections = model.kv[layer_name(self.layer)]
-        weight = projections.to_k.weight
-        k_extra, v_extra = model.extra_kv(self.layer, tokens[rows].to(weight))
-        return attention_with_tokens(q, k, v, k_extra.to(q.dtype), v_extra.to(q.dtype), extra_options["n_heads"],
-                                     self.state.strength)
+        tokens = self.state.tokens(layout.clip_frames)
+        rows = torch.as_tensor(layout.row_frames(chunks), device=tokens.device)
+        k_extra, v_extra = self.state.predictor.patcher.model.extra_kv(self.layer, tokens[rows])
+        return attention_with_tokens(q, k, v, k_extra.to(q), v_extra.to(q), extra_options["n_heads"], self.state.strength)
 
 
 def cross_attention_layers(model) -> dict[tuple[str, int, int], int]:
     """Every cross-attention layer of the UNet as ComfyUI keys them, with its attention width."""
-    unet = model.get_model_object("diffusion_model")
-    layers = {}
-    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-                         ("output", unet.output_blocks)):
-        for number, block in enumerate(blocks):
-            index = 0
-            for module in block.modules():
-                for transformer in getattr(module, "transformer_blocks", ()):
-                    layers[(name, number, index)] = transformer.attn2.to_q.out_features
-                    index += 1
-    return layers
+    return {layer: block.attn2.to_q.out_features for layer, block in transformer_blocks(model).items()}
 
 
 def patch_model(model, predictor: LoadedPredictor, start: torch.Tensor, end: torch.Tensor, strength: float):

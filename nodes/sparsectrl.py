@@ -22,12 +22,11 @@ import comfy.ops
 import comfy.utils
 
 from ..motion_modules import MotionModelError
-from ..motion_modules.context import weighted_windows
 from ..motion_modules.layout import FrameLayout
 from ..motion_modules.sparsectrl import SparseCtrlModel, keyframe_positions, sparse_condition
 from ..motion_modules.sparsectrl_format import load_sparsectrl
 from .comfy_compat import new_model_patcher
-from .context_sampling import CONTEXT_KEY, LAYOUT_KEY, step_index
+from .context_sampling import LAYOUT_KEY, motion_attention_windows
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,7 @@ def _rebuild(path: str, name: str, disable_dynamic: bool = False):
 
 
 def wrap_sparsectrl(model: SparseCtrlModel, name: str, rebuild=None, disable_dynamic: bool = False) -> LoadedSparseCtrl:
-    patcher = new_model_patcher(model, comfy.model_management.get_torch_device(),
-                                comfy.model_management.unet_offload_device(), rebuild, disable_dynamic)
+    patcher = new_model_patcher(model, rebuild, disable_dynamic)
     return LoadedSparseCtrl(name, patcher)
 
 
@@ -115,28 +113,15 @@ class SparseCtrlControl(comfy.controlnet.ControlBase):
             or model.conv_in.weight.dtype
         keyframes = self._keyframes(x_noisy, dtype)
         positions = keyframe_positions(self.indexes, keyframes.shape[0], layout.clip_frames, where)
-        rows = [frame for sequence in layout.positions for frame in sequence] * batched_number
-        condition, mask = sparse_condition(keyframes, positions, rows)
+        condition, mask = sparse_condition(keyframes, positions, layout.row_frames(batched_number))
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
         if context.shape[0] == 1:
             context = context.expand(x_noisy.shape[0], -1, -1)
-        windows, stretch_pe = self._attention_windows(layout.frames, transformer_options)
+        windows, stretch_pe = motion_attention_windows(transformer_options, layout.frames)
         residuals, mid = model(self.model_sampling_current.timestep(t).to(dtype),
                                comfy.model_management.cast_to_device(context, x_noisy.device, dtype),
                                condition, mask, layout.frames, windows, stretch_pe)
         return self.control_merge({"input": [], "middle": [mid], "output": residuals}, previous, output_dtype=None)
-
-    @staticmethod
-    def _attention_windows(frames: int, transformer_options: dict):
-        """The motion-attention windows of Context Options' ``motion_attention`` scope, as the UNet's own
-        motion modules use them in this call."""
-        context = transformer_options.get(CONTEXT_KEY)
-        if context is None:
-            return None, False
-        windows = None
-        if context.scope == "motion_attention" and frames > context.context_length:
-            windows = weighted_windows(frames, context, step_index(transformer_options, transformer_options.get("sigmas")))
-        return windows, context.stretch_pe
 
     def _keyframes(self, x_noisy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The keyframes as conditions for latents of ``x_noisy``'s size: images resized (bilinear, centre

@@ -84,10 +84,9 @@ def reference_unet(unet, motion_model, x, timesteps, context, frames, spanning=F
         if "mid_block.motion_modules.0" in modules:
             h = modules["mid_block.motion_modules.0"](h, frames)
         h = run(mid[-1:], h)
-        residuals = list(control[0]) if control is not None else []
         if control is not None:
             h = h + control[1]
-            skips = [skip + residual for skip, residual in zip(skips, residuals, strict=True)]
+            skips = [skip + residual for skip, residual in zip(skips, control[0], strict=True)]
         for index, block in enumerate(unet.output_blocks):
             h = torch.cat([h, skips.pop()], dim=1)
             shape = skips[-1].shape if skips else None

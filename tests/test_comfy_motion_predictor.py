@@ -48,10 +48,8 @@ def reference_model(model, smp, strength, frames):
     """``model`` with attn2 patches written here: P from the core's predict/frame_tokens once for the clip,
     each row's frame as row % frames (one clip, no windows), eq. 6 as above."""
     predictor = smp["loaded"].patcher.model
-    start = smp["vision"].encode_image(smp["start"]).image_embeds.float()
-    end = smp["vision"].encode_image(smp["end"]).image_embeds.float()
     with torch.no_grad():
-        tokens = predictor.frame_tokens(predictor.predict(start, end, frames)[0])
+        tokens = predictor.frame_tokens(predictor.predict(*embeddings(smp), frames)[0])
     patched = model.clone()
     for layer, _ in smp["layers"]:
         kv = predictor.kv["_".join(map(str, layer))]

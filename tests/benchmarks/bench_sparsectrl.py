@@ -50,8 +50,7 @@ def main() -> None:
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     demo.seeded_fill_(base.diffusion_model, 0)
-    model = new_model_patcher(base.requires_grad_(False), comfy.model_management.get_torch_device(),
-                              comfy.model_management.unet_offload_device())
+    model = new_model_patcher(base.requires_grad_(False))
     motion_model = MotionModel(MotionSpec.standard("v3", channels), zero_init=False, operations=comfy.ops.manual_cast)
     demo.seeded_fill_(motion_model, 1, gain=0.5)
     loaded = injection.wrap_motion_model(motion_model.eval().requires_grad_(False), "bench v3")
