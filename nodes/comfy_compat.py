@@ -95,6 +95,29 @@ def new_model_patcher(model, rebuild=None, disable_dynamic: bool = False):
     return patcher
 
 
+def forget_loaded(modules) -> int:
+    """Unload ComfyUI's loaded-model entries whose model is one of ``modules`` and drop them from its list;
+    returns how many. A module trained in its own patcher outlives that patcher (it is returned and saved);
+    ComfyUI would keep its entry until the module dies and warn of a memory leak at every later load.
+    (``current_loaded_models`` and ``LoadedModel.real_model``/``model_unload`` exist from v0.3.64 on; where
+    they do not, nothing is done.)"""
+    loaded = getattr(comfy.model_management, "current_loaded_models", None)
+    if not isinstance(loaded, list):
+        return 0
+    wanted, dropped = {id(m) for m in modules}, 0
+    for index in reversed(range(len(loaded))):
+        entry = loaded[index]
+        reference = getattr(entry, "real_model", None)
+        real = reference() if callable(reference) else None
+        if real is None or id(real) not in wanted:
+            continue
+        if getattr(entry, "model", None) is not None and hasattr(entry, "model_unload"):
+            entry.model_unload()
+        loaded.pop(index)
+        dropped += 1
+    return dropped
+
+
 def multigpu_clones(patcher) -> list:
     """The per-device clones ComfyUI's MultiGPU support attached to ``patcher`` (none in v0.3.64)."""
     additional = getattr(patcher, "additional_models", None) or {}

@@ -1,4 +1,4 @@
-"""A tiny SD1.5-shaped model, CLIP, VAE, matching motion model and ControlNet, built from a seed.
+"""A tiny SD1.5-shaped model, CLIP, VAE, CLIP vision, matching motion model and ControlNet, built from a seed.
 
 For trying the pack (and testing it) with no downloads: the graph runs exactly like a real
 one, through the stock nodes, but the weights are random, so the frames are coloured noise.
@@ -7,6 +7,9 @@ one, through the stock nodes, but the weights are random, so the frames are colo
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 
 import torch
 
@@ -46,6 +49,9 @@ TINY_SDXL_UNET = {
 FAMILY_VERSIONS = {"SD1.5": ("v3", "v2", "v1"), "SDXL": ("sdxl_beta", "hotshotxl")}
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
              "num_hidden_layers": 2, "projection_dim": 32}
+TINY_CLIP_VISION = {"hidden_act": "gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
+                    "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 4,
+                    "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 24}
 TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
             "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
@@ -88,6 +94,22 @@ def tiny_clip(seed: int = 0) -> comfy.sd.CLIP:
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP)})
     seeded_fill_(clip.cond_stage_model, seed + 1).requires_grad_(False)
     return clip
+
+
+def tiny_clip_vision(seed: int = 0, **overrides):
+    """A ComfyUI ClipVisionModel of a tiny config (24-feature image embeddings unless ``projection_dim`` is
+    overridden), random weights."""
+    import comfy.clip_vision
+
+    handle, path = tempfile.mkstemp(suffix=".json")  # ClipVisionModel reads its config from a file
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as config:
+            json.dump({**TINY_CLIP_VISION, **overrides}, config)
+        vision = comfy.clip_vision.ClipVisionModel(path)
+    finally:
+        os.remove(path)
+    seeded_fill_(vision.model, seed + 6).requires_grad_(False)
+    return vision
 
 
 def tiny_vae(seed: int = 0) -> comfy.sd.VAE:

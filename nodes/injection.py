@@ -185,8 +185,19 @@ def checkpointed_layers(unet: UNetModel):
 
 
 def _checkpointed(method):
+    """``method`` under a non-reentrant checkpoint. ComfyUI's UNet writes per-block entries (``block``,
+    ``transformer_index``) into its one ``transformer_options`` dict as the forward goes on, so by the time
+    a layer is recomputed in backward the dict names the last block: attention patches keyed by block
+    (the predictor's attn2) would be looked up for the wrong layer. Each pass therefore gets its own copy of
+    the dict arguments as they were at this call."""
     def call(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(method, *args, use_reentrant=False, **kwargs)
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+
+        def run(*inner, **named):
+            return method(*(dict(a) if isinstance(a, dict) else a for a in inner),
+                          **{k: dict(v) if isinstance(v, dict) else v for k, v in named.items()})
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
     return call
 
 

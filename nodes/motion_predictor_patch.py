@@ -64,24 +64,59 @@ class PredictorState:
         return self
 
     def tokens(self, frames: int) -> torch.Tensor:
-        """(frames, tokens, token_dim): the cross-attention tokens of every frame of a clip of ``frames``, on the
-        predictor's device in its dtype (where the layers' extra projections read them)."""
+        """(1, frames, tokens, token_dim): the cross-attention tokens of every frame of a clip of ``frames`` (the
+        same for every clip of the batch), on the predictor's device in its dtype (where the layers' extra
+        projections read them)."""
         weight = self.predictor.patcher.model.proj_in.weight
         key = (frames, weight.device, weight.dtype)
         if key not in self.cache:
             model: MotionPredictor = self.predictor.patcher.model
             with torch.no_grad():
-                embeddings = model.predict(self.start.to(weight), self.end.to(weight), frames)[0]
+                embeddings = model.predict(self.start.to(weight), self.end.to(weight), frames)
                 self.cache.clear()
                 self.cache[key] = model.frame_tokens(embeddings)
         return self.cache[key]
+
+
+class TrainingState:
+    """The predictor state of a training run (mode ``semantic_motion_predictor``): for each micro-batch, every
+    clip's own start/end embeddings, predicted once with gradients and read by every layer's patch (the
+    gradients of all layers meet in one predictor forward; a checkpoint recompute reads the same tokens)."""
+
+    def __init__(self, predictor: LoadedPredictor):
+        self.predictor = predictor
+        self.strength = 1.0
+        self.prediction: torch.Tensor | None = None  # (clips, frames, image_dim): P of the current micro-batch
+        self._tokens: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def set_pairs(self, start: torch.Tensor, end: torch.Tensor, frames: int) -> torch.Tensor:
+        """Predict P for (clips, image_dim) start and end embeddings; returns P (clips, frames, image_dim)."""
+        model: MotionPredictor = self.predictor.patcher.model
+        weight = model.proj_in.weight
+        self.prediction = model.predict(start.to(weight), end.to(weight), frames)
+        self._tokens = model.frame_tokens(self.prediction)
+        return self.prediction
+
+    def clear(self) -> None:
+        self.prediction = self._tokens = None
+
+    def tokens(self, frames: int) -> torch.Tensor:
+        """(clips, frames, tokens, token_dim) of the current micro-batch."""
+        if self._tokens is None or self._tokens.shape[1] != frames:
+            have = "none" if self._tokens is None else f"{self._tokens.shape[1]} frames"
+            raise MotionModelError(f"the trained Semantic Motion Predictor was called for clips of {frames} frames "
+                                   f"but predicted {have} for this micro-batch")
+        return self._tokens
 
 
 @dataclass(frozen=True)
 class PredictorPatch:
     """The attn2 replacement of one cross-attention layer."""
 
-    state: PredictorState
+    state: PredictorState | TrainingState
     layer: tuple[str, int, int]
 
     def __call__(self, q, k, v, extra_options):
@@ -90,7 +125,15 @@ class PredictorPatch:
         layout: FrameLayout = extra_options.get(LAYOUT_KEY) or FrameLayout.whole(1, q.shape[0] // chunks)
         layout.check_batch(q.shape[0], chunks, where)
         tokens = self.state.tokens(layout.clip_frames)
-        rows = torch.as_tensor(layout.row_frames(chunks), device=tokens.device)
+        if tokens.shape[0] == 1:  # one start/end pair for every clip of the batch
+            rows, tokens = layout.row_frames(chunks), tokens[0]
+        else:  # a pair per clip: row -> (clip, frame) of the latent batch
+            clips = max(layout.clip_ids) + 1
+            if clips > tokens.shape[0]:
+                raise MotionModelError(f"{where}: the batch has {clips} clips but the predictor has start/end "
+                                       f"embeddings for {tokens.shape[0]}")
+            rows, tokens = layout.batch_index() * chunks, tokens.flatten(0, 1)
+        rows = torch.as_tensor(rows, device=tokens.device)
         k_extra, v_extra = self.state.predictor.patcher.model.extra_kv(self.layer, tokens[rows])
         return attention_with_tokens(q, k, v, k_extra.to(q), v_extra.to(q), extra_options["n_heads"], self.state.strength)
 
@@ -107,26 +150,35 @@ def patch_model(model, predictor: LoadedPredictor, start: torch.Tensor, end: tor
         start, end: (1, image_dim) image embeddings of the first and last frame (the predictor's encoder E).
     """
     where = f"Apply Semantic Motion Predictor ('{predictor.name}')"
-    spec = predictor.spec
-    if start.shape[-1] != spec.image_dim:
-        raise MotionModelError(f"{where}: the CLIP vision model gives image embeddings of {start.shape[-1]} features "
-                               f"but this predictor was trained on {spec.image_dim}; use the CLIP vision model it was "
-                               "trained with")
+    check_image_dim(predictor, start.shape[-1], where)
+    state = PredictorState(predictor, start.detach().float().cpu(), end.detach().float().cpu(), float(strength))
+    return patch_with_state(model, state, where)
+
+
+def check_image_dim(predictor: LoadedPredictor, image_dim: int, where: str) -> None:
+    if image_dim != predictor.spec.image_dim:
+        raise MotionModelError(f"{where}: the CLIP vision model gives image embeddings of {image_dim} features "
+                               f"but this predictor was trained on {predictor.spec.image_dim}; use the CLIP vision "
+                               "model it was trained with")
+
+
+def patch_with_state(model, state: PredictorState | TrainingState, where: str):
+    """A clone of ``model`` with ``state``'s predictor patched into every layer it feeds (checks the layers)."""
+    predictor = state.predictor
     available = cross_attention_layers(model)
-    wrong = [f"{layer} (width {available.get(layer)}, predictor {width})" for layer, width in spec.layers
+    wrong = [f"{layer} (width {available.get(layer)}, predictor {width})" for layer, width in predictor.spec.layers
              if available.get(layer) != width]
     if wrong:
         raise MotionModelError(f"{where}: the predictor feeds cross-attention layers this model lacks or has at "
                                f"another width: {', '.join(wrong[:4])}; it was trained for another model family")
     patched = model.clone()
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    taken = [layer for layer, _ in spec.layers
+    taken = [layer for layer, _ in predictor.spec.layers
              if layer in existing and not isinstance(existing[layer], PredictorPatch)]
     if taken:
         raise MotionModelError(f"{where}: another node already replaces the cross-attention of layers {taken[:4]} "
                                "(an IP-Adapter?); apply the predictor first, or not together with that node")
-    state = PredictorState(predictor, start.detach().float().cpu(), end.detach().float().cpu(), float(strength))
-    for layer, _ in spec.layers:
+    for layer, _ in predictor.spec.layers:
         patched.set_model_attn2_replace(PredictorPatch(state, layer), *layer)
     patched.set_additional_models(KEY, [predictor.patcher])
     return patched
@@ -140,6 +192,12 @@ def load_predictor_patcher(path: str, name: str, disable_dynamic: bool = False) 
 
 def _rebuild(path: str, name: str, disable_dynamic: bool = False):
     return load_predictor_patcher(path, name, disable_dynamic).patcher
+
+
+def embedding_width(clip_vision) -> int:
+    """Features of ``clip_vision``'s image embeddings (read from one encoded black image: any encoder ComfyUI loads)."""
+    with torch.no_grad():
+        return int(clip_vision.encode_image(torch.zeros(1, 64, 64, 3)).image_embeds.shape[-1])
 
 
 def image_embedding(clip_vision, image: torch.Tensor, where: str) -> torch.Tensor:

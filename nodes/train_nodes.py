@@ -148,7 +148,10 @@ class TrainMotion(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default="motion_module",
                                tooltip="motion_module: finetune MOTION_MODEL, or train a new v2 module without "
                                        "one; motion_lora; domain_adapter (spatial LoRA on single frames); "
-                                       "motion_director (spatial + temporal LoRA, appearance-debiased loss)."),
+                                       "motion_director (spatial + temporal LoRA, appearance-debiased loss); "
+                                       "semantic_motion_predictor (StoryDiffusion's transition predictor, at the "
+                                       "paper's size, on the frozen animated model: needs motion_model and "
+                                       "clip_vision)."),
                 io.Model.Input("model", tooltip="The SD model to train on."),
                 io.Clip.Input("clip", tooltip="Text encoder of the checkpoint."),
                 io.Vae.Input("vae", tooltip="VAE of the checkpoint."),
@@ -157,8 +160,13 @@ class TrainMotion(io.ComfyNode):
                 *_common_inputs(1000, 1e-4),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per step."),
                 MOTION_MODEL.Input("motion_model", optional=True,
-                                   tooltip="Needed for motion_lora and motion_director; for motion_module the "
-                                           "one to finetune (none: a new zero-initialised v2 module)."),
+                                   tooltip="Needed for motion_lora, motion_director and semantic_motion_predictor; "
+                                           "for motion_module the one to finetune (none: a new zero-initialised "
+                                           "v2 module)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="semantic_motion_predictor only: the image encoder E of the clips' first "
+                                            "and last frames (paper: OpenCLIP ViT-H-14); use the same one on Apply "
+                                            "Semantic Motion Predictor."),
             ],
             outputs=[io.Image.Output(display_name="loss", tooltip="The loss curve."),
                      io.String.Output(display_name="info", tooltip="Steps, final loss and the files written.")],
@@ -173,14 +181,18 @@ class TrainMotion(io.ComfyNode):
         return check_widgets(cls, {k: v for k, v in values.items() if k != "folder"})
 
     @classmethod
-    def execute(cls, mode, model, clip, vae, folder, batch_size, motion_model=None, **values) -> io.NodeOutput:
+    def execute(cls, mode, model, clip, vae, folder, batch_size, motion_model=None, clip_vision=None,
+                **values) -> io.NodeOutput:
         from ..training.session import graph_models, run_in_graph  # imports nodes.*: not at package import
 
         if mode in ("motion_lora", "motion_director") and motion_model is None:
             raise MotionModelError(f"Train Motion: mode {mode} trains a LoRA of a motion model: connect motion_model")
+        if mode == "semantic_motion_predictor" and (motion_model is None or clip_vision is None):
+            raise MotionModelError("Train Motion: mode semantic_motion_predictor trains on the animated model with "
+                                   "a CLIP vision encoder: connect motion_model and clip_vision")
         path = os.path.join(folder_paths.get_input_directory(), folder)
         config = config_from_dict(_train_config(mode, values, batch_size, path), source="Train Motion", in_graph=True)
-        models = graph_models(model, clip, vae, motion_model)
+        models = graph_models(model, clip, vae, motion_model, clip_vision if mode == "semantic_motion_predictor" else None)
         result, written = run_in_graph(config, models, FileClips(config.data), values["resume"],
                                        _progress_text(getattr(cls.hidden, "unique_id", None)))
         return io.NodeOutput(loss_curve_image(result.losses), _summary(result, written))

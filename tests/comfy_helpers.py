@@ -155,25 +155,3 @@ class SamplerSpy:
         result = executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
         self.outputs.append(result.clone())
         return result
-
-
-TINY_CLIP_VISION = {"hidden_act": "gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
-                    "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 4,
-                    "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 24}
-
-
-def tiny_clip_vision(folder, seed: int = 0):
-    """A ComfyUI ClipVisionModel of a tiny config (written to ``folder``), random weights."""
-    import json
-    import os
-
-    import comfy.clip_vision
-
-    from animatediff_suite.nodes.demo import seeded_fill_
-
-    path = os.path.join(folder, "tiny_clip_vision.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(TINY_CLIP_VISION, handle)
-    vision = comfy.clip_vision.ClipVisionModel(path)
-    seeded_fill_(vision.model, seed + 6).requires_grad_(False)
-    return vision

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from comfy_helpers import FRAMES, apply, eps_of, motion, sample_with_noise, tiny_clip_vision
+from comfy_helpers import FRAMES, apply, eps_of, motion, sample_with_noise
 
 pytestmark = pytest.mark.comfyui
 
 
 @pytest.fixture(scope="module")
-def smp(env, tmp_path_factory):
+def smp(env):
     from animatediff_suite.motion_modules.motion_predictor import MotionPredictor, PredictorSpec
     from animatediff_suite.nodes import motion_predictor_patch as patch
 
@@ -24,7 +24,7 @@ def smp(env, tmp_path_factory):
     spec = PredictorSpec(image_dim=24, layers=layers, hidden=16, depth=2, heads=4, tokens=2, token_dim=8)
     predictor = MotionPredictor(spec)
     env["demo"].seeded_fill_(predictor, 9, gain=0.5)  # proj_out too: P is more than the interpolation
-    vision = tiny_clip_vision(str(tmp_path_factory.mktemp("clip_vision")))
+    vision = env["demo"].tiny_clip_vision()
     gen = torch.Generator().manual_seed(10)
     start, end = torch.rand(1, 48, 48, 3, generator=gen), torch.rand(1, 48, 48, 3, generator=gen)
     return dict(patch=patch, loaded=patch.wrap_predictor(predictor.eval().requires_grad_(False), "tiny smp"),
@@ -150,3 +150,31 @@ def test_a_predictor_that_does_not_fit_is_refused(env, smp):
     with pytest.raises(MotionModelError, match=r"another node already replaces the cross-attention of layers "
                                                r"\[\('input', 1, 0\)\]"):
         patch.patch_model(other, smp["loaded"], start, end, 1.0)
+
+
+def test_training_state_gives_each_clip_of_a_batch_its_own_pair(env, smp):
+    """Training batches clips with different start/end images: two clips of 8 frames in one batch
+    (frames_per_clip) with a pair each equal each clip sampled alone with its pair through Apply's state."""
+    patch = smp["patch"]
+    frames = 8
+    gen = torch.Generator().manual_seed(11)
+    other_start, other_end = torch.rand(1, 48, 48, 3, generator=gen), torch.rand(1, 48, 48, 3, generator=gen)
+    encode = smp["vision"].encode_image
+    pairs = [embeddings(smp), (encode(other_start).image_embeds.float(), encode(other_end).image_embeds.float())]
+    loaded_motion = motion(env, "v3", seed=1)
+    state = patch.TrainingState(smp["loaded"])
+    with torch.no_grad():
+        state.set_pairs(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), frames)
+    batched = patch.patch_with_state(apply(env, smp["model"], loaded_motion, frames_per_clip=frames), state, "test")
+    noise = noise_of(2 * frames)
+    out = sample_with_noise(env, batched, noise, env["cond"], env["negative"], 7.0)
+    single = apply(env, smp["model"], loaded_motion)
+    for clip, (start, end) in enumerate(pairs):
+        rows = slice(clip * frames, (clip + 1) * frames)
+        alone = sample_with_noise(env, patch.patch_model(single, smp["loaded"], start, end, 1.0), noise[rows],
+                                  env["cond"], env["negative"], 7.0)
+        eps = eps_of(smp["model"], noise[rows])
+        torch.testing.assert_close(eps(out[rows]), eps(alone), atol=1e-4 * 13, rtol=0)
+    swapped = sample_with_noise(env, patch.patch_model(single, smp["loaded"], *pairs[1], 1.0), noise[:frames],
+                                env["cond"], env["negative"], 7.0)
+    assert (eps_of(smp["model"], noise[:frames])(out[:frames]) - eps_of(smp["model"], noise[:frames])(swapped)).abs().max() > 1e-3

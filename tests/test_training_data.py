@@ -187,6 +187,14 @@ def test_config_errors_name_the_key(tmp_path):
         ({"validation": {"every": -1}}, "[validation] every: -1 must be >= 0"),
         ({"validation": {"cfg": 0}}, "[validation] cfg: 0.0 must be in (0, 100]"),
         ({"data": {"folder": "clips", "buckets": "yes"}}, "[data] buckets: expected bool, got str"),
+        ({"mode": "semantic_motion_predictor", "base": {"checkpoint": "a", "motion_model": "m"}},
+         "[base] clip_vision: mode 'semantic_motion_predictor' needs the image encoder E"),
+        ({"mode": "semantic_motion_predictor", "base": {"checkpoint": "a", "motion_model": "", "clip_vision": "v"}},
+         "[base] motion_model: mode 'semantic_motion_predictor' trains on an animated model"),
+        ({"base": {"clip_vision": "v"}}, "[base] clip_vision: only mode 'semantic_motion_predictor' uses it"),
+        ({"predictor": {"heads": 12}}, "[predictor] heads: 12 does not divide hidden 1024"),
+        ({"predictor": {"embedding_loss": -1}}, "[predictor] embedding_loss: -1.0 must be >= 0"),
+        ({"predictor": {"layers": 8}}, "[predictor]: unknown key 'layers'"),
     ]
     for change, message in cases:
         raw = {**good, **{k: ({**good.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in change.items()}}

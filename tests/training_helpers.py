@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 SIZE = 64
+SMALL_PREDICTOR = {"hidden": 32, "depth": 2, "heads": 4, "tokens": 2, "token_dim": 16}
 
 
 def shape_clip(seed: int, frames: int = 12, size: int = SIZE) -> tuple[torch.Tensor, str]:
@@ -30,6 +31,8 @@ def config(mode: str, name: str = "run", steps: int = 4, sections: dict | None =
     raw = {"mode": mode, "name": name, "seed": 3, "base": {"demo_seed": 0},
            "data": {"frames": 8, "stride": 1, "width": SIZE, "height": SIZE, "caption_dropout": 0.0},
            "train": {"steps": steps, "learning_rate": 1e-3, "rank": 4, **train}}
+    if mode == "semantic_motion_predictor":  # a small predictor (the paper's size has 133 M parameters)
+        sections = {"predictor": dict(SMALL_PREDICTOR), **(sections or {})}
     for table, values in (sections or {}).items():
         raw[table] = {**raw.get(table, {}), **values}
     return config_from_dict(raw, in_graph=True)
@@ -39,8 +42,10 @@ def base_models(mode: str):
     from animatediff_suite.nodes import demo
     from animatediff_suite.training.trainer import BaseModels
 
-    motion = demo.tiny_motion_patcher(0, "v2") if mode in ("motion_lora", "motion_director", "motion_module") else None
-    return BaseModels(demo.tiny_model(0), demo.tiny_clip(0), demo.tiny_vae(0), motion, "demo 0")
+    animated = ("motion_lora", "motion_director", "motion_module", "semantic_motion_predictor")
+    motion = demo.tiny_motion_patcher(0, "v2") if mode in animated else None
+    vision = demo.tiny_clip_vision(0) if mode == "semantic_motion_predictor" else None
+    return BaseModels(demo.tiny_model(0), demo.tiny_clip(0), demo.tiny_vae(0), motion, "demo 0", clip_vision=vision)
 
 
 class _Probe:

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from ..motion_modules import MotionModelError
 
-MODES = ("motion_module", "motion_lora", "domain_adapter", "motion_director")
+MODES = ("motion_module", "motion_lora", "domain_adapter", "motion_director", "semantic_motion_predictor")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
@@ -51,6 +51,8 @@ class BaseConfig:
     motion_model: str = ""  # a name in models/animatediff_models; "" with mode motion_module: a new one
     new_motion_version: str = "auto"  # layout of a new zero-initialised module (auto: v2, SDXL: sdxl_beta)
     beta_schedule: str = "auto"  # as on Apply Motion Model; auto = the AnimateDiff schedule
+    clip_vision: str = ""  # semantic_motion_predictor: the image encoder E, a name in models/clip_vision
+    motion_predictor: str = ""  # semantic_motion_predictor: one to continue (models/animatediff_motion_predictor)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PredictorConfig:
+    """semantic_motion_predictor: the size of a new predictor (the paper's by default) and the loss."""
+
+    hidden: int = 1024  # transformer width (paper: 1024)
+    depth: int = 8  # transformer layers (paper: 8)
+    heads: int = 16  # attention heads (paper: 12, which does not divide 1024; see motion_predictor.py)
+    tokens: int = 4  # predictor tokens per frame in each cross-attention
+    token_dim: int = 1024  # their width before each layer's own key/value projection
+    embedding_loss: float = 0.0  # weight of MSE(P_i, E(frame i)) added to the diffusion loss (paper: 0)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     save_every: int = 100  # resumable checkpoint every N steps (and at the end / on interrupt)
     keep_last: int = 2  # resumable checkpoints kept
@@ -118,17 +132,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @property
-    def trains_motion(self) -> bool:
+    def animated(self) -> bool:
+        """The mode trains on the animated model (a motion model in the UNet), trained or frozen."""
         return self.mode != "domain_adapter"
 
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig,
-            "validation": ValidationConfig}
+            "validation": ValidationConfig, "predictor": PredictorConfig}
 
 
 def load_config(path: str) -> Config:
@@ -204,6 +220,17 @@ def check_config(config: Config, source: str = "config", in_graph: bool = False)
         if config.mode in ("motion_lora", "motion_director"):
             _need(bool(base.motion_model) or base.demo_seed >= 0, f"{source}: [base] motion_model",
                   f"mode {config.mode!r} trains a LoRA of a motion model: name one in models/animatediff_models")
+        if config.mode == "semantic_motion_predictor":
+            _need(bool(base.motion_model) or base.demo_seed >= 0, f"{source}: [base] motion_model",
+                  "mode 'semantic_motion_predictor' trains on an animated model (paper: AnimateDiff v2, frozen): "
+                  "name a motion model in models/animatediff_models")
+            _need(bool(base.clip_vision) or base.demo_seed >= 0, f"{source}: [base] clip_vision",
+                  "mode 'semantic_motion_predictor' needs the image encoder E: name a CLIP vision model in "
+                  "models/clip_vision (paper: OpenCLIP ViT-H-14)")
+    if config.mode != "semantic_motion_predictor":
+        for key in ("clip_vision", "motion_predictor"):
+            _need(not getattr(base, key), f"{source}: [base] {key}",
+                  f"only mode 'semantic_motion_predictor' uses it (mode is {config.mode!r})")
     _need(base.new_motion_version in NEW_MODULE_VERSIONS, f"{source}: [base] new_motion_version",
           f"{base.new_motion_version!r}; expected one of {list(NEW_MODULE_VERSIONS)}")
     if not in_graph or data.folder:
@@ -233,6 +260,15 @@ def check_config(config: Config, source: str = "config", in_graph: bool = False)
     _need(train.optimizer in OPTIMIZERS, f"{source}: [train] optimizer",
           f"{train.optimizer!r}; expected one of {list(OPTIMIZERS)}")
     check_validation(config.validation, f"{source}: [validation]")
+    check_predictor(config.predictor, f"{source}: [predictor]")
+
+
+def check_predictor(predictor: PredictorConfig, where: str) -> None:
+    for key in ("hidden", "depth", "heads", "tokens", "token_dim"):
+        _need(getattr(predictor, key) >= 1, f"{where} {key}", f"{getattr(predictor, key)} must be >= 1")
+    _need(predictor.hidden % predictor.heads == 0, f"{where} heads",
+          f"{predictor.heads} does not divide hidden {predictor.hidden}")
+    _need(predictor.embedding_loss >= 0, f"{where} embedding_loss", f"{predictor.embedding_loss} must be >= 0")
 
 
 def check_validation(validation: ValidationConfig, where: str) -> None:

@@ -3,7 +3,9 @@
 - temporal LoRA (motion_lora, motion_director): a MotionLoRA in the original key format, in
   ``models/animatediff_motion_lora`` (Load MotionLoRA, ADE and the original code read it);
 - motion model (motion_module): original keys, no ``module.`` prefix, in ``models/animatediff_models``;
-- spatial LoRA (domain_adapter, motion_director): a kohya SD LoRA in ``models/loras`` (LoraLoader).
+- spatial LoRA (domain_adapter, motion_director): a kohya SD LoRA in ``models/loras`` (LoraLoader);
+- Semantic Motion Predictor (semantic_motion_predictor): its spec in the metadata, in
+  ``models/animatediff_motion_predictor`` (Load Semantic Motion Predictor).
 Every file carries the run's config and step count in its safetensors metadata.
 """
 
@@ -20,7 +22,8 @@ import comfy.utils
 import folder_paths
 
 from ..motion_modules import save_motion_model
-from ..nodes.folders import MOTION_LORAS, MOTION_MODELS
+from ..motion_modules.motion_predictor import save_predictor
+from ..nodes.folders import MOTION_LORAS, MOTION_MODELS, MOTION_PREDICTORS
 from .adapters import motion_lora_state_dict, sd_lora_state_dict
 from .checkpoints import atomic_write, check_writable
 
@@ -43,7 +46,7 @@ def destination(folder_name: str, file_name: str) -> str:
 def output_folders(config) -> list[str]:
     """The model folders this run's files go to."""
     kinds = {"motion_lora": [MOTION_LORAS], "motion_module": [MOTION_MODELS], "domain_adapter": ["loras"],
-             "motion_director": [MOTION_LORAS, "loras"]}[config.mode]
+             "motion_director": [MOTION_LORAS, "loras"], "semantic_motion_predictor": [MOTION_PREDICTORS]}[config.mode]
     return [folder_paths.get_folder_paths(kind)[0] for kind in kinds]
 
 
@@ -66,6 +69,11 @@ def save_outputs(config, result, model) -> dict[str, str]:
         atomic_write(path, lambda temp: save_motion_model(trainables.motion_model, temp,  # temp ends .safetensors
                                                           metadata=metadata(config, steps, "motion_module")))
         written["motion_module"] = path
+    if trainables.predictor is not None:
+        path = destination(MOTION_PREDICTORS, f"{config.name}.safetensors")
+        atomic_write(path, lambda temp: save_predictor(trainables.predictor, temp,  # temp ends .safetensors
+                                                       metadata=metadata(config, steps, "motion_predictor")))
+        written["motion_predictor"] = path
     if trainables.spatial:
         suffix = "_spatial" if config.mode == "motion_director" else ""
         path = destination("loras", f"{config.name}{suffix}.safetensors")

@@ -104,7 +104,8 @@ class LoopSampler(comfy.samplers.Sampler):
 
     def _validate(self, guider, model_options, device) -> None:
         trainer, step = self.trainer, self.trainer.progress.step
-        images = sample_animation(trainer, guider, model_options, device, self.dtype)
+        with trainer.validation_predictor():
+            images = sample_animation(trainer, guider, model_options, device, self.dtype)
         path = save_webp(images, validation_path(trainer.run_dir, step))
         log.info("step %d: validation animation %s", step, path)
         if trainer.tensorboard is not None:

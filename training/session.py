@@ -8,12 +8,14 @@ import signal
 
 import torch
 
+import comfy.clip_vision
 import comfy.sd
 import folder_paths
 
 from ..motion_modules import MotionModelError
-from ..nodes.folders import MOTION_MODELS, full_path
+from ..nodes.folders import MOTION_MODELS, MOTION_PREDICTORS, full_path
 from ..nodes.injection import load_motion_patcher
+from ..nodes.motion_predictor_patch import load_predictor_patcher
 from .checkpoints import state_paths
 from .config import Config
 from .data import ClipSource, FileClips, bucket_counts
@@ -30,16 +32,20 @@ def run_dir(config: Config) -> str:
 
 
 def load_base(config: Config) -> BaseModels:
-    """The MODEL, CLIP, VAE (and motion model) named by ``[base]``, loaded the way ComfyUI loads them."""
+    """The MODEL, CLIP, VAE (and motion model, CLIP vision, predictor) named by ``[base]``, loaded the way
+    ComfyUI loads them."""
     base = config.base
+    predicting = config.mode == "semantic_motion_predictor"
     if base.demo_seed >= 0:
         from ..nodes import demo
 
-        needs_motion = config.mode in ("motion_lora", "motion_director")
+        needs_motion = config.mode in ("motion_lora", "motion_director", "semantic_motion_predictor")
         version = "v2" if base.new_motion_version == "auto" else base.new_motion_version
         motion = demo.tiny_motion_patcher(base.demo_seed, version) if needs_motion else None
         return BaseModels(demo.tiny_model(base.demo_seed), demo.tiny_clip(base.demo_seed),
-                          demo.tiny_vae(base.demo_seed), motion, f"tiny demo models (seed {base.demo_seed})")
+                          demo.tiny_vae(base.demo_seed), motion, f"tiny demo models (seed {base.demo_seed})",
+                          clip_vision=demo.tiny_clip_vision(base.demo_seed) if predicting else None,
+                          predictor=_predictor(base))
     path = folder_paths.get_full_path("checkpoints", base.checkpoint)
     if path is None:
         raise MotionModelError(f"[base] checkpoint {base.checkpoint!r} is not in models/checkpoints (or the "
@@ -49,10 +55,26 @@ def load_base(config: Config) -> BaseModels:
     if clip is None or vae is None:
         raise MotionModelError(f"[base] checkpoint {base.checkpoint!r} has no text encoder or VAE; training "
                                "needs a full checkpoint")
-    motion = None
+    motion = vision = None
     if base.motion_model:
         motion = load_motion_patcher(full_path(MOTION_MODELS, base.motion_model), base.motion_model)
-    return BaseModels(model, clip, vae, motion, f"{base.checkpoint} ({os.path.getsize(path)} bytes)")
+    if base.clip_vision:
+        vision_path = folder_paths.get_full_path("clip_vision", base.clip_vision)
+        if vision_path is None:
+            raise MotionModelError(f"[base] clip_vision {base.clip_vision!r} is not in models/clip_vision")
+        vision = comfy.clip_vision.load(vision_path)
+        if vision is None:
+            raise MotionModelError(f"[base] clip_vision {base.clip_vision!r}: ComfyUI does not recognise it as a "
+                                   "CLIP vision model")
+    return BaseModels(model, clip, vae, motion, f"{base.checkpoint} ({os.path.getsize(path)} bytes)",
+                      clip_vision=vision, predictor=_predictor(base))
+
+
+def _predictor(base):
+    """``[base] motion_predictor``, loaded (a predictor to continue training), or None."""
+    if not base.motion_predictor:
+        return None
+    return load_predictor_patcher(full_path(MOTION_PREDICTORS, base.motion_predictor), base.motion_predictor)
 
 
 def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trainables) -> str:
@@ -61,6 +83,8 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
     frozen = sum(p.numel() * p.element_size() for p in models.model.model.diffusion_model.parameters())
     if models.motion is not None:
         frozen += sum(p.numel() * p.element_size() for p in models.motion.patcher.model.parameters())
+    if models.clip_vision is not None:
+        frozen += sum(p.numel() * p.element_size() for p in models.clip_vision.model.parameters())
     rows = config.train.batch_size * config.data.frames
     shape = (rows, models.model.model.latent_format.latent_channels, config.data.height // 8, config.data.width // 8)
     per_call = models.model.model.memory_required(list(shape))
@@ -71,7 +95,8 @@ def plan(config: Config, models: BaseModels, clips: ClipSource, trainables: Trai
     moments, per_param = ("8-bit AdamW", 10) if optimizer == "adamw8bit" else ("AdamW", 16)
     lines = [
         f"mode {config.mode}: {trained:,} trained parameters; base {models.base_id}"
-        + (f"; motion model {models.motion.name}" if models.motion is not None else ""),
+        + (f"; motion model {models.motion.name}" if models.motion is not None else "")
+        + (f"; {trainables.predictor.spec.describe()}" if trainables.predictor is not None else ""),
         f"data: {clips.identity}" + (f"; {len(skipped)} skipped:" if skipped else ""),
         *[f"  skipped {path}: {reason}" for path, reason in skipped],
         f"steps {config.train.steps} x {config.train.gradient_accumulation} micro-batches of "
@@ -177,7 +202,7 @@ class _ProgressBar:
         self.bar.close()
 
 
-def graph_models(model, clip, vae, motion) -> BaseModels:
+def graph_models(model, clip, vae, motion, clip_vision=None) -> BaseModels:
     """BaseModels from node inputs (the MODEL's identity is a fingerprint of its weights)."""
-    return BaseModels(model, clip, vae, motion, model_identity(model))
+    return BaseModels(model, clip, vae, motion, model_identity(model), clip_vision=clip_vision)
 

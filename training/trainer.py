@@ -14,6 +14,7 @@ predicts), computed from ComfyUI's denoised output as ``(denoised - x0) / c_out`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -32,9 +33,13 @@ import comfy.samplers
 import comfy.utils
 
 from ..motion_modules import MotionModel, MotionModelError, MotionSpec
+from ..motion_modules.motion_predictor import MotionPredictor, PredictorSpec
 from ..nodes.beta_schedules import resolve_schedule
+from ..nodes.comfy_compat import forget_loaded
 from ..nodes.context_sampling import KEY
 from ..nodes.injection import LoadedMotionModel, apply_motion, enable_gradient_checkpointing, wrap_motion_model
+from ..nodes.motion_predictor_patch import (LoadedPredictor, TrainingState, check_image_dim, cross_attention_layers,
+                                            embedding_width, patch_with_state, wrap_predictor)
 from .adapters import SPATIAL_TARGET, TEMPORAL_TARGET, LoRAWeight, attach, make_loras
 from .cache import DiskCache, key_of, weights_hash
 from .checkpoints import ResumeError, atomic_write, check_resumable, check_writable, load_state, state_paths
@@ -56,15 +61,18 @@ class BaseModels:
     vae: object
     motion: LoadedMotionModel | None
     base_id: str  # names the base weights for the resume check
+    clip_vision: object = None  # semantic_motion_predictor: the image encoder E (a ComfyUI ClipVisionModel)
+    predictor: LoadedPredictor | None = None  # semantic_motion_predictor: one to continue training
 
 
 @dataclass
 class Trainables:
-    """The parameters a mode trains: LoRAs (temporal, spatial) and/or a whole motion model."""
+    """The parameters a mode trains: LoRAs (temporal, spatial), a whole motion model or a motion predictor."""
 
     temporal: dict[str, LoRAWeight] = field(default_factory=dict)
     spatial: dict[str, LoRAWeight] = field(default_factory=dict)
     motion_model: MotionModel | None = None  # trained in full (mode motion_module)
+    predictor: MotionPredictor | None = None  # trained in full (mode semantic_motion_predictor)
 
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         named = {}
@@ -73,6 +81,8 @@ class Trainables:
                 named[f"{group}/{key}/up"], named[f"{group}/{key}/down"] = lora.up, lora.down
         if self.motion_model is not None:
             named.update({f"motion/{k}": p for k, p in self.motion_model.named_parameters()})
+        if self.predictor is not None:
+            named.update({f"predictor/{k}": p for k, p in self.predictor.named_parameters()})
         return named
 
 
@@ -161,7 +171,31 @@ def build_trainables(config: Config, models: BaseModels) -> Trainables:
         trainables.spatial = make_loras(shapes, SPATIAL_TARGET, rank, generator)
         if not trainables.spatial:
             raise TrainingError("the base model has no spatial attention layers to train a LoRA on")
+    if config.mode == "semantic_motion_predictor":
+        trainables.predictor = new_predictor(config, models)
     return trainables
+
+
+def new_predictor(config: Config, models: BaseModels) -> MotionPredictor:
+    """The predictor to train: a copy of ``[base] motion_predictor``, or a new one of ``[predictor]``'s size
+    for this UNet's cross-attention layers and the CLIP vision model's embeddings (seeded by ``config.seed``;
+    its output layer is zero, so it starts as the interpolation of eq. 4)."""
+    if models.clip_vision is None:
+        raise TrainingError("mode semantic_motion_predictor needs a CLIP vision model (the image encoder E)")
+    image_dim = embedding_width(models.clip_vision)
+    if models.predictor is not None:
+        check_image_dim(models.predictor, image_dim, f"[base] motion_predictor {models.predictor.name!r}")
+        predictor = copy.deepcopy(models.predictor.patcher.model)  # never the caller's weights
+    else:
+        layers = tuple(sorted(cross_attention_layers(models.model).items()))
+        if not layers:
+            raise TrainingError("the base model has no cross-attention layers for the predictor to feed")
+        size = config.predictor
+        spec = PredictorSpec(image_dim, layers, size.hidden, size.depth, size.heads, size.tokens, size.token_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            predictor = MotionPredictor(spec)
+    return predictor.float().requires_grad_(True).train()
 
 
 def new_motion_model(config: Config, model) -> MotionModel:
@@ -188,11 +222,12 @@ def new_motion_model(config: Config, model) -> MotionModel:
     return motion
 
 
-def patched_models(config: Config, models: BaseModels, trainables: Trainables):
+def patched_models(config: Config, models: BaseModels, trainables: Trainables,
+                   predictor_state: TrainingState | None = None):
     """A clone of the base MODEL carrying the trainables (animated unless the mode is domain_adapter)."""
     base = models.model.clone()
     attach(base, trainables.spatial)
-    if not config.trains_motion:
+    if not config.animated:
         return _maybe_checkpointed(base, config)
     if trainables.motion_model is not None:
         name = models.motion.name if models.motion is not None else f"new {config.base.new_motion_version}"
@@ -202,6 +237,8 @@ def patched_models(config: Config, models: BaseModels, trainables: Trainables):
     attach(motion.patcher, trainables.temporal)
     schedule = resolve_schedule(config.base.beta_schedule, motion.spec)
     clips = apply_motion(base, motion, schedule=schedule, frames_per_clip=config.data.frames)
+    if predictor_state is not None:
+        clips = patch_with_state(clips, predictor_state, "semantic_motion_predictor training")
     return _maybe_checkpointed(clips, config)
 
 
@@ -257,13 +294,17 @@ class Trainer:
         self.on_step, self.should_stop = on_step, should_stop or (lambda: False)
         with torch.inference_mode(False):  # ComfyUI's executor runs nodes in inference mode
             self.trainables = build_trainables(config, models)
+        self.predictor_state = None
+        if self.trainables.predictor is not None:
+            name = models.predictor.name if models.predictor is not None else f"new ({config.name})"
+            self.predictor_state = TrainingState(wrap_predictor(self.trainables.predictor, name, disable_dynamic=True))
         self.parameters = self.trainables.named_parameters()
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.progress = _Progress()
         self.text_cache: dict[str, list] = {}
         self.tensorboard = None  # a SummaryWriter while running, when enabled and installed
         self.cache = DiskCache(cache_folder(config, run_dir)) if config.data.cache else None
-        self._vae_id = self._clip_id = None
+        self._vae_id = self._clip_id = self._vision_id = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _optimizer(self, device: torch.device):
@@ -407,6 +448,27 @@ class Trainer:
             self.cache.put("latents", key, {"latent": latent})
         return latent
 
+    def _embeddings(self, index: int, draw) -> torch.Tensor:
+        """E(frame) of clip ``index`` as drawn, by the CLIP vision model: (frames, image_dim) when ``[predictor]
+        embedding_loss`` needs every frame, else (2, image_dim) of the first and last frame."""
+        every = self.config.predictor.embedding_loss > 0
+        key = None
+        if self.cache is not None:
+            if self._vision_id is None:
+                self._vision_id = weights_hash(self.models.clip_vision.model)
+            key = key_of("embeddings", self.clips.content_hash(index), draw.indices, draw.flip, draw.size, every,
+                         self._vision_id)
+            cached = self.cache.get("embeddings", key)
+            if cached is not None:
+                return cached["embeddings"]
+        pixels = self.clips.load(index, draw)
+        with torch.no_grad():
+            embeddings = self.models.clip_vision.encode_image(pixels if every else pixels[[0, -1]])
+        embeddings = embeddings.image_embeds.float().cpu()
+        if key is not None:
+            self.cache.put("embeddings", key, {"embeddings": embeddings})
+        return embeddings
+
     def _batch(self, device) -> _Batch:
         """One micro-batch of this process. Every random draw of a clip (which clip, its frames and
         flip, caption dropout, timestep, noise, anchor and single frame) is made clip by clip for the
@@ -441,13 +503,17 @@ class Trainer:
             latents.append(latent)
         texts = [self._conditioning(caption) for _, _, caption, *_ in mine]
         pooled = [pool.expand(frames, -1) for _, pool in texts if pool is not None]
+        embeddings = None
+        if self.predictor_state is not None:
+            embeddings = torch.stack([self._embeddings(index, draw) for index, draw, *_ in mine])
         return _Batch(
             x0=torch.cat(latents).to(device),
             conditioning=[[_equal_tokens([cond.expand(frames, -1, -1) for cond, _ in texts]),
                            {"pooled_output": torch.cat(pooled)} if pooled else {}]],
             sigma=torch.stack([m[3] for m in mine]).repeat_interleave(frames).to(device),
             noise=torch.cat([m[4] for m in mine]).to(device),
-            anchors=torch.tensor([m[5] for m in mine]), single=torch.tensor([m[6] for m in mine]))
+            anchors=torch.tensor([m[5] for m in mine]), single=torch.tensor([m[6] for m in mine]),
+            embeddings=embeddings)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -473,7 +539,7 @@ class Trainer:
 
     def _run(self, resume: bool) -> bool:
         config = self.config
-        self.model = patched_models(config, self.models, self.trainables)
+        self.model = patched_models(config, self.models, self.trainables, self.predictor_state)
         device = torch.device(self.model.load_device)
         optimizer, schedule = self._optimizer(device)
         dtype = resolve_precision(config.train.precision, device)
@@ -490,6 +556,8 @@ class Trainer:
         finally:
             for param in unfrozen:
                 param.requires_grad_(True)
+            # the trained modules are returned and saved; their patchers go with this run
+            forget_loaded(m for m in (self.trainables.motion_model, self.trainables.predictor) if m is not None)
 
     def _freeze_base(self) -> list[torch.nn.Parameter]:
         """Make every weight but the trained ones not require grad; returns those that did, to restore.
@@ -538,6 +606,8 @@ class Trainer:
             motion = self.models.motion.patcher.model
         if motion is not None:
             yield motion
+        if self.trainables.predictor is not None:
+            yield self.trainables.predictor
 
     def backward(self, guider, model_options, seed, device, dtype, scaler, divisor: int) -> float:
         """Loss and backward of one micro-batch; returns the loss (NaN when it was not finite, without
@@ -565,6 +635,8 @@ class Trainer:
                     lora.frozen = False
 
         every = torch.arange(x0.shape[0])
+        if self.predictor_state is not None:
+            return self._predictor_backward(batch, lambda loss_of: path(model_options, every, (), loss_of))
         if config.mode != "motion_director":
             return path(model_options, every, (), lambda err: err.pow(2).mean())
         # MotionDirector: the temporal path trains the temporal LoRA on whole clips with the debiased
@@ -577,6 +649,36 @@ class Trainer:
         spatial = path(_single_frame_options(model_options), rows, self.trainables.temporal.values(),
                        lambda err: err.pow(2).mean())
         return temporal + spatial
+
+    def _predictor_backward(self, batch: "_Batch", path) -> float:
+        """semantic_motion_predictor: each clip's first and last frame embeddings give its P (with gradients),
+        which the patched cross-attention reads; the loss is the diffusion MSE (the paper's) plus, with
+        ``[predictor] embedding_loss``, that weight times MSE(P_i, E(frame i))."""
+        state, weight = self.predictor_state, self.config.predictor.embedding_loss
+        embeddings = batch.embeddings.to(batch.x0.device)
+        try:
+            prediction = state.set_pairs(embeddings[:, 0], embeddings[:, -1], self.config.data.frames)
+            if weight == 0:
+                return path(lambda err: err.pow(2).mean())
+            return path(lambda err: err.pow(2).mean() + weight * (prediction.float() - embeddings).pow(2).mean())
+        finally:
+            state.clear()
+
+    @contextlib.contextmanager
+    def validation_predictor(self):
+        """While sampling a validation animation: the predictor gets the first clip's first and last frames
+        (drawn by the validation seed, not the training generator)."""
+        if self.predictor_state is None:
+            yield
+            return
+        draw = self.clips.draw(0, torch.Generator().manual_seed(self.config.validation.seed))
+        embeddings = self._embeddings(0, draw)
+        try:
+            with torch.no_grad():
+                self.predictor_state.set_pairs(embeddings[None, 0], embeddings[None, -1], self.config.data.frames)
+            yield
+        finally:
+            self.predictor_state.clear()
 
     def _error(self, guider, model_options, seed, x0, sigma, noise, conditioning, dtype) -> torch.Tensor:
         """target - prediction of the model's raw output (epsilon or v), per element."""
@@ -612,6 +714,7 @@ class _Batch:
     noise: torch.Tensor
     anchors: torch.Tensor  # per clip: MotionDirector's anchor frame
     single: torch.Tensor  # per clip: the spatial path's frame
+    embeddings: torch.Tensor | None = None  # semantic_motion_predictor: per clip, E of its frames (or first, last)
 
 
 def _single_frame_options(model_options: dict) -> dict:

@@ -13,6 +13,12 @@ parameter trains, the original recipe) on random weights at 256x256, after one w
   (a diffusers VAE the size of the pack's demo VAE, which the pack's rows use): the original train.py's
   loop. (The noising here is a plain x + noise: the same arithmetic cost as the scheduler's.)
 
+``--mode semantic_motion_predictor`` makes the pack's rows train StoryDiffusion's Semantic Motion
+Predictor at the paper's size (8 layers x 1024, 16 heads, 4 tokens of 1024 per frame into every
+cross-attention layer, image embeddings of 1024 as ViT-H-14's) on the frozen animated model; its image
+encoder is a tiny CLIP vision model with 1024-feature embeddings (the real ViT-H-14 adds its own cost, once
+per clip drawn and none with ``[data] cache``). The reference row stays the motion-module recipe.
+
 Columns: seconds per step (median), and the peak resident memory above the process's RSS after the
 models were built (Linux VmHWM, reset then), i.e. activations, gradients and optimizer state. Ratios
 are to the reference row of the same frame count, measured in the same run.
@@ -97,7 +103,8 @@ def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
     return {"seconds_per_step": statistics.median(times), "peak_bytes": high_water_mark() - base}
 
 
-def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: bool) -> dict:
+def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: bool,
+             mode: str = "motion_module") -> dict:
     import tempfile
 
     import torch
@@ -143,11 +150,12 @@ def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: boo
                                operations=comfy.ops.manual_cast)
     demo.seeded_fill_(motion_model, 3, gain=0.5)
     motion = wrap_motion_model(motion_model.eval().requires_grad_(False), "bench v2")
-    models = BaseModels(model, clip, demo.tiny_vae(0), motion, "bench")
+    vision = demo.tiny_clip_vision(0, projection_dim=1024) if mode == "semantic_motion_predictor" else None
+    models = BaseModels(model, clip, demo.tiny_vae(0), motion, "bench", clip_vision=vision)
     workdir = tempfile.mkdtemp()
     folder_paths.set_output_directory(workdir)
     run = config_from_dict({
-        "mode": "motion_module", "name": "bench", "seed": 0,
+        "mode": mode, "name": "bench", "seed": 0,
         "data": {"frames": frames, "stride": 1, "width": 256, "height": 256, "caption_dropout": 0.0},
         "train": {"steps": steps + 1, "batch_size": batch, "learning_rate": 1e-4,
                   "gradient_checkpointing": checkpointing},
@@ -169,11 +177,11 @@ def child(argv) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    kind, width, frames, batch, steps = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    kind, width, frames, batch, steps, mode = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5]
     if kind == "reference":
         result = run_reference(width, frames, batch, steps)
     else:
-        result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt")
+        result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt", mode=mode)
     print("RESULT " + json.dumps(result))
 
 
@@ -185,17 +193,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     parser.add_argument("--runs", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which rows (the reference always runs: the ratios are to it)")
+    parser.add_argument("--mode", choices=["motion_module", "semantic_motion_predictor"], default="motion_module",
+                        help="what the pack's rows train")
     args = parser.parse_args()
     rows = []
     for frames in args.frames:
         for kind in [k for k in KINDS if k == "reference" or k in args.runs]:
             done = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", kind, args.width,
-                                   str(frames), str(args.batch), str(args.steps)], capture_output=True, text=True)
+                                   str(frames), str(args.batch), str(args.steps), args.mode], capture_output=True,
+                                  text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{kind} {frames} frames failed:\n{done.stderr[-3000:]}")
             rows.append((frames, kind, json.loads(line[7:])))
-    print(f"width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
+    print(f"pack rows: mode {args.mode}; width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
           f"{os.environ.get('BENCH_THREADS', '2')} threads")
     print(f"{'frames':>6} {'run':<11} {'s/step':>8} {'x ref':>6} {'peak MiB':>9} {'x ref':>6}")
     reference = {f: r for f, k, r in rows if k == "reference"}
