@@ -1,4 +1,4 @@
-"""StoryDiffusion nodes: Consistent Self-Attention, Story Prompts, Story Sampler, Comic Page."""
+"""StoryDiffusion nodes: Consistent Self-Attention, Story Prompts, Story Sampler, Comic Page, Story To Video."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ..motion_modules.consistent_attention import (FORMS, SCHEDULES, Consistency
                                                    parse_rates)
 from ..motion_modules.story import pad_tokens, parse_story
 from .consistent_patch import patch_model
-from .sockets import CATEGORY, STORY, STORY_BANK
-from .story_sampling import SAMPLERS, SCHEDULERS, sample_story
+from .sockets import CATEGORY, MOTION_PREDICTOR, SPARSECTRL, STORY, STORY_BANK
+from .story_sampling import SAMPLERS, SCHEDULERS, TRANSITIONS, sample_story, story_video
 from .validation import check_widgets
 
 STORY_CATEGORY = f"{CATEGORY}/story"
@@ -238,4 +238,76 @@ class ComicPage(io.ComfyNode):
         return io.NodeOutput(page)
 
 
-NODES = [ConsistentSelfAttention, StoryPrompts, StorySampler, ComicPage]
+class StoryToVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADS_StoryToVideo",
+            display_name="Story To Video (StoryDiffusion)",
+            category=STORY_CATEGORY,
+            description="Turn a story's panels into one video: a transition clip between each pair of neighbouring "
+                        "panels, sampled with the animated model while the two panels are held as its first and "
+                        "last frames, guided by SparseCtrl or the Semantic Motion Predictor. The panels are the "
+                        "video's keyframes (through the VAE); each shared panel appears once.",
+            inputs=[
+                io.Model.Input("model", tooltip="The animated model (Apply Motion Model; the v3 motion model goes "
+                                                "with SparseCtrl). Through Consistent Self-Attention reading the "
+                                                "story's bank, the character stays the same in the transitions."),
+                io.Vae.Input("vae", tooltip="Encodes the panels into the clips' first and last latent frames and "
+                                            "decodes the clips."),
+                io.Conditioning.Input("positive", tooltip="One prompt for all transitions, or Story Prompts' "
+                                                          "conditioning (one prompt per panel): each transition then "
+                                                          "goes from its first panel's prompt to its last's."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt."),
+                io.Image.Input("panels", tooltip="The story's panels in order (at least 2), e.g. Story Sampler's "
+                                                 "latents through VAE Decode; the video has their size."),
+                io.Combo.Input("transition", options=list(TRANSITIONS), default="sparsectrl",
+                               tooltip="sparsectrl: SparseCtrl on the two panels (connect sparsectrl); "
+                                       "semantic_motion_predictor: StoryDiffusion's predictor from the two panels "
+                                       "(connect motion_predictor and clip_vision); keyframes_only: only the held "
+                                       "panels and the motion model."),
+                io.Int.Input("frames_per_transition", default=16, min=3, max=256,
+                             tooltip="Frames of each clip, both panels included; the video has (panels - 1) x "
+                                     "(frames - 1) + 1 frames. Above the motion model's 16 (32 for v3 SDXL), "
+                                     "use context windows on Apply Motion Model."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed of the first transition; transition j uses seed + j."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps of each transition."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance."),
+                io.Combo.Input("sampler_name", options=SAMPLERS, tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, tooltip="Scheduler."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="SparseCtrl's strength, or the predictor's (1 as trained); unused by "
+                                       "keyframes_only."),
+                SPARSECTRL.Input("sparsectrl", optional=True, tooltip="From Load SparseCtrl (RGB or scribble), for "
+                                                                      "transition sparsectrl."),
+                MOTION_PREDICTOR.Input("motion_predictor", optional=True,
+                                       tooltip="From Load Semantic Motion Predictor, for transition "
+                                               "semantic_motion_predictor."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="The image encoder the predictor was trained with, for transition "
+                                            "semantic_motion_predictor."),
+            ],
+            outputs=[io.Image.Output(display_name="video", tooltip="All frames, for Save Animated WEBP or a video "
+                                                                   "node."),
+                     io.String.Output(display_name="keyframes", tooltip="The frame index of each panel in the "
+                                                                        "video, e.g. '0, 15, 30'.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+    @classmethod
+    def execute(cls, model, vae, positive, negative, panels, transition: str, frames_per_transition: int, seed: int,
+                steps: int, cfg: float, sampler_name: str, scheduler: str, strength: float, sparsectrl=None,
+                motion_predictor=None, clip_vision=None) -> io.NodeOutput:
+        video, keyframes = story_video(model, vae, positive, negative, panels, transition, frames_per_transition,
+                                       seed, steps, cfg, sampler_name, scheduler, strength, sparsectrl,
+                                       motion_predictor, clip_vision)
+        text = ", ".join(str(k) for k in keyframes)
+        return io.NodeOutput(video, text, ui={"text": [f"{video.shape[0]} frames; panels at {text}"]})
+
+
+NODES = [ConsistentSelfAttention, StoryPrompts, StorySampler, ComicPage, StoryToVideo]

@@ -24,8 +24,8 @@ def test_pack_loads_like_comfyui_loads_it(env):
     expected = {"ADS_LoadMotionModel", "ADS_LoadMotionLora", "ADS_ApplyMotionModel", "ADS_TinyDemoModels",
                 "ADS_ContextOptions", "ADS_ContextScheduleImage", "ADS_PromptTravel", "ADS_FreeInit",
                 "ADS_TrainMotionLora", "ADS_TrainMotion", "ADS_CameraMotionClips", "ADS_ConsistentSelfAttention",
-                "ADS_StoryPrompts", "ADS_StorySampler", "ADS_ComicPage", "ADS_LoadSparseCtrl", "ADS_ApplySparseCtrl",
-                "ADS_LoadMotionPredictor", "ADS_ApplyMotionPredictor"}
+                "ADS_StoryPrompts", "ADS_StorySampler", "ADS_ComicPage", "ADS_StoryToVideo", "ADS_LoadSparseCtrl",
+                "ADS_ApplySparseCtrl", "ADS_LoadMotionPredictor", "ADS_ApplyMotionPredictor"}
     assert os.path.dirname(nodes.__file__) != ROOT
     ours = [k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ADS_")]
     assert set(ours) == expected

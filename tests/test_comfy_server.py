@@ -66,7 +66,7 @@ def tiny(graph: dict) -> dict:
     for node in graph.values():
         if node["class_type"] in ("EmptyLatentImage", "ImageScale", "ADS_CameraMotionClips", "ADS_TrainMotionLora"):
             node["inputs"].update(width=64, height=64)
-        if node["class_type"] in ("KSampler", "ADS_StorySampler"):
+        if node["class_type"] in ("KSampler", "ADS_StorySampler", "ADS_StoryToVideo"):
             node["inputs"]["steps"] = 2
         if node["class_type"] == "ADS_TrainMotionLora":
             node["inputs"].update(steps=2, frames=8, rank=4)
@@ -96,7 +96,7 @@ def expected_frames(graph: dict) -> int:
     raise AssertionError("no latent batch in the graph")
 
 
-STORY_EXAMPLES = ("comic_story_sd15", "comic_story_sdxl", "consistent_character_clips_sd15")
+STORY_EXAMPLES = ("comic_story_sd15", "comic_story_sdxl", "consistent_character_clips_sd15", "story_to_video_sd15")
 
 
 @pytest.mark.parametrize("name", sorted(set(workflows.EXAMPLES) - set(STORY_EXAMPLES)))
@@ -144,6 +144,25 @@ def test_consistent_character_clips_example_gives_both_clips(server):
     assert frame_counts(server, entry) == {"webp": 16}
     webps = [i["filename"] for i in runner.output_files(entry) if i["filename"].endswith(".webp")]
     assert len(webps) == 2
+
+
+def test_story_to_video_example_is_one_video_whose_keyframes_are_the_panels(server):
+    """3 panels -> one 31-frame video; frames 0, 15 and 30 equal the panels through the VAE, computed here by the
+    stock VAEEncode and VAEDecode nodes in the same prompt (all saved as 8-bit PNGs: at most one level apart)."""
+    graph = tiny(runner.load_example("story_to_video_sd15"))
+    graph["90"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["1", 2]}}
+    graph["91"] = {"class_type": "VAEDecode", "inputs": {"samples": ["90", 0], "vae": ["1", 2]}}
+    graph["92"] = {"class_type": "SaveImage", "inputs": {"images": ["91", 0], "filename_prefix": "test/round_trip"}}
+    graph["93"] = {"class_type": "SaveImage", "inputs": {"images": ["16", 0], "filename_prefix": "test/video"}}
+    entry = server.run(graph)
+    assert entry["outputs"]["16"]["text"] == ["31 frames; panels at 0, 15, 30"]
+    assert frame_counts(server, entry) == {"webp": 31, "mp4": 31}
+    panels, round_trip = saved_images(server, entry, "8"), saved_images(server, entry, "92")
+    video = np.stack(saved_images(server, entry, "93")).astype(int)
+    assert len(panels) == 3 and video.shape == (31, 64, 64, 3)
+    for index, frame in zip((0, 15, 30), round_trip):
+        assert np.abs(video[index] - frame.astype(int)).max() <= 1, index
+    assert min(np.abs(video[i] - video[0]).max() for i in range(1, 15)) > 1  # in between: sampled frames
 
 
 @pytest.mark.parametrize("variant", ["windows", "freenoise_freeinit"])

@@ -208,6 +208,37 @@ def _comic_story(checkpoint: str, size: int, prefix: str, rates: str = "") -> di
     }
 
 
+def _story_to_video() -> dict:
+    """Three panels of one character (Story Sampler), then Story To Video: SparseCtrl transitions between them,
+    sampled by the v3 motion model on the model that reads the character's bank."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "2": _consistent(["1", 0]),
+        "3": {"class_type": "ADS_StoryPrompts", "inputs": {
+            "clip": ["1", 1], "characters": STORY_CHARACTERS, "style": "{prompt}, photo, detailed, soft light",
+            "panels": "[Bob] stands at a bus stop in the rain\n[Bob] gets on a red bus\n"
+                      "[Bob] sits in the bus, looking out of the window", "id_length": 2}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": _story_sampler(["2", 0], "5", 25, 7.5),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "Story/video_panel"}},
+        "12": _consistent(["1", 0], bank=["6", 1], character="Bob"),
+        "13": {"class_type": "ADS_LoadMotionModel", "inputs": {"model_name": "v3_sd15_mm.ckpt"}},
+        "14": {"class_type": "ADS_ApplyMotionModel", "inputs": {
+            "model": ["12", 0], "motion_model": ["13", 0], "domain_adapter": "none", "domain_adapter_strength": 1.0,
+            "motion_scale": 1.0, "start_percent": 0.0, "end_percent": 1.0, "beta_schedule": "auto",
+            "frames_per_clip": 0, "norm_semantics": "original"}},
+        "15": {"class_type": "ADS_LoadSparseCtrl", "inputs": {"sparsectrl_name": "v3_sd15_sparsectrl_rgb.ckpt"}},
+        "16": {"class_type": "ADS_StoryToVideo", "inputs": {
+            "model": ["14", 0], "vae": ["1", 2], "positive": ["3", 0], "negative": ["4", 0], "panels": ["7", 0],
+            "transition": "sparsectrl", "frames_per_transition": 16, "seed": 3, "steps": 20, "cfg": 7.5,
+            "sampler_name": "euler", "scheduler": "normal", "strength": 1.0, "sparsectrl": ["15", 0]}},
+    }
+    graph.update(_save("Story/video", images="16"))
+    return graph
+
+
 def _consistent_clips() -> dict:
     """Two references of a character sampled as images into a bank, then two AnimateDiff clips that read it."""
     graph = {
@@ -341,6 +372,14 @@ EXAMPLES = {
         {"models/checkpoints": "sd_xl_base_1.0.safetensors (or any SDXL checkpoint)"},
         "The six-panel comic on SDXL at 1024x1024, with the paper's per-resolution sampling rates (sa32 and "
         "sa64 = 0.5: rate_overrides '32: 0.5, 16: 0.5')."),
+    "story_to_video_sd15": (
+        _story_to_video(),
+        {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
+         "models/animatediff_models": "v3_sd15_mm.ckpt", "models/controlnet": "v3_sd15_sparsectrl_rgb.ckpt"},
+        "A story as one video (StoryDiffusion): Story Sampler makes three panels of one character, Story To Video "
+        "animates a 16-frame transition between each neighbouring pair with the v3 motion model, the panels held "
+        "as the first and last frames and SparseCtrl (RGB) on them; the prompts travel from panel to panel and "
+        "Consistent Self-Attention reads the character's bank. 31 frames, the panels at 0, 15 and 30."),
     "consistent_character_clips_sd15": (
         _consistent_clips(),
         {"models/checkpoints": "v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint)",
