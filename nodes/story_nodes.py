@@ -36,6 +36,18 @@ def _checked(cls, values: dict, parse) -> bool | str:
     return True
 
 
+def _sampling_inputs(seed_tooltip: str, steps: int, steps_tooltip: str, cfg: float, cfg_tooltip: str) -> list:
+    """KSampler's seed, steps, cfg, sampler_name and scheduler inputs, with these defaults and tooltips."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip=seed_tooltip),
+        io.Int.Input("steps", default=steps, min=1, max=10000, tooltip=steps_tooltip),
+        io.Float.Input("cfg", default=cfg, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=cfg_tooltip),
+        io.Combo.Input("sampler_name", options=SAMPLERS, tooltip="Sampler."),
+        io.Combo.Input("scheduler", options=SCHEDULERS, tooltip="Scheduler."),
+    ]
+
+
 class ConsistentSelfAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -166,13 +178,9 @@ class StorySampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Story Prompts' per-panel conditioning."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt (one for all panels)."),
                 io.Latent.Input("latent_image", tooltip="Batch 1 (every panel starts from it) or one per panel."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed: the same for a panel whatever panels_per_batch is."),
-                io.Int.Input("steps", default=25, min=1, max=10000, tooltip="Sampling steps of every pass."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance (the paper: 5.0 for images)."),
-                io.Combo.Input("sampler_name", options=SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=SCHEDULERS, tooltip="Scheduler."),
+                *_sampling_inputs("Noise seed: the same for a panel whatever panels_per_batch is.",
+                                  25, "Sampling steps of every pass.",
+                                  5.0, "Classifier-free guidance (the paper: 5.0 for images)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Denoise strength."),
                 io.Int.Input("panels_per_batch", default=1, min=1, max=64,
                              tooltip="Non-reference panels sampled together against the bank (more is faster "
@@ -270,13 +278,8 @@ class StoryToVideo(io.ComfyNode):
                              tooltip="Frames of each clip, both panels included; the video has (panels - 1) x "
                                      "(frames - 1) + 1 frames. Above the motion model's 16 (32 for v3 SDXL), "
                                      "use context windows on Apply Motion Model."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed of the first transition; transition j uses seed + j."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps of each transition."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance."),
-                io.Combo.Input("sampler_name", options=SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=SCHEDULERS, tooltip="Scheduler."),
+                *_sampling_inputs("Noise seed of the first transition; transition j uses seed + j.",
+                                  20, "Sampling steps of each transition.", 7.5, "Classifier-free guidance."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="SparseCtrl's strength, or the predictor's (1 as trained); unused by "
                                        "keyframes_only."),
