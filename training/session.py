@@ -59,10 +59,7 @@ def load_base(config: Config) -> BaseModels:
     if base.motion_model:
         motion = load_motion_patcher(full_path(MOTION_MODELS, base.motion_model), base.motion_model)
     if base.clip_vision:
-        vision_path = folder_paths.get_full_path("clip_vision", base.clip_vision)
-        if vision_path is None:
-            raise MotionModelError(f"[base] clip_vision {base.clip_vision!r} is not in models/clip_vision")
-        vision = comfy.clip_vision.load(vision_path)
+        vision = comfy.clip_vision.load(full_path("clip_vision", base.clip_vision))
         if vision is None:
             raise MotionModelError(f"[base] clip_vision {base.clip_vision!r}: ComfyUI does not recognise it as a "
                                    "CLIP vision model")

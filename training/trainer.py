@@ -18,6 +18,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -304,7 +305,8 @@ class Trainer:
         self.text_cache: dict[str, list] = {}
         self.tensorboard = None  # a SummaryWriter while running, when enabled and installed
         self.cache = DiskCache(cache_folder(config, run_dir)) if config.data.cache else None
-        self._vae_id = self._clip_id = self._vision_id = None
+        self._clip_id = None
+        self._weight_ids: dict[int, str] = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def _optimizer(self, device: torch.device):
@@ -432,42 +434,53 @@ class Trainer:
             self.text_cache[caption] = [cached["cond"], cached.get("pooled")]
         return self.text_cache[caption]
 
-    def _latent(self, index: int, draw) -> torch.Tensor:
-        """The VAE latent of clip ``index`` as drawn (before the model's ``process_latent_in``)."""
-        key = None
-        if self.cache is not None:
-            if self._vae_id is None:
-                self._vae_id = weights_hash(self.models.vae.first_stage_model)
-            key = key_of("latent", self.clips.content_hash(index), draw.indices, draw.flip, draw.size, self._vae_id)
-            cached = self.cache.get("latents", key)
-            if cached is not None:
-                return cached["latent"]
-        with torch.no_grad():
-            latent = self.models.vae.encode(self.clips.load(index, draw)).float()
-        if key is not None:
-            self.cache.put("latents", key, {"latent": latent})
-        return latent
+    def _cached(self, folder: str, name: str, key_parts, compute) -> torch.Tensor:
+        """``compute()``, kept in the disk cache (with ``[data] cache``) under the key of ``key_parts()``."""
+        if self.cache is None:
+            return compute()
+        key = key_of(*key_parts())
+        cached = self.cache.get(folder, key)
+        if cached is not None:
+            return cached[name]
+        value = compute()
+        self.cache.put(folder, key, {name: value})
+        return value
 
-    def _embeddings(self, index: int, draw) -> torch.Tensor:
+    def _weights_id(self, module: torch.nn.Module) -> str:
+        """``weights_hash`` of a frozen model, computed once per run."""
+        if id(module) not in self._weight_ids:
+            self._weight_ids[id(module)] = weights_hash(module)
+        return self._weight_ids[id(module)]
+
+    def _latent(self, index: int, draw, pixels) -> torch.Tensor:
+        """The VAE latent of clip ``index`` as drawn (before the model's ``process_latent_in``); ``pixels()``
+        gives its frames."""
+        vae = self.models.vae.first_stage_model
+
+        def encode():
+            with torch.no_grad():
+                return self.models.vae.encode(pixels()).float()
+        return self._cached("latents", "latent", lambda: ("latent", self.clips.content_hash(index), draw.indices,
+                                                          draw.flip, draw.size, self._weights_id(vae)), encode)
+
+    def _embeddings(self, index: int, draw, pixels) -> torch.Tensor:
         """E(frame) of clip ``index`` as drawn, by the CLIP vision model: (frames, image_dim) when ``[predictor]
-        embedding_loss`` needs every frame, else (2, image_dim) of the first and last frame."""
+        embedding_loss`` needs every frame, else (2, image_dim) of the first and last frame; ``pixels()`` gives
+        its frames."""
         every = self.config.predictor.embedding_loss > 0
-        key = None
-        if self.cache is not None:
-            if self._vision_id is None:
-                self._vision_id = weights_hash(self.models.clip_vision.model)
-            key = key_of("embeddings", self.clips.content_hash(index), draw.indices, draw.flip, draw.size, every,
-                         self._vision_id)
-            cached = self.cache.get("embeddings", key)
-            if cached is not None:
-                return cached["embeddings"]
-        pixels = self.clips.load(index, draw)
-        with torch.no_grad():
-            embeddings = self.models.clip_vision.encode_image(pixels if every else pixels[[0, -1]])
-        embeddings = embeddings.image_embeds.float().cpu()
-        if key is not None:
-            self.cache.put("embeddings", key, {"embeddings": embeddings})
-        return embeddings
+        vision = self.models.clip_vision
+
+        def encode():
+            frames = pixels()
+            with torch.no_grad():
+                return vision.encode_image(frames if every else frames[[0, -1]]).image_embeds.float().cpu()
+        return self._cached("embeddings", "embeddings", lambda: (
+            "embeddings", self.clips.content_hash(index), draw.indices, draw.flip, draw.size, every,
+            self._weights_id(vision.model)), encode)
+
+    def _pixels(self, index: int, draw):
+        """A loader of clip ``index``'s frames as drawn that decodes them at most once (latent and embeddings)."""
+        return functools.cache(lambda: self.clips.load(index, draw))
 
     def _batch(self, device) -> _Batch:
         """One micro-batch of this process. Every random draw of a clip (which clip, its frames and
@@ -494,10 +507,11 @@ class Trainer:
             anchor, single = torch.randint(0, frames, (2,), generator=self.generator).tolist()
             if number // per_process == self.world.rank:
                 mine.append((index, draw, "" if dropped else self.clips.caption(index), sigma, noise, anchor, single))
+        loaders = [self._pixels(index, draw) for index, draw, *_ in mine]
         latents = []
-        for index, draw, *_ in mine:
+        for (index, draw, *_), pixels in zip(mine, loaders):
             with torch.no_grad():
-                latent = self.model.model.process_latent_in(self._latent(index, draw))
+                latent = self.model.model.process_latent_in(self._latent(index, draw, pixels))
             if tuple(latent.shape) != shape:
                 raise TrainingError(f"the VAE gave latents of shape {tuple(latent.shape)}, expected {shape}")
             latents.append(latent)
@@ -505,7 +519,8 @@ class Trainer:
         pooled = [pool.expand(frames, -1) for _, pool in texts if pool is not None]
         embeddings = None
         if self.predictor_state is not None:
-            embeddings = torch.stack([self._embeddings(index, draw) for index, draw, *_ in mine])
+            embeddings = torch.stack([self._embeddings(index, draw, pixels)
+                                      for (index, draw, *_), pixels in zip(mine, loaders)])
         return _Batch(
             x0=torch.cat(latents).to(device),
             conditioning=[[_equal_tokens([cond.expand(frames, -1, -1) for cond, _ in texts]),
@@ -672,7 +687,7 @@ class Trainer:
             yield
             return
         draw = self.clips.draw(0, torch.Generator().manual_seed(self.config.validation.seed))
-        embeddings = self._embeddings(0, draw)
+        embeddings = self._embeddings(0, draw, self._pixels(0, draw))
         try:
             with torch.no_grad():
                 self.predictor_state.set_pairs(embeddings[None, 0], embeddings[None, -1], self.config.data.frames)
