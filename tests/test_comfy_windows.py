@@ -279,3 +279,57 @@ def test_windows_show_on_the_progress_bar(env):
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
         context_sampling.release_freed_memory = release
+
+
+def _r(a: int, b: int) -> list[int]:
+    return list(range(a, b + 1))
+
+
+# The windows of each step, listed by hand (worked out in tests/test_context.py's docstrings).
+VISITED_BY_HAND = {
+    "standard_static": (40, 16, 4, False, [[_r(0, 15), _r(12, 27), _r(24, 39)]] * 4),
+    "batched": (40, 16, 4, False, [[_r(0, 15), _r(16, 31), _r(32, 39)]] * 4),
+    "standard_uniform": (32, 16, 4, False, [[_r(0, 15), _r(12, 27), _r(16, 31)],
+                                             [_r(16, 31), _r(0, 15), _r(8, 23)],
+                                             [_r(8, 23), _r(16, 31), _r(0, 15)],
+                                             [_r(16, 31), _r(0, 15), _r(4, 19)]]),
+    "looped_uniform": (20, 8, 2, False, [[_r(0, 7), _r(6, 13), _r(12, 19)],
+                                         [_r(10, 17), _r(16, 19) + _r(0, 3), _r(2, 9)],
+                                         [_r(5, 12), _r(11, 18), _r(17, 19) + _r(0, 4)],
+                                         [_r(15, 19) + _r(0, 2), _r(1, 8), _r(7, 14)]]),
+    "looped_uniform closed_loop": (20, 8, 2, True, [[_r(0, 7), _r(6, 13), _r(12, 19), _r(18, 19) + _r(0, 5)]]),
+}
+
+
+@pytest.mark.parametrize("window_batch", [1, 2])
+@pytest.mark.parametrize("name", sorted(VISITED_BY_HAND))
+def test_the_sampler_visits_the_windows_listed_by_hand_at_every_step(env, name, window_batch):
+    """A spy in place of the UNet (ComfyUI's unet function wrapper) reads which frames each call holds:
+    the noise carries frame f as channel 0 = f + 1 over channel 1 = 1, and the spy returns eps = 0, so
+    euler keeps every latent at sigma x noise and the ratio names the frame at every step. Each step's
+    windows (cond and uncond alike) must be the hand-listed ones, also when calls hold 2 windows."""
+    from animatediff_suite.motion_modules import ContextOptions
+
+    frames, length, overlap, closed, by_hand = VISITED_BY_HAND[name]
+    options = ContextOptions(length, overlap, closed_loop=closed, schedule=name.split()[0], window_batch=window_batch)
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v2"), context=options).clone()
+    calls = []
+
+    def spy(apply_model, args):
+        x, chunks = args["input"], len(args["cond_or_uncond"])
+        ids = (x[:, 0] / x[:, 1]).mean((1, 2)).round().long() - 1
+        step = float(args["timestep"].reshape(-1)[0])
+        for chunk in ids.chunk(chunks):
+            calls.append((step, [w.tolist() for w in chunk.split(length)]))
+        return torch.zeros_like(x)
+
+    model.set_model_unet_function_wrapper(spy)
+    noise = torch.ones(frames, 4, 8, 8)
+    noise[:, 0] = torch.arange(1, frames + 1, dtype=torch.float32).view(frames, 1, 1)
+    sample_with_noise(env, model, noise, env["cond"], env["negative"], cfg=7.0, steps=len(by_hand))
+    steps = sorted({step for step, _ in calls}, reverse=True)
+    assert len(steps) == len(by_hand)
+    for step, expected in zip(steps, by_hand):
+        per_chunk = [windows for t, windows in calls if t == step]
+        visited = sorted(w for windows in per_chunk for w in windows)
+        assert visited == sorted(expected * 2), (name, steps.index(step))  # cond and uncond
