@@ -163,6 +163,43 @@ def test_motion_scale_and_percent_range(env):
     assert torch.equal(ksample(env, off, steps=2), ksample(env, model, steps=2))
 
 
+@pytest.mark.parametrize("motion_first", [True, False])
+def test_a_percent_range_between_the_extremes_runs_motion_on_exactly_its_steps(env, motion_first):
+    """4 euler steps with motion on for the first half only (end_percent p) or the second half only
+    (start_percent p), where p's sigma lies between the 2nd and 3rd step's sigmas: a step runs the motion
+    modules when end sigma <= its sigma <= start sigma. Expected: the stock two-stage chain (KSamplerAdvanced's
+    way: steps 0-1 with leftover noise, then steps 2-3 from there without new noise) with the motion model for
+    one stage and the plain model for the other."""
+    import comfy.samplers
+
+    model = env["demo"].tiny_model(0)
+    loaded = motion(env, "v3")
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 4)
+    grid = [p / 100 for p in range(1, 100)]
+    between = [p for p in grid if sigmas[2] * 1.05 < sampling.percent_to_sigma(p) < sigmas[1] * 0.95]
+    assert between, sigmas
+    p = between[len(between) // 2]
+    ranged = apply(env, model, loaded, **({"end_percent": p} if motion_first else {"start_percent": p}))
+    with_motion = apply(env, model, loaded)
+    first, second = (with_motion, model) if motion_first else (model, with_motion)
+
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(FRAMES, 4, 8, 8, generator=gen)
+    latent = torch.zeros_like(noise)
+
+    def run(patcher, noise, latent, start, last):
+        return env["sample"].sample(patcher, noise, 4, 7.0, "euler", "normal", env["cond"], env["negative"], latent,
+                                    start_step=start, last_step=last, force_full_denoise=last == 4, disable_pbar=True)
+
+    got = run(ranged, noise, latent, None, None)
+    halfway = run(first, noise, latent, 0, 2)
+    expected = run(second, torch.zeros_like(noise), halfway, 2, 4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)  # latents of magnitude ~100: float rounding
+    assert (got - run(with_motion, noise, latent, None, None)).abs().max() > 1e-2  # both stages matter here
+    assert (got - run(model, noise, latent, None, None)).abs().max() > 1e-2
+
+
 def test_beta_schedules(env):
     import comfy.model_sampling
 
