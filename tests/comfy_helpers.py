@@ -3,6 +3,7 @@ and the block-by-block reference forward built from the core."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import torch
@@ -155,3 +156,44 @@ class SamplerSpy:
         result = executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
         self.outputs.append(result.clone())
         return result
+
+
+# comfy_extras image nodes the examples use, written out (importing comfy_extras in this process pulls in
+# ComfyUI's server module, whose `utils` import the in-process path setup shadows with comfy/utils.py)
+EXTRA_IMAGE_NODES = {
+    "ImageFromBatch": lambda image, batch_index, length: (image[batch_index:batch_index + length].clone(),),
+    "RepeatImageBatch": lambda image, amount: (image.repeat((amount, 1, 1, 1)),),
+}
+
+
+def run_in_process(graph: dict, node_id: str, output: int = 0):
+    """Output ``output`` of node ``node_id`` of an API-format graph, computed in this process by calling
+    the node classes (the pack's and ComfyUI's stock ones; EXTRA_IMAGE_NODES) on their inputs in dependency
+    order, under ``torch.inference_mode`` as ComfyUI's executor runs them; no executor, server or cache."""
+    import nodes
+    from comfy_api.latest import io
+
+    from animatediff_suite.nodes import AnimateDiffSuiteExtension
+
+    classes = dict(nodes.NODE_CLASS_MAPPINGS)
+    classes.update({node.define_schema().node_id: node
+                    for node in asyncio.run(AnimateDiffSuiteExtension().get_node_list())})
+    values: dict[str, tuple] = {}
+
+    def value(key: str) -> tuple:
+        if key not in values:
+            node = graph[key]
+            inputs = {name: value(link[0])[link[1]] if isinstance(link, list) else link
+                      for name, link in node["inputs"].items()}
+            if node["class_type"] in EXTRA_IMAGE_NODES:
+                values[key] = EXTRA_IMAGE_NODES[node["class_type"]](**inputs)
+                return values[key]
+            cls = classes[node["class_type"]]
+            if issubclass(cls, io.ComfyNode):
+                values[key] = tuple(cls.execute(**inputs).result)
+            else:
+                values[key] = tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+        return values[key]
+
+    with torch.inference_mode():
+        return value(node_id)[output]

@@ -8,6 +8,7 @@ checkpoint file as SD1.5/SDXL, so a tiny checkpoint *file* is not possible).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
@@ -21,6 +22,7 @@ from PIL import Image
 import ade_workflows as ade
 from ads_helpers import make_spec, motion_lora_state_dict, original_state_dict, random_model, released_sparsectrl
 from ads_package import ROOT, load_module
+from comfy_helpers import run_in_process
 from server_helpers import refused, runner
 
 pytestmark = pytest.mark.comfyui
@@ -55,7 +57,7 @@ def server(comfyui, tmp_path_factory):
         comfyui, str(root), ["--cpu", "--input-directory", str(root / "input"), "--output-directory", str(output),
                              "--preview-method", "latent2rgb"],
         model_folders={k: str(v) for k, v in folders.items()})
-    instance.output = output
+    instance.output, instance.root, instance.folders = output, root, folders
     yield instance
     instance.stop()
 
@@ -99,16 +101,69 @@ def expected_frames(graph: dict) -> int:
 STORY_EXAMPLES = ("comic_story_sd15", "comic_story_sdxl", "consistent_character_clips_sd15", "story_to_video_sd15")
 
 
+@contextlib.contextmanager
+def server_folders(server):
+    """This process's ComfyUI folders pointed at the server's input and model folders, restored after."""
+    import copy
+
+    import folder_paths
+
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths), folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(server.root / "input"))
+    for name, path in server.folders.items():
+        folder_paths.add_model_folder_path(name, str(path), is_default=True)
+        folder_paths.filename_list_cache.pop(name, None)
+    try:
+        yield
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved[0])
+        folder_paths.set_input_directory(saved[1])
+        folder_paths.filename_list_cache.clear()
+
+
+def as_saved(images: torch.Tensor) -> np.ndarray:
+    """IMAGE -> the 8-bit pixels SaveImage writes (clip(255 x), truncated)."""
+    return np.clip(255.0 * images.float().cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+def save_frames(graph: dict, links: list, prefix: str) -> None:
+    """Add a lossless SaveImage ("9<n>") for each IMAGE link."""
+    for number, link in enumerate(links):
+        graph[f"9{number}"] = {"class_type": "SaveImage", "inputs": {"images": list(link),
+                                                                      "filename_prefix": f"test/{prefix}_{number}"}}
+
+
+def assert_frames_equal_in_process(server, graph: dict, entry: dict, links: list) -> None:
+    """The frames the server saved for each link (save_frames) equal this process's run of the same graph,
+    node classes called directly (comfy_helpers.run_in_process), at most one 8-bit level apart (float
+    rounding between two processes); and they are frames of a video, not one image repeated."""
+    with server_folders(server):
+        for number, (node_id, output) in enumerate(links):
+            got = np.stack(saved_images(server, entry, f"9{number}")).astype(int)
+            expected = as_saved(run_in_process(graph, node_id, output)).astype(int)
+            assert got.shape == expected.shape, (node_id, got.shape, expected.shape)
+            assert np.abs(got - expected).max() <= 1, node_id
+            assert np.abs(got[1:] - got[:1]).max() > 1, node_id
+
+
 @pytest.mark.parametrize("name", sorted(set(workflows.EXAMPLES) - set(STORY_EXAMPLES)))
-def test_every_api_example_runs_and_writes_all_frames(server, name):
+def test_every_api_example_writes_the_frames_an_in_process_run_of_it_computes(server, name):
+    """Each example through the real server: its files hold every frame, and the decoded frames equal an
+    in-process run of the same graph (assert_frames_equal_in_process)."""
     graph = runner.load_example(name)
     frames = expected_frames(graph)
     assert frames == {"long_loop_sd15": 64, "two_clips_sd15": 32}.get(name, 16)
-    entry = server.run(tiny(graph))
+    graph = tiny(graph)
+    videos = sorted({tuple(node["inputs"]["images"]) for node in graph.values()
+                     if node["class_type"] == "SaveAnimatedWEBP"})
+    save_frames(graph, videos, name)
+    entry = server.run(graph)
     per_file = 16 if name == "two_clips_sd15" else frames  # one file per 16-frame clip
     assert frame_counts(server, entry) == {"webp": per_file, "mp4": per_file}
     files = [item["filename"] for item in runner.output_files(entry) if item["filename"].endswith(".webp")]
-    assert len(files) == (2 if name == "two_clips_sd15" else 1)
+    assert len(files) == len(videos) == (2 if name == "two_clips_sd15" else 1)
+    assert_frames_equal_in_process(server, graph, entry, videos)
 
 
 def saved_images(server, entry, node_id: str) -> list:
@@ -202,7 +257,10 @@ def test_48_frames_with_windows_prompt_travel_and_controlnet(server, variant):
             "butterworth_order": 4, "fast_sampling": False}}
         graph["7"]["inputs"]["model"] = ["16", 0]
     graph.update(workflows._save("long48"))
-    assert frame_counts(server, server.run(graph)) == {"webp": 48, "mp4": 48}
+    save_frames(graph, [("8", 0)], f"long48_{variant}")
+    entry = server.run(graph)
+    assert frame_counts(server, entry) == {"webp": 48, "mp4": 48}
+    assert_frames_equal_in_process(server, graph, entry, [("8", 0)])
 
 
 def test_runner_long_clip_with_freenoise_and_freeinit(server):
@@ -211,7 +269,11 @@ def test_runner_long_clip_with_freenoise_and_freeinit(server):
     graph = runner.customise(runner.load_example("txt2vid_sd15"), args)
     assert graph["context"]["inputs"]["noise_type"] == "shuffle_context"
     assert graph["7"]["inputs"]["model"] == ["freeinit", 0]
-    assert frame_counts(server, server.run(graph)) == {"webp": 40, "mp4": 40}
+    decoded = next(tuple(n["inputs"]["images"]) for n in graph.values() if n["class_type"] == "SaveAnimatedWEBP")
+    save_frames(graph, [decoded], "runner40")
+    entry = server.run(graph)
+    assert frame_counts(server, entry) == {"webp": 40, "mp4": 40}
+    assert_frames_equal_in_process(server, graph, entry, [decoded])
     plain = runner.customise(runner.load_example("txt2vid_sd15"), runner.parse_args([]))
     assert "context" not in plain and "freeinit" not in plain
 
