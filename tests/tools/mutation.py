@@ -33,7 +33,8 @@ PACKAGE = "animatediff_suite"
 EQUIVALENT = os.path.join(ROOT, "tests", "mutation_equivalent.txt")
 CORE_TESTS = ["tests/test_context.py", "tests/test_temporal.py", "tests/test_formats.py", "tests/test_lora.py",
               "tests/test_freenoise_freeinit.py", "tests/test_prompt_travel.py", "tests/test_frame_layout.py",
-              "tests/test_consistent_attention.py", "tests/test_parity_diffusers.py", "tests/test_bad_files.py"]
+              "tests/test_consistent_attention.py", "tests/test_parity_diffusers.py", "tests/test_bad_files.py",
+              "tests/test_motion_predictor.py", "tests/test_sparsectrl.py", "tests/test_memory_estimate.py"]
 KILLED = {"killed", "timeout"}
 
 
