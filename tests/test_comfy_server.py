@@ -9,6 +9,7 @@ checkpoint file as SD1.5/SDXL, so a tiny checkpoint *file* is not possible).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import urllib.error
@@ -104,8 +105,6 @@ STORY_EXAMPLES = ("comic_story_sd15", "comic_story_sdxl", "consistent_character_
 @contextlib.contextmanager
 def server_folders(server):
     """This process's ComfyUI folders pointed at the server's input and model folders, restored after."""
-    import copy
-
     import folder_paths
 
     saved = copy.deepcopy(folder_paths.folder_names_and_paths), folder_paths.get_input_directory()
@@ -363,11 +362,24 @@ def _with_sampler(graph: dict, kind: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustom(Advanced)"])
 def test_stock_advanced_and_custom_samplers(server, kind):
-    entry = server.run(_with_sampler(tiny(runner.load_example("txt2vid_sd15")), kind))
+    """Each stock sampler node on the motion model gives the frames that KSampler with the same seed, steps,
+    cfg, sampler and scheduler gives in an in-process run (ComfyUI's samplers agree on these settings)."""
+    base = tiny(runner.load_example("txt2vid_sd15"))
+    graph = _with_sampler(copy.deepcopy(base), kind)
+    decoded = [("8", 0)] if kind == "KSamplerAdvanced" else [("8", 0), ("25", 0)]
+    save_frames(graph, decoded, kind)
+    entry = server.run(graph)
     webps = [f for f in runner.output_files(entry) if f["filename"].endswith(".webp")]
     for item in webps:
         assert Image.open(os.path.join(server.output, item.get("subfolder", ""), item["filename"])).n_frames == 16
-    assert len(webps) == (1 if kind == "KSamplerAdvanced" else 2)
+    assert len(webps) == len(decoded)
+    base["7"]["inputs"].update(seed=1, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    with server_folders(server):
+        expected = as_saved(run_in_process(base, "8")).astype(int)
+    for number in range(len(decoded)):
+        got = np.stack(saved_images(server, entry, f"9{number}")).astype(int)
+        assert got.shape == expected.shape == (16, 64, 64, 3)
+        assert np.abs(got - expected).max() <= 1, number
 
 
 def test_animated_preview_plays_frames_between_steps_and_the_setting_turns_it_off(server):
