@@ -217,3 +217,70 @@ def test_comic_page_geometry_and_pixels():
     assert captioned.shape[1] == 20 + 2 * int(10 * 1.25) + 3 + 2 * 6
     caption_band = captioned[0, 6 + 20 + 3:6 + 20 + 3 + 12, 6:36]
     assert (caption_band < 0.5).any(), "caption text is drawn in black under the panel"
+
+
+def _dark_rows(region: torch.Tensor) -> list[int]:
+    return sorted({int(r) for r in (region.min(-1).values < 0.5).nonzero()[:, 0]})
+
+
+def test_comic_page_borders_margins_defaults_and_clamping_by_hand():
+    """One 20 x 30 panel at the defaults (3 columns -> 1 used, margin 16, border 2, white page, caption
+    size 20): the page is 30 + 2*16 wide; the border is the 2-pixel black ring just outside the panel
+    (x, y = 16, 16: columns 14-15 and 46-47, rows 14-15 and 36-37), the pixel outside it and the margins
+    white; values outside [0, 1] clamp to 0 and 255."""
+    panel = torch.full((1, 20, 30, 3), 0.5)
+    panel[0, 0, 0] = torch.tensor([1.5, -0.5, 1.0])
+    page = comic_page(panel, [])[0]
+    assert page.shape == (20 + 2 * 16, 30 + 2 * 16, 3)
+    black, white = torch.zeros(3), torch.ones(3)
+    ring = torch.zeros(page.shape[:2], dtype=torch.bool)
+    ring[14:38, 14:48] = True
+    ring[16:36, 16:46] = False
+    assert torch.equal(page[ring], black.expand(int(ring.sum()), 3))
+    outside = torch.ones(page.shape[:2], dtype=torch.bool)
+    outside[14:38, 14:48] = False
+    assert torch.equal(page[outside], white.expand(int(outside.sum()), 3))
+    assert page[16, 16].tolist() == [1.0, 0.0, 1.0]  # clamped
+    assert torch.allclose(page[17:36, 17:46], torch.tensor(128 / 255))
+    assert comic_page(torch.zeros(0, 20, 30, 3), []).shape == (1, 16, 30 + 2 * 16, 3)  # no panels: a bare margin
+
+
+def test_comic_page_caption_lines_font_size_and_colour_by_hand():
+    """Caption size 20 (the default): lines 25 px apart starting half a margin (8 px) under the panel,
+    drawn in pure black with the size-20 font (glyphs over 12 px tall; Pillow's size-10 default is not)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    panel = torch.full((1, 40, 80, 3), 0.5)
+    font = ImageFont.load_default(size=20)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert probe.textlength("Hg Hg", font=font) <= 80 < probe.textlength("Hg Hg Hg", font=font)
+    page = comic_page(panel, ["Hg Hg Hg"], border=0)[0]  # wraps after "Hg Hg" at size 20
+    assert page.shape[0] == 16 + 40 + 2 * 25 + 8 + 16
+    band = page[16 + 40:, 16:96]
+    rows = _dark_rows(band)
+    assert rows[0] >= 8 and rows[-1] < 8 + 2 * 25
+    first = [r for r in rows if r < 8 + 25]
+    second = [r for r in rows if r >= 8 + 25]
+    assert first and second and first[-1] - first[0] > 12 and second[-1] - second[0] > 12
+    assert float(band.min()) == 0.0 and all(float(band[..., c].min()) == 0.0 for c in range(3))
+
+
+def test_wrap_fits_lines_to_the_width_by_pillows_measure():
+    from PIL import Image, ImageDraw, ImageFont
+
+    from animatediff_suite.motion_modules.comic_page import wrap
+
+    font = ImageFont.load_default(size=20)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = probe.textlength("aa aa", font=font)  # exactly fits
+    assert wrap("aa aa aa", font, width, probe) == ["aa aa", "aa"]
+    assert wrap("aa aa aa", font, width - 1, probe) == ["aa", "aa", "aa"]
+    assert wrap("ab cd ef gh", font, probe.textlength("ab cd ef gh", font=font), probe) == ["ab cd ef gh"]
+    assert wrap("abcdefghijklmnop x", font, 10, probe) == ["abcdefghijklmnop", "x"]  # a long word alone
+
+
+def test_right_to_left_mirrors_every_column():
+    assert [panel_origin(i, 3, 30, 20, 5, "right_to_left") for i in range(4)] == [(75, 5), (40, 5), (5, 5), (75, 30)]
+    with pytest.raises(ValueError, match=r"unknown reading order 'up'; expected one of \['left_to_right', "
+                                         r"'right_to_left'\]"):
+        panel_origin(0, 3, 30, 20, 5, "up")
