@@ -194,6 +194,46 @@ def test_story_errors_name_the_line():
         parse_story("[Bob] a man", "\n \n")
 
 
+def _error(call, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as error:
+        call(*args, **kwargs)
+    return str(error.value)
+
+
+def test_story_blank_and_comment_lines_defaults_and_captions_without_a_hash():
+    """Blank and comment lines anywhere are skipped (the lines after them still count); the defaults are no
+    style and 2 references; an [NC] panel's caption is its text without the tag."""
+    assert parse_characters("[Bob] a man\n\n  # a note\n[Ann] a woman") == {"Bob": "a man", "Ann": "a woman"}
+    story = parse_story("[Bob] a man", "[Bob] walks\n\n[Bob] runs\n[NC] a rainy street\n[Bob] sleeps")
+    assert [p.prompt for p in story.panels] == ["a man walks", "a man runs", "a rainy street", "a man sleeps"]
+    assert story.panels[2].caption == "a rainy street" and story.panels[2].characters == ()
+    assert story.references == (("Bob", (0, 1)),)
+
+
+def test_story_errors_are_whole_sentences():
+    assert _error(parse_characters, "[Bob] a man\nAnn a woman") == (
+        "character line 2: 'Ann a woman' is not '[Name] description' (e.g. '[Bob] a man with red hair, green jacket')")
+    assert _error(parse_characters, "[NC] nobody") == (
+        "character line 1: [NC] is reserved for panels without a character")
+    assert _error(parse_characters, "[Bob] a\n[Bob] b") == "character line 2: [Bob] is described twice"
+    assert _error(parse_story, "", "[Carl] runs") == (
+        "panel line 1: [Carl] is not a described character (described: none, and [NC] for no character)")
+    assert _error(parse_story, "[Bob] a\n[Ann] b", "[Bob] x\n[Carl] runs") == (
+        "panel line 2: [Carl] is not a described character (described: [Bob], [Ann], and [NC] for no character)")
+    assert _error(parse_story, "[Bob] a", "[NC] [Bob] walks") == (
+        "panel line 1: [NC] cannot share a panel with a character")
+    assert _error(parse_story, "[Bob] a", "[Bob] x\n[NC] #caption") == "panel line 2: '[NC] #caption' has no prompt text"
+    assert _error(parse_story, "[Bob] a", " \n") == (
+        "the story has no panels; write one line per panel, e.g. '[Bob] wakes up in the morning'")
+    # Bob is in every panel but alone in one: 2 references are needed
+    assert _error(parse_story, "[Bob] a", "[Bob] walks", references=2) == (
+        "character [Bob] needs 2 panel(s) that show it alone to sample as references (it has 1); add panels, or "
+        "lower id_length")
+    assert _error(parse_story, "[Bob] a\n[Ann] b", "[Bob] meets [Ann]", references=1) == (
+        "character [Bob] needs 1 panel(s) that show it alone to sample as references (it has 0); add panels, or "
+        "lower id_length")
+
+
 def test_pad_tokens_repeats_to_the_lcm_of_the_lengths():
     a, b = torch.arange(77.0).reshape(1, 77, 1), torch.arange(154.0).reshape(1, 154, 1)
     pa, pb = pad_tokens([a, b])

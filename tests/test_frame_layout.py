@@ -38,6 +38,32 @@ def test_clip_count():
         clip_count(30, 16)
 
 
+def test_layout_errors_are_whole_sentences_and_the_edges_hold():
+    """Each refusal's exact words; one-frame sequences and the last frame of a clip are valid."""
+    def message(*args):
+        with pytest.raises(ValueError) as error:
+            FrameLayout(*args)
+        return str(error.value)
+
+    assert message((), (), 4) == "a layout needs one clip id per sequence; got 0 sequences and 0 clip ids"
+    assert message(((0, 1),), (0, 1), 4) == "a layout needs one clip id per sequence; got 1 sequences and 2 clip ids"
+    assert message(((0, 1), (0,)), (0, 1), 4) == ("all sequences of one call must have the same, non-zero length; "
+                                                 "got [1, 2]")
+    assert message(((0, 4),), (0,), 4) == "frame positions must lie in [0, 4)"
+    assert message(((-1, 0),), (0,), 4) == "frame positions must lie in [0, 4)"
+    assert FrameLayout(((3,), (0,)), (0, 0), 4).rows == 2
+    with pytest.raises(MotionModelError) as error:
+        FrameLayout.whole(2, 4).check_batch(10, 2, "the motion module")
+    assert str(error.value) == ("the motion module got a batch of 10 rows, but this call's clip layout is 2 cond/uncond "
+                                "chunk(s) x 2 sequence(s) x 4 frames = 16; another node changed the batch between "
+                                "the sampler and the UNet")
+    assert clip_count(4, 1) == 4 and type(clip_count(32, 16)) is int
+    with pytest.raises(MotionModelError) as error:
+        clip_count(30, 16)
+    assert str(error.value) == ("a latent batch of 30 frames cannot be split into clips of 16 frames (Apply Motion "
+                                "Model's frames_per_clip); use a multiple of 16 frames, or frames_per_clip 0 for one clip")
+
+
 def test_window_groups_keep_equal_lengths_and_the_limit():
     plan = [([0, 1, 2], [1] * 3), ([2, 3, 4], [1] * 3), ([4, 5, 6], [1] * 3), ([6, 7], [1] * 2)]
     lengths = [[len(w) for w, _ in g] for g in window_groups(plan, 2)]

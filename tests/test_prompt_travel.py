@@ -81,3 +81,32 @@ def test_mismatched_prompt_lengths_and_unknown_interpolation_are_errors():
         travel([torch.zeros(1, 77, 8), torch.zeros(1, 154, 8)], [0, 4], 6)
     with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
         travel([torch.zeros(1, 77, 8)], [0], 6, "cubic")
+
+
+def test_parallel_and_opposite_vectors_whose_rounded_cosine_passes_one_stay_finite():
+    """For a and s*a (and -s*a) the normalised dot product rounds past +-1 in float64 for some vectors
+    (seen below); slerp clamps it, finds sin(omega) ~ 0 and returns the lerp formula a + t (b - a)."""
+    gen = torch.Generator().manual_seed(0)
+    past_one = 0
+    for _ in range(64):
+        a = torch.randn(1, 1, 8, generator=gen, dtype=torch.float64)
+        scale = float(torch.rand(1, generator=gen)) * 5 + 0.1
+        for b in (scale * a, -scale * a):
+            cos = float(((a / a.norm()) * (b / b.norm())).sum())
+            past_one += abs(cos) > 1
+            torch.testing.assert_close(slerp(a, b, 0.3), a + 0.3 * (b - a), rtol=0, atol=1e-12)
+    assert past_one >= 2
+
+
+def test_comment_lines_may_be_indented_and_errors_are_whole_sentences():
+    assert parse_keyframes("  # a note\n0: a cat\n\t# another\n8: a dog") == [(0, "a cat"), (8, "a dog")]
+    with pytest.raises(ValueError) as error:
+        parse_keyframes("0: a cat\nten: a dog")
+    assert str(error.value) == "prompt travel line 2: 'ten: a dog' is not 'FRAME: prompt' (e.g. '0: a cat sitting')"
+    with pytest.raises(ValueError) as error:
+        parse_keyframes("# only a comment")
+    assert str(error.value) == "prompt travel: no keyframes; write lines like '0: a cat sitting'"
+    with pytest.raises(ValueError) as error:
+        travel([torch.zeros(1, 77, 8), torch.zeros(1, 154, 8)], [0, 4], 6)
+    assert str(error.value) == ("keyframe prompts encode to different shapes [(1, 77, 8), (1, 154, 8)]; keep every "
+                                "prompt within the same number of 75-token chunks")
