@@ -15,7 +15,7 @@ import torch
 from animatediff_suite.motion_modules.comic_page import comic_page, panel_origin
 from animatediff_suite.motion_modules.consistent_attention import (
     FULL, PLAIN, SAMPLED, ConsistencyOptions, ReferenceBank, consistent_attention, consistent_attention_masked,
-    draw_tokens, parse_blocks, parse_rates, reference_sources, sdpa_attention, selects)
+    draw_tokens, parse_blocks, parse_rates, reference_sources, sdpa_attention, selects, stable_seed)
 from animatediff_suite.motion_modules.story import pad_tokens, parse_characters, parse_story
 
 
@@ -324,3 +324,60 @@ def test_right_to_left_mirrors_every_column():
     with pytest.raises(ValueError, match=r"unknown reading order 'up'; expected one of \['left_to_right', "
                                          r"'right_to_left'\]"):
         panel_origin(0, 3, 30, 20, 5, "up")
+
+
+def test_rate_and_block_parsers_edges_and_whole_error_sentences():
+    assert parse_rates("32: 0.5; 16: 0.6") == ((16, 0.6), (32, 0.5))
+    assert parse_rates("8: 0, 64: 1") == ((8, 0.0), (64, 1.0))
+    assert _error(parse_rates, "32: 1.5") == (
+        "sampling rate override '32: 1.5' is not 'DOWNSCALE: RATE' with DOWNSCALE one of 8, 16, 32, 64 and RATE in "
+        "[0, 1] (e.g. '32: 0.5, 16: 0.5')")
+    assert parse_blocks("output, input 3") == (("output", None), ("input", (3,)))
+    assert parse_blocks("input 3 - 5") == (("input", (3, 4, 5)),)
+    assert parse_blocks("input 4-4, middle") == (("input", (4,)), ("middle", None))
+    assert parse_blocks("input 3, input 5") == (("input", (3, 5)),)
+    assert parse_blocks("output, output 3") == (("output", None),)  # the whole block stays whole
+    assert _error(parse_blocks, "outputs 3") == (
+        "block selection item 'outputs 3': 'outputs' is not one of ['input', 'middle', 'output'] (write e.g. "
+        "'output', 'all', or 'output 3-5, input 7')")
+    assert _error(parse_blocks, "input 5-3") == (
+        "block selection item 'input 5-3': '5-3' is not a block number or a range like '3-5'")
+    assert _error(parse_blocks, " , ") == (
+        "block selection is empty; write 'output' (the paper's choice), 'all', or a list such as 'output 3-5, input 7'")
+
+
+def test_full_attention_steps_keep_every_token_unless_the_rate_is_zero():
+    """keep(): in a FULL step every token of a reference is kept when its resolution's rate is above 0, none
+    at rate 0; in a SAMPLED step the draw is the seeded Bernoulli(rate) draw itself."""
+    options = ConsistencyOptions(rate=0.5, rate_by_scale=((32, 0.0),), seed=3)
+    assert bool(options.keep(1, "l", [0, 1], 40, FULL, 16).all())
+    assert not bool(options.keep(1, "l", [0, 1], 40, FULL, 32).any())
+    sampled = options.keep(1, "l", [0, 1], 40, SAMPLED, 16)
+    expected = torch.stack([torch.rand(40, generator=torch.Generator().manual_seed(stable_seed(3, 1, "l", image)))
+                            < 0.5 for image in (0, 1)])
+    assert torch.equal(sampled, expected) and 0 < int(sampled.sum()) < 80
+
+
+def test_reference_bank_cap_copies_and_freezing():
+    """A bank capped at exactly one entry's bytes takes it and refuses the next with the figures; stored
+    tensors are copies (changing the caller's tensor later does not reach the bank), offloaded or not;
+    a frozen bank refuses more."""
+    kv = (torch.ones(2 ** 16), torch.ones(2 ** 16))  # 2 x 256 KiB = 0.5 MiB
+    for offload in (False, True):
+        bank = ReferenceBank(limit_bytes=2 ** 19, offload=offload)
+        bank.store("Bob", 1.5, "l", 0, kv)
+        kv[0].add_(1)
+        assert float(bank.lookup(["Bob"], 1.5, "l", 0)[0].max()) == 1.0
+        kv[0].sub_(1)
+        with pytest.raises(MemoryError) as error:
+            bank.store("Bob", 1.0, "l", 0, kv)
+        assert str(error.value) == "the reference bank would grow past its cap of 0 MiB (holding 0.5 MiB at sigma 1)"
+    big = ReferenceBank(limit_bytes=3 * 2 ** 20)
+    for sigma in (3.0, 2.0):
+        big.store("Bob", sigma, "l", 0, kv)
+    with pytest.raises(MemoryError) as error:
+        big.store("Bob", 1.25, "l", 0, (torch.ones(2 ** 19), torch.ones(2 ** 19)))
+    assert str(error.value) == "the reference bank would grow past its cap of 3 MiB (holding 1.0 MiB at sigma 1.25)"
+    big.frozen = True
+    assert _error(big.store, "Bob", 0.5, "l", 0, None) == (
+        "this reference bank is complete; sample new references to make another")
