@@ -222,3 +222,22 @@ def test_check_finite_names_every_kind_of_non_finite_weight(dtype):
         weights["b"][2, 3] = value
         with pytest.raises(MotionModelError, match=r"'file.safetensors': weights contain NaN or Inf values \('b'\)"):
             check_finite(weights, "'file.safetensors'")
+
+
+@pytest.mark.parametrize("ext", [".ckpt", ".pt"])
+def test_safetensors_under_a_pickle_name_is_read_as_safetensors(tmp_path, ext):
+    """Renamed files happen: the first bytes decide. A header that fills the whole file (no tensors) is
+    still safetensors; 9 bytes or fewer, or a header longer than the file, go to the pickle reader."""
+    from animatediff_suite.motion_modules.checkpoint_io import read_weights
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / f"renamed{ext}"), metadata={"note": "renamed"})
+    data, metadata = read_weights(tmp_path / f"renamed{ext}")
+    assert sorted(data) == ["a", "b"] and all(torch.equal(data[k], tensors[k]) for k in tensors)
+    assert metadata == {"note": "renamed"}
+    save_file({}, str(tmp_path / f"empty{ext}"), metadata={"only": "metadata"})
+    assert read_weights(tmp_path / f"empty{ext}") == ({}, {"only": "metadata"})
+    header = b'{"__metadata__":{}}'
+    (tmp_path / f"long{ext}").write_bytes(struct.pack("<Q", len(header) + 1) + header)
+    with pytest.raises(MotionModelError, match=rf"'long{ext}'"):
+        read_weights(tmp_path / f"long{ext}")  # not safetensors by its length, and not a pickle

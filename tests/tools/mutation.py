@@ -127,8 +127,12 @@ def main() -> int:
     started = time.monotonic()
     if not args.report_only:
         stage(args.stage, args.paths, args.tests, args.jobs)
+        # mutmut forks a child per mutant from a process that has run torch; an OpenMP thread pool does
+        # not survive fork (the child hangs in its first parallel op until mutmut's timeout, which would
+        # count the mutant as killed), so every process computes on one thread
+        single = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         subprocess.run([mutmut, "run", "--max-children", str(args.jobs)], cwd=args.stage,
-                       stdout=subprocess.DEVNULL, check=False)
+                       stdout=subprocess.DEVNULL, check=False, env={**os.environ, **single})
     found = results(args.stage, mutmut)
     if not found:
         print(f"no mutants found in {args.stage}: did mutmut run?", file=sys.stderr)
