@@ -381,3 +381,14 @@ def test_reference_bank_cap_copies_and_freezing():
     big.frozen = True
     assert _error(big.store, "Bob", 0.5, "l", 0, None) == (
         "this reference bank is complete; sample new references to make another")
+
+
+def test_reference_bank_lists_its_steps_and_describes_itself():
+    bank = ReferenceBank()
+    assert repr(bank) == "ReferenceBank(characters=[], steps=0, 0.0 MiB)"
+    kv = (torch.ones(2 ** 16), torch.ones(2 ** 16))  # 0.5 MiB
+    bank.store("Bob", 2.5, "l", 0, kv)
+    bank.store("Ann", 0.5, "l", 0, kv)
+    bank.store("Bob", 0.5, "l", 1, None)
+    assert bank.sigmas() == [0.5, 2.5]
+    assert repr(bank) == "ReferenceBank(characters=['Ann', 'Bob'], steps=2, 1.0 MiB)"

@@ -52,6 +52,7 @@ def test_layout_errors_are_whole_sentences_and_the_edges_hold():
     assert message(((0, 4),), (0,), 4) == "frame positions must lie in [0, 4)"
     assert message(((-1, 0),), (0,), 4) == "frame positions must lie in [0, 4)"
     assert FrameLayout(((3,), (0,)), (0, 0), 4).rows == 2
+    assert FrameLayout.of_windows([[0, 1], [5, 6]], 1, 8).row_frames(2) == [0, 1, 5, 6, 0, 1, 5, 6]
     with pytest.raises(MotionModelError) as error:
         FrameLayout.whole(2, 4).check_batch(10, 2, "the motion module")
     assert str(error.value) == ("the motion module got a batch of 10 rows, but this call's clip layout is 2 cond/uncond "

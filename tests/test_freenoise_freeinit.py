@@ -233,3 +233,12 @@ def test_coarse_to_fine_steps_and_schedules():
 def test_bad_freeinit_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FreeInitOptions(**kwargs)
+
+
+def test_fresh_noise_seeds_worked_by_hand():
+    """seed + 0x9E3779B1 (2654435761) per pass, modulo 2^63; no seed counts as 0."""
+    from animatediff_suite.motion_modules.freeinit import fresh_noise_seed
+
+    assert fresh_noise_seed(5, 1) == 2654435766
+    assert fresh_noise_seed(None, 2) == 5308871522
+    assert fresh_noise_seed(2 ** 63 - 1, 1) == 2654435760
