@@ -75,10 +75,10 @@ class PredictorSpec:
     token_dim: int = 1024
 
     def __post_init__(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if min(self.image_dim, self.hidden, self.depth, self.heads, self.tokens, self.token_dim) < 1:
             raise ValueError("every size of a predictor must be at least 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if not self.layers:
             raise ValueError("a predictor needs at least one cross-attention layer to feed")
 

@@ -152,3 +152,83 @@ def test_frame_tokens_and_extra_keys_values_written_out():
             name = "_".join(str(part) for part in key)
             torch.testing.assert_close(k, rows @ model.kv[name].to_k.weight.T, rtol=0, atol=1e-12)
             torch.testing.assert_close(v, rows @ model.kv[name].to_v.weight.T, rtol=0, atol=1e-12)
+
+
+def _layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
+
+
+def test_predict_is_eqs_4_and_5_written_out():
+    """P = I + W_out LN(B(W_in I + b_in + PE)) with I eq. 4's interpolation, PE[p, 2i] = sin(p / 10000^(2i/h)),
+    PE[p, 2i+1] = cos(same), and each block of B pre-norm residual: x + Attn(LN1 x) (heads over frames,
+    q k v split as (3, heads, d)), then x + W2 gelu(W1 LN2 x + b1) + b2. Randomised weights, fp64."""
+    spec = tiny_spec()
+    model = randomised(spec, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    start, end = (torch.randn(2, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    frames, hidden, heads = 6, spec.hidden, spec.heads
+    d = hidden // heads
+    w = torch.arange(frames, dtype=torch.float64) / (frames - 1)
+    interp = start[:, None] + w[None, :, None] * (end - start)[:, None]
+    p = torch.arange(frames, dtype=torch.float64)[:, None]
+    angle = p / 10000 ** (torch.arange(0, hidden, 2, dtype=torch.float64)[None] / hidden)
+    pe = torch.stack([torch.sin(angle), torch.cos(angle)], -1).reshape(frames, hidden)
+    x = interp @ model.proj_in.weight.T + model.proj_in.bias + pe
+    for block in model.blocks:
+        qkv = _layer_norm(x, block.norm1) @ block.to_qkv.weight.T + block.to_qkv.bias
+        q, k, v = qkv.reshape(2, frames, 3, heads, d).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+        x = x + attention.permute(0, 2, 1, 3).reshape(2, frames, hidden) @ block.to_out.weight.T + block.to_out.bias
+        inner = _layer_norm(x, block.norm2) @ block.fc1.weight.T + block.fc1.bias
+        gelu = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
+        x = x + gelu @ block.fc2.weight.T + block.fc2.bias
+    expected = interp + _layer_norm(x, model.norm_out) @ model.proj_out.weight.T + model.proj_out.bias
+    with torch.no_grad():
+        # atol: the model's PE table is float32 (the motion modules' own), cast to the model's dtype
+        torch.testing.assert_close(model.predict(start, end, frames), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["image_dim", "hidden", "depth", "heads", "tokens", "token_dim"])
+def test_every_size_must_be_at_least_one(field):
+    with pytest.raises(ValueError) as error:
+        tiny_spec(**{field: 0})  # heads 0 included: no division by zero before this check
+    assert str(error.value) == "every size of a predictor must be at least 1"
+    one = tiny_spec(**{field: 1, **({"hidden": 1} if field == "heads" else {}), **({"heads": 1} if field == "hidden" else {})})
+    assert getattr(one, field) == 1
+    with pytest.raises(ValueError) as error:
+        tiny_spec(layers=())
+    assert str(error.value) == "a predictor needs at least one cross-attention layer to feed"
+
+
+def test_file_metadata_and_whole_load_errors(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = randomised(tiny_spec()).float()
+    path = tmp_path / "smp.safetensors"
+    save_predictor(model, str(path), metadata={"trained_steps": "4"})
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and metadata["trained_steps"] == "4"
+    text = metadata["animatediff_suite.motion_predictor"]
+    assert list(json.loads(text)) == sorted(json.loads(text))  # keys sorted: one spec, one text
+    other = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(other))
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(other))
+    assert str(error.value) == ("'plain.safetensors': not a Semantic Motion Predictor file: its metadata has no "
+                                "'animatediff_suite.motion_predictor' entry; predictors come from AnimateDiff Suite's "
+                                "semantic_motion_predictor training")
+    save_file({"a": torch.zeros(1)}, str(other), metadata={"animatediff_suite.motion_predictor": "{not json"})
+    with pytest.raises(MotionModelError, match=r"^'plain.safetensors': unreadable predictor spec in the metadata \("):
+        load_predictor(str(other))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["extra.weight"] = torch.zeros(1)
+    save_file(sd, str(other), metadata={"animatediff_suite.motion_predictor": model.spec.to_json()})
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(other))
+    assert str(error.value) == ("'plain.safetensors': weights do not match the predictor spec: missing none; "
+                                "unexpected 'extra.weight'")

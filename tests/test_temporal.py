@@ -60,8 +60,12 @@ def test_frames_beyond_pe_length_raise_clear_error():
 
 
 def test_stretched_pe_squeezes_the_trained_positions():
-    from animatediff_suite.motion_modules.temporal import stretched_pe
+    from animatediff_suite.motion_modules.temporal import _sinusoidal_pe, stretched_pe
 
+    # computed here, not taken from the tables' caches (a process forked after other tests, as the
+    # mutation tool's are, would otherwise never run the code under test)
+    _sinusoidal_pe.cache_clear()
+    stretched_pe.cache_clear()
     table = sinusoidal_pe(24, 64)
     stretched = stretched_pe(40, 24, 64)
     assert stretched.shape == (1, 40, 64)
