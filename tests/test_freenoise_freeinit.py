@@ -242,3 +242,38 @@ def test_fresh_noise_seeds_worked_by_hand():
     assert fresh_noise_seed(5, 1) == 2654435766
     assert fresh_noise_seed(None, 2) == 5308871522
     assert fresh_noise_seed(2 ** 63 - 1, 1) == 2654435760
+
+
+def test_option_edges_and_whole_error_sentences():
+    """The smallest valid values (1 pass, order 1, stops 0 and 1) are accepted; each refusal's words; FreeNoise
+    takes any noise of 2 or more dimensions."""
+    from animatediff_suite.motion_modules.errors import describe_keys
+    from animatediff_suite.motion_modules.freeinit import low_pass_filter
+
+    assert FreeInitOptions(iterations=1, order=1, spatial_stop=1.0, temporal_stop=0.0).iterations == 1
+    for kwargs, message in [({"iterations": 0}, "FreeInit iterations must be at least 1, got 0"),
+                            ({"spatial_stop": 1.5}, "FreeInit spatial_stop must be in [0, 1], got 1.5")]:
+        with pytest.raises(ValueError) as error:
+            FreeInitOptions(**kwargs)
+        assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        low_pass_filter(4, 6, 6, "disc", 0.25, 0.25)
+    assert str(error.value) == "unknown FreeInit filter 'disc'; expected one of ['butterworth', 'gaussian', 'ideal', 'box']"
+    assert torch.equal(low_pass_filter(4, 6, 6, "gaussian", 0.25, 0.0), torch.zeros(4, 6, 6))
+    with pytest.raises(ValueError) as error:
+        frames_first_mix(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 9), FreeInitOptions())
+    assert str(error.value) == ("FreeInit mixes two (frames, channels, height, width) latents of one shape, "
+                                "got (2, 4, 8, 8) and (2, 4, 8, 9)")
+    with pytest.raises(ValueError) as error:
+        free_noise(torch.zeros(8, 4), "repeated_context", 0, 4)
+    assert str(error.value) == "context_length and context_stride must be at least 1, got 0 and 4"
+    with pytest.raises(ValueError) as error:
+        free_noise(torch.zeros(8, 4), "repeated_context", 4, 0)
+    assert str(error.value) == "context_length and context_stride must be at least 1, got 4 and 0"
+    with pytest.raises(ValueError) as error:
+        free_noise(torch.zeros(8), "repeated_context", 4, 2)
+    assert str(error.value) == "noise must be (frames, channels, ...), got shape (8,)"
+    flat = torch.arange(24.0).reshape(8, 3)
+    assert torch.equal(free_noise(flat, "repeated_context", 4, 2), flat[torch.arange(8) % 4])
+    assert describe_keys(["c", "a", "b"], limit=3) == "'a', 'b', 'c'"
+    assert describe_keys(["d", "c", "a", "b"], limit=3) == "'a', 'b', 'c' (+1 more)"
