@@ -208,6 +208,8 @@ def test_story_blank_and_comment_lines_defaults_and_captions_without_a_hash():
     assert [p.prompt for p in story.panels] == ["a man walks", "a man runs", "a rainy street", "a man sleeps"]
     assert story.panels[2].caption == "a rainy street" and story.panels[2].characters == ()
     assert story.references == (("Bob", (0, 1)),)
+    tidy = parse_story("[Bob] a man", "[Bob]   walks ,  slowly .  #  Late ,  again .\n[Bob] runs")
+    assert (tidy.panels[0].prompt, tidy.panels[0].caption) == ("a man walks, slowly.", "Late, again.")
 
 
 def test_story_errors_are_whole_sentences():

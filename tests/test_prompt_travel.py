@@ -110,3 +110,12 @@ def test_comment_lines_may_be_indented_and_errors_are_whole_sentences():
         travel([torch.zeros(1, 77, 8), torch.zeros(1, 154, 8)], [0, 4], 6)
     assert str(error.value) == ("keyframe prompts encode to different shapes [(1, 77, 8), (1, 154, 8)]; keep every "
                                 "prompt within the same number of 75-token chunks")
+
+
+def test_frames_up_to_the_first_and_from_the_last_keyframe_are_those_keyframes_bit_for_bit():
+    gen = torch.Generator().manual_seed(2)
+    first, last = torch.randn(1, 4, 8, generator=gen), torch.randn(1, 4, 8, generator=gen)
+    for interpolation in ("linear", "slerp"):
+        frames = travel([first, last], [2, 8], 10, interpolation)
+        assert all(torch.equal(frames[i], first[0]) for i in range(3))
+        assert all(torch.equal(frames[i], last[0]) for i in (8, 9))
