@@ -119,3 +119,11 @@ def test_frames_up_to_the_first_and_from_the_last_keyframe_are_those_keyframes_b
         frames = travel([first, last], [2, 8], 10, interpolation)
         assert all(torch.equal(frames[i], first[0]) for i in range(3))
         assert all(torch.equal(frames[i], last[0]) for i in (8, 9))
+
+
+def test_an_inner_keyframe_frame_is_that_keyframe():
+    gen = torch.Generator().manual_seed(3)
+    keys = [torch.randn(1, 4, 8, generator=gen) for _ in range(3)]
+    for interpolation in ("linear", "slerp"):
+        frames = travel(keys, [0, 4, 8], 9, interpolation)
+        torch.testing.assert_close(frames[4], keys[1][0], rtol=0, atol=1e-6)
