@@ -242,3 +242,47 @@ def test_window_costs_name_the_end_aligned_window_that_adds_little():
     report = window_report(30, ContextOptions(16, 4))
     assert report.splitlines() == ["step 0: 3 window(s), 48 frames through the UNet for 30 (1.60x)",
                                    "  window 2 (frames 14..29) adds 2 new frame(s) for 33% of the step's cost"]
+
+
+def test_window_report_and_costs_of_later_steps_and_the_half_window_line_worked_by_hand():
+    """32 frames, 16/4 standard_uniform (windows listed by hand above): step 0 [0..15], [12..27], [16..31] adds
+    16, 12, 4 new frames; step 1 [16..31], [0..15], [8..23] adds 16, 16, 0. A window is reported when it adds
+    fewer than half its frames: 22 frames at 16/4 static end on [6..21] (6 new: reported, 50%); 24 frames at
+    16/8 end on [8..23] (8 new, exactly half: not reported)."""
+    uniform = ContextOptions(16, 4, schedule="standard_uniform")
+    assert [new for _, new, _ in window_costs(32, uniform, 1)] == [16, 16, 0]
+    assert window_report(32, uniform, steps=2).splitlines() == [
+        "step 0: 3 window(s), 48 frames through the UNet for 32 (1.50x)",
+        "  window 2 (frames 16..31) adds 4 new frame(s) for 33% of the step's cost",
+        "step 1: 3 window(s), 48 frames through the UNet for 32 (1.50x)",
+        "  window 2 (frames 8..23) adds 0 new frame(s) for 33% of the step's cost"]
+    assert window_report(22, ContextOptions(16, 4)).splitlines()[1] == (
+        "  window 1 (frames 6..21) adds 6 new frame(s) for 50% of the step's cost")
+    assert window_report(24, ContextOptions(16, 8)) == "step 0: 2 window(s), 32 frames through the UNet for 24 (1.33x)"
+
+
+def test_more_fuse_weights_and_fusing_along_another_dim_by_hand():
+    """gaussian over 12 frames: sigma = 12 / 4 = 3, so exp(-(i - 5.5)^2 / 18); overlap-linear: a window that ends
+    on the last frame keeps full weight there (only its start ramps); fusing along dim 1 is fusing the
+    transposed tensors along dim 0."""
+    options = ContextOptions(8, 3)
+    assert FUSE_METHODS["gaussian"](list(range(12)), 40, options) == pytest.approx(
+        [math.exp(-((i - 5.5) ** 2) / 18) for i in range(12)])
+    assert FUSE_METHODS["gaussian"](list(range(4)), 40, options) == pytest.approx(  # sigma 1
+        [math.exp(-((i - 1.5) ** 2) / 2) for i in range(4)])
+    assert FUSE_METHODS["overlap-linear"](list(range(12, 20)), 20, options) == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]
+    windows = context_windows(40, options)
+    parts = [(w, torch.randn(len(w), 3, dtype=torch.float64)) for w in windows]
+    along_0 = fuse_windows(parts, 40, options)
+    along_1 = fuse_windows([(w, x.T.contiguous()) for w, x in parts], 40, options, dim=1)
+    torch.testing.assert_close(along_1, along_0.T, rtol=0, atol=1e-12)
+
+
+def test_window_groups_take_one_window_per_call_and_refuse_zero():
+    from animatediff_suite.motion_modules.context import window_groups
+
+    plan = [([0, 1], [1.0, 1.0]), ([1, 2], [1.0, 1.0])]
+    assert [len(group) for group in window_groups(plan, 1)] == [1, 1]
+    with pytest.raises(ValueError) as error:
+        window_groups(plan, 0)
+    assert str(error.value) == "per_call must be at least 1, got 0"
