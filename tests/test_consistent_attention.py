@@ -394,3 +394,34 @@ def test_reference_bank_lists_its_steps_and_describes_itself():
     bank.store("Bob", 0.5, "l", 1, None)
     assert bank.sigmas() == [0.5, 2.5]
     assert repr(bank) == "ReferenceBank(characters=['Ann', 'Bob'], steps=2, 1.0 MiB)"
+
+
+def test_schedule_boundaries_and_the_mode_coin_worked_by_hand():
+    """Full attention for round(steps / 10) steps (at least 1): 15 steps -> 2, 25 -> 2 (2.5 rounds to even);
+    then SAMPLED when the coin is below 0.7 before 40% of the steps and below 0.9 from there (step 4 of 10
+    is not before 40%); the coin of (seed, step, layer) is torch.rand from stable_seed(seed, "mode", step,
+    layer), so every step/layer's mode follows from it."""
+    from animatediff_suite.motion_modules.consistent_attention import paper_schedule
+
+    assert [paper_schedule(s, 15, 0.0) for s in range(3)] == [FULL, FULL, SAMPLED]
+    assert [paper_schedule(s, 25, 0.0) for s in range(3)] == [FULL, FULL, SAMPLED]
+    assert paper_schedule(3, 10, 0.8) == PLAIN and paper_schedule(4, 10, 0.8) == SAMPLED
+    assert paper_schedule(3, 10, 0.7) == PLAIN and paper_schedule(9, 10, 0.9) == PLAIN
+    options = ConsistencyOptions(seed=11)
+    seen = set()
+    for step in range(2, 20):
+        for layer in ("input_4", "output_7"):
+            coin = float(torch.rand(1, generator=torch.Generator().manual_seed(stable_seed(11, "mode", step, layer))))
+            expected = SAMPLED if coin < (0.7 if step < 8 else 0.9) else PLAIN
+            assert options.mode(step, 20, layer) == expected, (step, layer)
+            seen.add(expected)
+    assert seen == {SAMPLED, PLAIN}
+    assert draw_tokens((1, 2), 5, 1.0).tolist() == [True] * 5 and draw_tokens((1, 2), 5, 0.0).tolist() == [False] * 5
+    assert draw_tokens((1, 2), 5, 1.0).dtype == torch.bool
+    # blake2b(repr(parts), 8 bytes), little-endian, >> 1 (computed outside this code): the same draws in every
+    # process and release, so a saved workflow samples the same tokens
+    assert stable_seed(0, "mode", 3, "output_7") == 4382819142421333131 and stable_seed(5) == 5588046532071376745
+    with pytest.raises(ValueError) as error:
+        ConsistencyOptions(references=-1)
+    assert str(error.value) == "references must be 0 or more, not -1"
+    assert ConsistencyOptions(references=0, rate=1.0).references == 0
