@@ -133,6 +133,11 @@ def test_file_round_trip_and_bad_files(tmp_path):
         save_predictor(model, str(tmp_path / "smp.ckpt"))
 
 
+def _layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
+
+
 def test_frame_tokens_and_extra_keys_values_written_out():
     """Tokens: LayerNorm over token_dim (eps 1e-5, its own weight and bias) of (W e + b) cut into `tokens`
     rows; each layer's extra keys and values: P W_k'^T and P W_v'^T (no bias), in that layer's width."""
@@ -142,8 +147,7 @@ def test_frame_tokens_and_extra_keys_values_written_out():
     with torch.no_grad():
         tokens = model.frame_tokens(embeddings)
         raw = (embeddings @ model.to_tokens.weight.T + model.to_tokens.bias).reshape(2, 5, 3, 8)
-        mean, var = raw.mean(-1, keepdim=True), raw.var(-1, unbiased=False, keepdim=True)
-        expected = (raw - mean) / torch.sqrt(var + 1e-5) * model.token_norm.weight + model.token_norm.bias
+        expected = _layer_norm(raw, model.token_norm)
         torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-12)
         rows = tokens.reshape(10, 3, 8)
         for key, width in TINY_LAYERS:
@@ -152,11 +156,6 @@ def test_frame_tokens_and_extra_keys_values_written_out():
             name = "_".join(str(part) for part in key)
             torch.testing.assert_close(k, rows @ model.kv[name].to_k.weight.T, rtol=0, atol=1e-12)
             torch.testing.assert_close(v, rows @ model.kv[name].to_v.weight.T, rtol=0, atol=1e-12)
-
-
-def _layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
 
 
 def test_predict_is_eqs_4_and_5_written_out():
