@@ -139,6 +139,10 @@ def _read_pickle(path: str, name: str) -> dict[str, Any]:
         ) from None
     except (EOFError, zipfile.BadZipFile) as exc:
         raise MotionModelError(f"'{name}': truncated or corrupt checkpoint ({type(exc).__name__})") from None
+    except (IndexError, KeyError, ValueError, TypeError, OverflowError, struct.error) as exc:
+        # bytes that are no pickle at all trip the unpickler's own bookkeeping ("pop from empty list")
+        raise MotionModelError(f"'{name}': truncated or corrupt checkpoint, or not a weight file "
+                               f"({type(exc).__name__}: {exc})") from None
     except RuntimeError as exc:
         raise MotionModelError(f"'{name}': truncated or corrupt checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, Mapping):

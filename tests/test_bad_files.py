@@ -239,5 +239,27 @@ def test_safetensors_under_a_pickle_name_is_read_as_safetensors(tmp_path, ext):
     assert read_weights(tmp_path / f"empty{ext}") == ({}, {"only": "metadata"})
     header = b'{"__metadata__":{}}'
     (tmp_path / f"long{ext}").write_bytes(struct.pack("<Q", len(header) + 1) + header)
-    with pytest.raises(MotionModelError, match=rf"'long{ext}'"):
-        read_weights(tmp_path / f"long{ext}")  # not safetensors by its length, and not a pickle
+    with pytest.raises(MotionModelError, match=rf"'long{ext}': refused to load: the pickle"):
+        read_weights(tmp_path / f"long{ext}")  # not safetensors by its length: the pickle reader refuses it
+
+
+@pytest.mark.parametrize("ext", [".ckpt", ".pt"])
+@pytest.mark.parametrize("content, reader", [
+    (b"abcdefgh", "pickle"),  # 8 bytes: too short for a header and its "{"
+    (struct.pack("<Q", 0) + b"{}", "pickle"),  # a header of 0 bytes is no header
+    (struct.pack("<Q", 1) + b"{" + bytes(4), "safetensors"),  # 1 byte is the shortest header
+    (struct.pack("<Q", 6) + b"{" + bytes(4), "pickle"),  # 6 bytes claimed, 5 follow
+    (struct.pack("<Q", 5) + b"{" + bytes(4), "safetensors"),  # exactly the 5 bytes that follow
+    (struct.pack("<Q", 5) + b"[" + bytes(4), "pickle"),  # a header is a JSON object
+], ids=["8-bytes", "length-0", "length-1", "longer-than-file", "fills-file", "no-brace"])
+def test_the_first_bytes_choose_the_reader_of_a_pickle_named_file(tmp_path, ext, content, reader):
+    """A `.ckpt`/`.pt` file goes to the safetensors reader exactly when byte 8 is "{" and the 8-byte length
+    before it is at least 1 and at most the bytes that follow; otherwise to the pickle reader. Neither
+    reads these bytes, and each error says which reader gave up."""
+    from animatediff_suite.motion_modules.checkpoint_io import read_weights
+
+    (tmp_path / f"odd{ext}").write_bytes(content)
+    said = {"pickle": r"refused to load: the pickle|truncated or corrupt checkpoint",
+            "safetensors": r"not a weight file \(unreadable safetensors header"}[reader]
+    with pytest.raises(MotionModelError, match=rf"^'odd{ext}': ({said})"):
+        read_weights(tmp_path / f"odd{ext}")

@@ -11,9 +11,13 @@ and timed-out mutants over all, less the mutants listed as equivalent in
     python tests/tools/mutation.py motion_modules/context.py motion_modules/prompt_travel.py \\
         --tests tests/test_context.py tests/test_prompt_travel.py [--stage /tmp/ads_mutation] [--jobs 2]
     python tests/tools/mutation.py motion_modules/*.py            # every core module, the core tests
-    COMFYUI_PATH=... python tests/tools/mutation.py nodes/context_sampling.py --tests tests/test_comfy_windows.py
+    COMFYUI_PATH=... python tests/tools/mutation.py nodes/*.py --tests tests/test_comfy_windows.py ... --sample 300
+    python tests/tools/mutation.py motion_modules/*.py --stage /tmp/m --resume   # after new tests
 
 Runs take long (every mutant runs the selected tests): pick the tests that cover the modules.
+``--sample N`` checks a seeded random sample of N mutants (``--seed``) of the modules, and ``--resume``
+continues a run in ``--stage`` with the files as they are now: the mutants not checked yet run (also those
+of functions changed since; mutmut keeps the results of unchanged functions), then the survivors again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -36,6 +41,8 @@ CORE_TESTS = ["tests/test_context.py", "tests/test_temporal.py", "tests/test_for
               "tests/test_consistent_attention.py", "tests/test_parity_diffusers.py", "tests/test_bad_files.py",
               "tests/test_motion_predictor.py", "tests/test_sparsectrl.py", "tests/test_memory_estimate.py"]
 KILLED = {"killed", "timeout"}
+UNCHECKED = "not checked"
+NO_SUCH_MUTANT = "no_such_mutant__mutmut_0"  # a name that matches nothing: mutmut generates and collects, then stops
 
 
 def stage(stage_dir: str, paths: list[str], tests: list[str], jobs: int) -> None:
@@ -54,6 +61,30 @@ def stage(stage_dir: str, paths: list[str], tests: list[str], jobs: int) -> None
         handle.write(f"[tool.mutmut]\npaths_to_mutate = [{quoted(paths)}]\ntests_dir = [{quoted(tests)}]\n"
                      f'also_copy = ["{PACKAGE}"]\n'
                      'pytest_add_cli_args = ["-p", "no:cacheprovider", "--import-mode=importlib", "-x", "-q"]\n')
+
+
+def refresh(stage_dir: str) -> None:
+    """Bring the staged files up to date for ``--resume``. mutmut keeps the results of functions whose
+    code is unchanged and checks the mutants of changed functions afresh."""
+    if not os.path.isdir(os.path.join(stage_dir, "mutants")):
+        raise SystemExit(f"--resume: {stage_dir} holds no mutmut run; run once without --resume")
+    package = os.path.join(stage_dir, PACKAGE)
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(package, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(package, name))
+
+
+def run_mutmut(stage_dir: str, mutmut: str, jobs: int, names: list[str]) -> None:
+    """``mutmut run`` (all mutants not checked yet, or the named ones)."""
+    # mutmut forks a child per mutant from a process that has run torch; an OpenMP thread pool does
+    # not survive fork (the child hangs in its first parallel op until mutmut's timeout, which would
+    # count the mutant as killed), so every process computes on one thread
+    single = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    subprocess.run([mutmut, "run", "--max-children", str(jobs), *names], cwd=stage_dir,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if names == [NO_SUCH_MUTANT] else None,
+                   check=False, env={**os.environ, **single})
 
 
 def results(stage_dir: str, mutmut: str) -> dict[str, str]:
@@ -95,15 +126,19 @@ def report(found: dict[str, str], stage_dir: str, mutmut: str, show_diffs: bool)
         per_module[module_of(name)][counted] += 1
         if status not in KILLED and name not in listed:
             survivors.append(name)
-    columns = ("killed", "timeout", "equivalent", "survived", "no tests")
-    print(f"{'module':<36} {'mutants':>8} " + " ".join(f"{c:>10}" for c in (*columns, "other")) + f" {'score':>7}")
-    for module, counts in sorted(per_module.items()):
-        total = sum(counts.values()) - counts["equivalent"]
-        score = (counts["killed"] + counts["timeout"]) / total if total else 1.0
-        other = sum(counts.values()) - sum(counts[c] for c in columns)  # not checked, suspicious, ...
-        print(f"{module:<36} {sum(counts.values()):>8} " + " ".join(f"{counts[c]:>10}" for c in columns)
-              + f" {other:>10} {score:>7.1%}")
+    columns = ("killed", "timeout", "equivalent", "survived", "no tests", UNCHECKED)
+    print(f"{'module':<36} {'mutants':>8} " + " ".join(f"{c:>11}" for c in (*columns, "other")) + f" {'score':>7}")
+    per_module["all"] = sum(per_module.values(), collections.Counter())
+    for module, counts in sorted(per_module.items(), key=lambda item: (item[0] == "all", item[0])):
+        # the score is over the mutants checked: killed and timed out over all checked, less equivalents
+        checked = sum(counts.values()) - counts["equivalent"] - counts[UNCHECKED]
+        score = (counts["killed"] + counts["timeout"]) / checked if checked else float("nan")
+        other = sum(counts.values()) - sum(counts[c] for c in columns)  # suspicious, segfault, ...
+        print(f"{module:<36} {sum(counts.values()):>8} " + " ".join(f"{counts[c]:>11}" for c in columns)
+              + f" {other:>11} {score:>7.1%}")
     for name in survivors:
+        if found[name] == UNCHECKED:
+            continue
         print(f"survived: {name} ({found[name]})")
         if show_diffs:
             diff = subprocess.run([mutmut, "show", name], cwd=stage_dir, capture_output=True, text=True).stdout
@@ -119,20 +154,45 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--diffs", action="store_true", help="show each survivor's diff")
     parser.add_argument("--report-only", action="store_true", help="report the last run in --stage")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --stage with the current tests: unchecked mutants and survivors")
+    parser.add_argument("--sample", type=int, help="check only this many mutants, drawn at random (seeded)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     args = parser.parse_args()
     mutmut = shutil.which("mutmut") or os.path.join(os.path.dirname(sys.executable), "mutmut")
     if not os.path.exists(mutmut):
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     started = time.monotonic()
-    if not args.report_only:
+    sample_file = os.path.join(args.stage, "sample.txt")
+    if args.resume:
+        refresh(args.stage)
+        sampled = os.path.exists(sample_file)
+        # the mutants not checked yet (also those of functions changed since), then the survivors again
+        run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT] if sampled else [])
+        found = results(args.stage, mutmut)
+        listed = equivalents()
+        again = sorted(name for name, status in found.items()
+                       if status not in KILLED and status != "no tests" and name not in listed)
+        if sampled:  # a sampled run goes on with its sample only
+            with open(sample_file, encoding="utf-8") as handle:
+                sample = set(handle.read().split())
+            again = [name for name in again if name in sample]
+        elif any(found[name] == UNCHECKED for name in again):
+            print("--resume: mutants are still unchecked after the run (stopped?)", file=sys.stderr)
+        if again:
+            run_mutmut(args.stage, mutmut, args.jobs, again)
+    elif not args.report_only:
         stage(args.stage, args.paths, args.tests, args.jobs)
-        # mutmut forks a child per mutant from a process that has run torch; an OpenMP thread pool does
-        # not survive fork (the child hangs in its first parallel op until mutmut's timeout, which would
-        # count the mutant as killed), so every process computes on one thread
-        single = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        subprocess.run([mutmut, "run", "--max-children", str(args.jobs)], cwd=args.stage,
-                       stdout=subprocess.DEVNULL, check=False, env={**os.environ, **single})
+        names = []
+        if args.sample is not None:
+            run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT])  # generates them and collects the tests
+            everything = sorted(results(args.stage, mutmut))
+            names = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
+            print(f"sample: {len(names)} of {len(everything)} mutants (seed {args.seed})")
+            with open(sample_file, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(names) + "\n")
+        run_mutmut(args.stage, mutmut, args.jobs, names)
     found = results(args.stage, mutmut)
     if not found:
         print(f"no mutants found in {args.stage}: did mutmut run?", file=sys.stderr)
