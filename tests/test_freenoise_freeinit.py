@@ -58,7 +58,8 @@ def diffusers_free_noise(noise_type, length, stride, frames, seed, channels=4, s
     return latents[0].transpose(0, 1)  # frames first
 
 
-@pytest.mark.parametrize("frames,length,stride", [(16, 16, 4), (40, 16, 4), (37, 16, 12), (50, 8, 3)])
+@pytest.mark.parametrize("frames,length,stride", [(16, 16, 4), (40, 16, 4), (37, 16, 12), (50, 8, 3),
+                                                 (7, 2, 4)])  # stride > length: the last draw is shorter
 def test_shuffle_context_and_random_match_diffusers(frames, length, stride):
     expected = diffusers_free_noise("shuffle_context", length, stride, frames, seed=5)
     gen = torch.Generator().manual_seed(5)
@@ -176,12 +177,41 @@ def formula_filter(method, frames, height, width, ds, dt, order=4):
 
 @pytest.mark.parametrize("method", FILTERS)
 @pytest.mark.parametrize("shape,ds,dt,order", [((16, 8, 8), 0.25, 0.25, 4), ((7, 6, 10), 0.4, 0.1, 2),
-                                               ((24, 9, 5), 0.9, 0.6, 1), ((1, 4, 4), 0.25, 0.25, 4)])
+                                               ((24, 9, 5), 0.9, 0.6, 1), ((1, 4, 4), 0.25, 0.25, 4),
+                                               ((7, 7, 7), 1.0, 1.0, 3)])  # odd sizes: the box's half is 3, not 4
 def test_filters_equal_their_formulas(method, shape, ds, dt, order):
     got = low_pass_filter(*shape, method, ds, dt, order)
     torch.testing.assert_close(got, formula_filter(method, *shape, ds, dt, order), atol=1e-7, rtol=0)
     assert float(got.min()) >= 0 and float(got.max()) <= 1
     assert not low_pass_filter(*shape, method, 0.0, dt, order).any()
+
+
+def test_default_order_and_the_options_order():
+    """Butterworth's order is 4 unless given; FreeInit's mix uses the options' order."""
+    torch.testing.assert_close(low_pass_filter(8, 6, 6, "butterworth", 0.3, 0.2),
+                               formula_filter("butterworth", 8, 6, 6, 0.3, 0.2, 4), atol=1e-7, rtol=0)
+    gen = torch.Generator().manual_seed(3)
+    low, high = torch.randn(8, 2, 6, 6, generator=gen), torch.randn(8, 2, 6, 6, generator=gen)
+    mask = formula_filter("butterworth", 8, 6, 6, 0.3, 0.2, 2)
+    options = FreeInitOptions(method="butterworth", spatial_stop=0.3, temporal_stop=0.2, order=2)
+    torch.testing.assert_close(frames_first_mix(low, high, options),
+                               frequency_mix(low.transpose(0, 1), high.transpose(0, 1), mask).transpose(0, 1),
+                               atol=1e-6, rtol=0)
+
+
+def test_noise_and_mixing_stay_on_the_inputs_device_and_dtype():
+    """``meta`` stands in for a GPU: every tensor made on the way follows the input's device, and random
+    FreeNoise comes back in the noise's dtype (drawn in float32 on the CPU like ComfyUI's noise)."""
+    sigmas = torch.linspace(10, 0, 11, device="meta")
+    assert fewer_sigmas(sigmas, 4).device.type == "meta"
+    latents = torch.zeros(4, 6, 8, 8, device="meta")
+    assert frequency_mix(latents, latents, low_pass_filter(6, 8, 8, "gaussian", 0.25, 0.25)).device.type == "meta"
+    noise = torch.zeros(8, 4, 2, 2, device="meta")
+    for noise_type in ("random", "repeated_context", "shuffle_context"):
+        assert free_noise(noise, noise_type, 4, 2, torch.Generator().manual_seed(0)).device.type == "meta"
+    half = free_noise(torch.zeros(8, 4, 2, 2, dtype=torch.float16), "random", 4, 2, torch.Generator().manual_seed(0))
+    drawn = torch.randn(1, 4, 8, 2, 2, generator=torch.Generator().manual_seed(0))[0].transpose(0, 1)
+    assert half.dtype == torch.float16 and torch.equal(half, drawn.half())
 
 
 @pytest.mark.parametrize("method", ["butterworth", "gaussian", "ideal"])

@@ -139,3 +139,81 @@ def test_motion_lora_is_not_a_domain_adapter(v2):
 def test_domain_adapter_is_not_a_motion_lora(v2):
     with pytest.raises(MotionModelError, match="not a MotionLoRA"):
         motion_lora_deltas(v2, [(load_lora(_adapter_sd()), 1.0)])
+
+
+def _listed(keys, limit):
+    """The message's key listing, written out: the first `limit` sorted keys quoted, then (+n more)."""
+    keys = sorted(keys)
+    return ", ".join(f"'{k}'" for k in keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _message(call):
+    with pytest.raises(MotionModelError) as error:
+        call()
+    return str(error.value)
+
+
+def test_lora_errors_whole_sentences(v2):
+    sd = motion_lora_state_dict(v2.spec)
+    del sd[f"{PREFIX}.to_q_lora.up.weight"]
+    target = PREFIX.replace(".processor", "") + ".to_q.weight"
+    assert _message(lambda: load_lora(sd)) == (f"<state dict>: {target} has only a 'down' matrix; LoRA pairs need "
+                                               "both up and down")
+    sd = motion_lora_state_dict(v2.spec)
+    sd[f"{PREFIX}.to_q_lora.up.weight"] = torch.zeros(32, 4, 1)  # 3-D up, down still (4, 32)
+    assert _message(lambda: load_lora(sd)) == (f"<state dict>: {target}: up (32, 4, 1) and down (4, 32) do not form "
+                                               "(out, r) @ (r, in)")
+    with pytest.raises(MotionModelError) as error:
+        load_domain_adapter({"a.weight": torch.zeros(2)})
+    assert str(error.value).startswith("<state dict>: not an AnimateDiff-format domain adapter: expected keys like")
+
+
+def test_skipped_mid_block_targets_are_named_in_the_warning(caplog):
+    v3 = random_model(make_spec("v3"))
+    lora = load_lora(motion_lora_state_dict(make_spec("v2")))
+    with caplog.at_level(logging.WARNING):
+        motion_lora_deltas(v3, [(lora, 1.0)])
+    mid = [k for k in lora.pairs if k.startswith("mid_block.")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"<state dict>: skipped 8 LoRA targets the model does not have ({_listed(mid, 2)})"]
+
+
+def test_a_model_with_a_mid_block_skips_nothing(v2):
+    """Only a model without a mid block may skip mid-block targets; a v2 model refuses one it lacks."""
+    sd = {k.replace("mid_block.motion_modules.0.", "mid_block.motion_modules.5."): v
+          for k, v in motion_lora_state_dict(v2.spec).items()}
+    message = _message(lambda: motion_lora_deltas(v2, [(load_lora(sd), 1.0)]))
+    assert message.startswith("<state dict>: 8 LoRA targets do not exist in the model: 'mid_block.motion_modules.5.")
+
+
+def test_only_the_spatial_targets_are_named_when_a_lora_mixes_both(v2):
+    mixed = load_lora({**motion_lora_state_dict(v2.spec), **_adapter_sd()})
+    spatial = [k for k in mixed.pairs if ".motion_modules." not in k]
+    assert len(spatial) == 16
+    assert _message(lambda: motion_lora_deltas(v2, [(mixed, 1.0)])) == (
+        f"<state dict>: not a MotionLoRA (targets outside motion modules, e.g. {_listed(spatial, 2)})")
+    motion = [k for k in mixed.pairs if ".motion_modules." in k]
+    assert _message(lambda: load_domain_adapter({**motion_lora_state_dict(v2.spec), **_adapter_sd()})) == (
+        "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
+        f"{_listed(motion, 2)} (a MotionLoRA?)")
+    resnet = {"down_blocks.0.resnets.0.processor.to_q_lora.down.weight": torch.zeros(4, 32),
+              "down_blocks.0.resnets.0.processor.to_q_lora.up.weight": torch.zeros(32, 4)}
+    assert _message(lambda: load_domain_adapter({**_adapter_sd(), **resnet})) == (
+        "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
+        "'down_blocks.0.resnets.0.to_q.weight' (a MotionLoRA?)")
+
+
+def test_deltas_follow_the_model_dtype_and_device():
+    """fp32 deltas for an fp32 model (fp64 only for fp64 models); merged weights keep the parameter's
+    dtype and device (``meta`` stands in for a GPU)."""
+    v2_32 = random_model(make_spec("v2"))
+    deltas = motion_lora_deltas(v2_32, [(load_lora(motion_lora_state_dict(v2_32.spec)), 1.0)])
+    assert {d.dtype for d in deltas.values()} == {torch.float32}
+    layer = torch.nn.Linear(3, 2)
+    merged = merged_parameters(layer, {"weight": torch.ones(2, 3, dtype=torch.float64)})
+    assert merged["weight"].dtype == torch.float32 and torch.equal(merged["weight"], layer.weight + 1)
+    with torch.device("meta"):
+        on_meta = torch.nn.Linear(3, 2)
+    assert merged_parameters(on_meta, {"weight": torch.ones(2, 3)})["weight"].device.type == "meta"
+    assert _message(lambda: merged_parameters(layer, {"nope.weight": torch.ones(1), "weight": torch.ones(2, 3)})) == (
+        "deltas for weights the model does not have: 'nope.weight'")

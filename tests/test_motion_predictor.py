@@ -231,3 +231,78 @@ def test_file_metadata_and_whole_load_errors(tmp_path):
         load_predictor(str(other))
     assert str(error.value) == ("'plain.safetensors': weights do not match the predictor spec: missing none; "
                                 "unexpected 'extra.weight'")
+
+
+def test_load_errors_name_the_file_and_every_wrong_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    model = randomised(tiny_spec()).float()
+    metadata = {"animatediff_suite.motion_predictor": model.spec.to_json()}
+    path = tmp_path / "smp.safetensors"
+    save_file({"down_blocks.0.motion_modules.0.x": torch.zeros(1)}, str(path))
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(path))
+    assert str(error.value) == ("'smp.safetensors': not a Semantic Motion Predictor file: its metadata has no "
+                                "'animatediff_suite.motion_predictor' entry (a SparseCtrl or motion model?); "
+                                "predictors come from AnimateDiff Suite's semantic_motion_predictor training")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file({k: v for k, v in sd.items() if k != "proj_in.bias"}, str(path), metadata=metadata)
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(path))
+    assert str(error.value) == ("'smp.safetensors': weights do not match the predictor spec: missing "
+                                "'proj_in.bias'; unexpected none")
+    # six tensors of the wrong shape: the message lists the first five, in the model's order
+    wrong = list(sd)[:6]
+    save_file({k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k in wrong else v) for k, v in sd.items()},
+              str(path), metadata=metadata)
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(path))
+    shapes = [f"{k} {(sd[k].shape[0] + 1, *sd[k].shape[1:])} (expected {tuple(sd[k].shape)})" for k in wrong[:5]]
+    assert str(error.value) == "'smp.safetensors': wrong shapes: " + "; ".join(shapes)
+    bad = dict(sd, **{"proj_in.weight": sd["proj_in.weight"].clone()})
+    bad["proj_in.weight"][0, 0] = float("nan")
+    save_file(bad, str(path), metadata=metadata)
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(path))
+    assert str(error.value) == ("'smp.safetensors': weights contain NaN or Inf values ('proj_in.weight'); the file is "
+                                "damaged or was saved from a diverged training run")
+
+
+def test_load_dtype_device_and_frozen(tmp_path):
+    """The file's dtype unless one is asked for; the device asked for; eval mode, no gradients."""
+    model = randomised(tiny_spec()).half()
+    path = tmp_path / "smp.safetensors"
+    save_predictor(model, str(path))
+    kept = load_predictor(str(path))
+    assert {p.dtype for p in kept.parameters()} == {torch.float16}
+    assert not kept.training and not any(p.requires_grad for p in kept.parameters())
+    wider = load_predictor(str(path), dtype=torch.float64)
+    assert {p.dtype for p in wider.parameters()} == {torch.float64}
+    assert torch.equal(wider.proj_in.weight, model.proj_in.weight.double())
+    on_meta = load_predictor(str(path), device="meta")
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+
+
+def test_predict_stays_in_the_inputs_dtype_and_on_their_device():
+    """A half-precision predictor predicts in half precision (eq. 4's weights and the PE are cast, nothing
+    promotes to float32), and one on another device computes there (``meta`` stands in for a GPU)."""
+    model = randomised(tiny_spec()).to(torch.bfloat16)
+    start, end = torch.randn(2, 12, dtype=torch.bfloat16), torch.randn(2, 12, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert model.predict(start, end, 5).dtype == torch.bfloat16
+    assert interpolate(start, end, 5).dtype == torch.bfloat16
+    with torch.device("meta"):
+        on_meta = MotionPredictor(tiny_spec())
+    start, end = torch.zeros(2, 12, device="meta"), torch.zeros(2, 12, device="meta")
+    with torch.no_grad():
+        assert on_meta.predict(start, end, 5).device.type == "meta"
+    q = torch.zeros(1, 5, 16, device="meta")
+    assert attention_with_tokens(q, q, q, q[:, :2], q[:, :2], heads=4, strength=0.5).device.type == "meta"
+
+
+def test_attention_strength_defaults_to_one():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 5, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k2, v2 = (torch.randn(2, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(attention_with_tokens(q, k, v, k2, v2, 4),
+                               explicit_attention(q, k, v, k2, v2, 4, 1.0), atol=1e-12, rtol=0)

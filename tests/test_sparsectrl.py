@@ -27,10 +27,10 @@ KINDS = {
 }
 
 
-def build_diffusers(kind: str, dtype=torch.float64) -> SparseControlNetModel:
+def build_diffusers(kind: str, dtype=torch.float64, **changes) -> SparseControlNetModel:
     model = SparseControlNetModel(block_out_channels=CHANNELS, cross_attention_dim=32, attention_head_dim=8,
                                   norm_num_groups=32, motion_max_seq_length=32, motion_num_attention_heads=8,
-                                  **KINDS[kind])
+                                  **KINDS[kind], **changes)
     randomize(model, seed=11 if kind == "rgb" else 12)
     return model.to(dtype).eval()
 
@@ -83,8 +83,48 @@ def test_matches_diffusers(kind, dtype, norm_mode):
     model = load_sparsectrl(reference_model.state_dict(), dtype=dtype)
     assert model.spec.kind == kind and model.spec.norm_mode == "per_frame"
     model.set_norm_mode(norm_mode)
+    assert model.spec.norm_mode == norm_mode
     reference_model = (per_frame(reference_model) if norm_mode == "per_frame" else reference_model).to(dtype)
     assert_close(ours(model, kind, dtype), reference(reference_model, kind, dtype), dtype)
+
+
+def test_linear_projections_match_diffusers():
+    """Spatial transformers that project in and out with Linear layers (SD2-style files) are read from the
+    weights' shapes and compute what diffusers computes."""
+    reference_model = build_diffusers("rgb", use_linear_projection=True)
+    model = load_sparsectrl(reference_model.state_dict())
+    assert model.spec.linear_projection
+    assert_close(ours(model, "rgb", torch.float64), reference(per_frame(reference_model), "rgb", torch.float64),
+                 torch.float64)
+
+
+def test_spec_and_norm_mode_choices():
+    rgb, scribble = SparseCtrlSpec.sd15("rgb"), SparseCtrlSpec.sd15("scribble", cross_attention_dim=1024)
+    assert (rgb.condition_channels, rgb.simplified_embedding, rgb.cross_attention_dim) == (4, True, 768)
+    assert (scribble.condition_channels, scribble.simplified_embedding, scribble.cross_attention_dim) == (3, False, 1024)
+    assert rgb.channels == (320, 640, 1280, 1280) and rgb.cross_attention == (True, True, True, False)
+    assert rgb.with_norm_mode("across_frames").norm_mode == "across_frames" and rgb.norm_mode == "per_frame"
+    with pytest.raises(ValueError) as error:
+        SparseCtrlSpec.sd15("depth")
+    assert str(error.value) == "unknown SparseCtrl kind 'depth'; expected one of ['rgb', 'scribble']"
+    model = load_sparsectrl(build_diffusers("rgb", torch.float32).state_dict())
+    with pytest.raises(ValueError) as error:
+        model.set_norm_mode("per_batch")
+    assert str(error.value) == "unknown norm mode 'per_batch'; expected one of ['across_frames', 'per_frame']"
+
+
+def test_timestep_features_written_out_and_on_the_timesteps_device():
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0): cos(t w_i) then sin(t w_i),
+    w_i = 10000^(-i / (dim / 2)), i = 0 .. dim/2 - 1, in float32 whatever the timesteps' dtype."""
+    from animatediff_suite.motion_modules.sparsectrl import timestep_features
+
+    t = torch.tensor([0, 1, 321, 999], dtype=torch.float64)
+    got = timestep_features(t, 8)
+    w = torch.tensor([10000.0 ** (-i / 4) for i in range(4)], dtype=torch.float64)
+    want = torch.cat([torch.cos(t[:, None] * w), torch.sin(t[:, None] * w)], dim=1)
+    assert got.dtype == torch.float32 and got.shape == (4, 8)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=0)  # float32 angles of up to 999 rad
+    assert timestep_features(torch.zeros(3, device="meta"), 8).device.type == "meta"
 
 
 def test_the_norm_modes_differ_and_the_mask_matters():
@@ -160,15 +200,25 @@ def test_keyframe_positions(indexes, count, frames, expected):
 
 @pytest.mark.parametrize("indexes, count, frames, message", [
     (None, 0, 16, "no keyframe images"),
-    (None, 5, 4, "5 keyframe images for a clip of 4 frames"),
-    ([0], 2, 16, "1 keyframe indexes [0] for 2 images"),
-    ([0, 16], 2, 16, "keyframe index 16 is outside a clip of 16 frames"),
-    ([0, -17], 2, 16, "keyframe index -17 is outside"),
-    ([3, -13], 2, 16, "put two images on the same frame"),
+    (None, 5, 4, "5 keyframe images for a clip of 4 frames; give at most one image per frame"),
+    ([0], 2, 16, "1 keyframe indexes [0] for 2 images; give one index per image, or none to spread the images "
+                 "evenly"),
+    ([0, 16], 2, 16, "keyframe index 16 is outside a clip of 16 frames (use 0..15, or -1..-16 from the end)"),
+    ([0, -17], 2, 16, "keyframe index -17 is outside a clip of 16 frames (use 0..15, or -1..-16 from the end)"),
+    ([3, -13], 2, 16, "keyframe indexes [3, -13] put two images on the same frame of a 16-frame clip ([3, 3])"),
 ])
 def test_keyframe_positions_errors(indexes, count, frames, message):
-    with pytest.raises(MotionModelError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(MotionModelError) as error:
         keyframe_positions(indexes, count, frames, "Apply SparseCtrl")
+    assert str(error.value) == f"Apply SparseCtrl: {message}"
+    with pytest.raises(MotionModelError) as error:
+        keyframe_positions(indexes, count, frames)
+    assert str(error.value) == f"keyframes: {message}"
+
+
+def test_keyframe_positions_at_both_ends_of_the_range():
+    assert keyframe_positions([-16, 15], 2, 16) == [0, 15]
+    assert keyframe_positions(None, 16, 16) == list(range(16))
 
 
 def test_sparse_condition_places_keyframes_on_their_rows():
@@ -176,7 +226,9 @@ def test_sparse_condition_places_keyframes_on_their_rows():
         [1.0, 10.0])[None, :, None, None]  # keyframe k has channels (k+1, 10(k+1))
     condition, mask = sparse_condition(keyframes, [3, 0], rows=[0, 1, 2, 3, 0])
     assert condition[:, :, 0, 0].tolist() == [[2, 20], [0, 0], [0, 0], [1, 10], [2, 20]]
-    assert mask.flatten().tolist() == [1, 0, 0, 1, 1]
+    assert mask.flatten().tolist() == [1, 0, 0, 1, 1] and mask.dtype == keyframes.dtype == condition.dtype
+    on_meta = sparse_condition(torch.zeros(2, 3, 4, 4, device="meta"), [3, 0], rows=[0, 1, 2, 3, 0])
+    assert [t.device.type for t in on_meta] == ["meta", "meta"] and on_meta[1].shape == (5, 1, 4, 4)
 
 
 @pytest.mark.parametrize("sd, message", [
