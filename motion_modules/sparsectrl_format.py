@@ -43,7 +43,7 @@ def load_sparsectrl(path_or_state_dict: str | os.PathLike | Mapping[str, Any], d
         MotionModelError: the file is not a usable SparseCtrl model (the message says why).
     """
     source, data, _ = read_source(path_or_state_dict)
-    sd, pe_length = to_original_keys(unwrap(data, source))
+    sd, pe_length = to_original_keys(unwrap(data, source), source)
     spec = infer_spec(sd, pe_length, source)
     check_keys_and_shapes(sd, spec, source)
     check_finite(sd, source)
@@ -87,7 +87,7 @@ def unwrap(data: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
     raise MotionModelError(f"{source}: not a SparseCtrl model: {hint}")
 
 
-def to_original_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int | None]:
+def to_original_keys(sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], int | None]:
     """diffusers motion-module names -> original ones; drop the PE tables. Returns (dict, PE length or None)."""
     diffusers = not any(".temporal_transformer." in k for k in sd)
     out, lengths = {}, set()
@@ -102,7 +102,7 @@ def to_original_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
                 key = key.replace(old, new)
         out[key] = value
     if len(lengths) > 1:
-        raise MotionModelError(f"positional encodings disagree on the frame limit: {sorted(lengths)}")
+        raise MotionModelError(f"{source}: positional encodings disagree on the frame limit: {sorted(lengths)}")
     return out, (lengths.pop() if lengths else None)
 
 

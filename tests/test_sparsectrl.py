@@ -256,3 +256,117 @@ def test_damaged_files_name_the_key():
     nan = dict(sd, **{"conv_in.bias": torch.full((32,), float("nan"))})
     with pytest.raises(MotionModelError, match="NaN or Inf"):
         load_sparsectrl(nan)
+
+
+@pytest.fixture(scope="module")
+def rgb_sd():
+    return {k: v.contiguous() for k, v in build_diffusers("rgb", torch.float32).state_dict().items()}
+
+
+def _file_error(tmp_path, sd) -> str:
+    """The whole message of loading ``sd`` saved as 'sc.safetensors'."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "sc.safetensors"))
+    with pytest.raises(MotionModelError) as error:
+        load_sparsectrl(tmp_path / "sc.safetensors")
+    return str(error.value)
+
+
+def _with(sd, **changes):
+    """``sd`` with keys replaced (None removes one); keys are given with '__' for '.'."""
+    out = dict(sd)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            del out[key]
+        else:
+            out[key] = value
+    return out
+
+
+def test_file_errors_name_the_file_and_say_what_was_expected(tmp_path, rgb_sd):
+    sd = rgb_sd
+    blockless = {k: v for k, v in sd.items() if not k.startswith("down_blocks.")}
+    assert _file_error(tmp_path, blockless) == "'sc.safetensors': 0 down blocks; expected 1 to 8 (SD1.5 has 4)"
+    nine = _with(sd, down_blocks__8__x=torch.zeros(1))
+    assert _file_error(tmp_path, nine) == "'sc.safetensors': 9 down blocks; expected 1 to 8 (SD1.5 has 4)"
+    eight = _with(sd, down_blocks__7__x=torch.zeros(1))  # 8 blocks pass that check; block 4 is then missing
+    assert _file_error(tmp_path, eight) == ("'sc.safetensors': 'down_blocks.4.resnets.0.conv1.weight' should be a "
+                                            "4-d tensor, found None")
+    conv1 = "down_blocks__0__resnets__0__conv1__weight"
+    assert _file_error(tmp_path, _with(sd, **{conv1: torch.zeros(32, 32)})) == (
+        "'sc.safetensors': 'down_blocks.0.resnets.0.conv1.weight' should be a 4-d tensor, found (32, 32)")
+    for shape in [(8193, 1, 1, 1), (0, 32, 3, 3), (32, 0, 3, 3)]:
+        assert _file_error(tmp_path, _with(sd, **{conv1: torch.zeros(shape)})) == (
+            f"'sc.safetensors': 'down_blocks.0.resnets.0.conv1.weight' has shape {shape} (limit 8192 channels)")
+    # within the limit (only the first two sizes count): refused later, by the layout or the other shapes
+    for shape, later in [((8192, 1, 1, 1), "wrong shapes: "), ((32, 32, 8193, 1), "wrong shapes: "),
+                         ((1, 32, 3, 3), "unsupported SparseCtrl layout: ")]:
+        assert _file_error(tmp_path, _with(sd, **{conv1: torch.zeros(shape)})).startswith("'sc.safetensors': " + later)
+    attentionless = {k: v for k, v in sd.items() if ".attentions." not in k}
+    assert _file_error(tmp_path, attentionless) == ("'sc.safetensors': no spatial transformers in any down block; "
+                                                    "not an SD1.5-style SparseCtrl")
+    one_channel = _with(sd, controlnet_cond_embedding__weight=torch.zeros(32, 1, 3, 3))
+    assert _file_error(tmp_path, one_channel) == (
+        "'sc.safetensors': the condition embedding takes 1 channel(s); expected the condition's channels plus one "
+        "for the keyframe mask")
+    pe = "down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe"
+    assert _file_error(tmp_path, _with(sd, **{pe.replace(".", "__"): torch.zeros(1, 24, 32)})) == (
+        "'sc.safetensors': positional encodings disagree on the frame limit: [24, 32]")
+    long_pe = {k: (torch.zeros(1, 4097, v.shape[2]) if k.endswith(".pe") else v) for k, v in sd.items()}
+    assert _file_error(tmp_path, long_pe) == "'sc.safetensors': positional encoding of 4097 frames (limit 4096)"
+    assert _file_error(tmp_path, _with(sd, down_blocks__0__extra__weight=torch.zeros(1))) == (
+        "'sc.safetensors': unexpected keys for a rgb SparseCtrl: 'down_blocks.0.extra.weight'")
+    biases = [k for k in sd if k.endswith(".bias") and sd[k].ndim == 1][:7]
+    message = _file_error(tmp_path, {k: (torch.zeros(v.shape[0] + 1) if k in biases else v) for k, v in sd.items()})
+    assert message.startswith("'sc.safetensors': wrong shapes: ") and message.endswith(" (+2 more)")
+    assert message.count(" (expected ") == 5
+    ints = _with(sd, conv_in__weight=sd["conv_in.weight"].to(torch.int32))
+    assert _file_error(tmp_path, ints) == "'sc.safetensors': weights are torch.int32; expected a floating-point dtype"
+    odd = {k: (torch.zeros(36, *v.shape[1:]) if k == conv1.replace("__", ".") else v) for k, v in sd.items()}
+    assert _file_error(tmp_path, odd).startswith("'sc.safetensors': unsupported SparseCtrl layout: ")
+
+
+def test_two_channel_condition_and_pe_lengths_are_read_from_the_file(rgb_sd):
+    """The condition's channels are the embedding's inputs less the mask's one (1 is the least); the frame
+    limit comes from the 3-d PE tables (default 32 without any), up to 4096."""
+    sd = _with(rgb_sd, controlnet_cond_embedding__weight=torch.zeros(32, 2, 3, 3))
+    assert load_sparsectrl(sd).spec.condition_channels == 1
+    short = {k: (torch.zeros(1, 24, v.shape[2]) if k.endswith(".pe") else v) for k, v in rgb_sd.items()}
+    assert load_sparsectrl(short).spec.pe_length == 24
+    longest = {k: (torch.zeros(1, 4096, v.shape[2]) if k.endswith(".pe") else v) for k, v in rgb_sd.items()}
+    assert load_sparsectrl(longest).spec.pe_length == 4096
+    flat = {k: (v[0] if k.endswith(".pe") else v) for k, v in short.items()}  # 2-d tables say nothing
+    assert load_sparsectrl(flat).spec.pe_length == 32
+    assert load_sparsectrl({k: v for k, v in rgb_sd.items() if not k.endswith(".pe")}).spec.pe_length == 32
+
+
+@pytest.mark.parametrize("wrapper", [None, "controlnet", "state_dict", "module"])
+@pytest.mark.parametrize("prefix", ["", "module.", "controlnet.", "model.", "module.controlnet."])
+def test_wrappers_and_prefixes_are_taken_off(rgb_sd, wrapper, prefix):
+    sd = {prefix + k: v for k, v in rgb_sd.items()}
+    data = {wrapper: sd, "animatediff_config": {"L": 16}} if wrapper else sd
+    model = load_sparsectrl(data)
+    assert torch.equal(model.state_dict()["conv_in.weight"], rgb_sd["conv_in.weight"])
+
+
+def test_load_dtype_device_operations_and_log(rgb_sd, caplog):
+    import logging
+    import types
+
+    wide = load_sparsectrl(rgb_sd, dtype=torch.float64)
+    assert {t.dtype for t in wide.state_dict().values()} == {torch.float64}  # PE tables too
+    assert not wide.training and not any(p.requires_grad for p in wide.parameters())
+    assert {t.device.type for t in load_sparsectrl(rgb_sd, device="meta").state_dict().values()} == {"meta"}
+
+    class CountedLinear(torch.nn.Linear):
+        pass
+
+    ops = types.SimpleNamespace(**{n: getattr(torch.nn, n) for n in dir(torch.nn) if n[:1].isupper()})
+    ops.Linear = CountedLinear
+    assert any(isinstance(m, CountedLinear) for m in load_sparsectrl(rgb_sd, operations=ops).modules())
+    with caplog.at_level(logging.INFO, logger="animatediff_suite.motion_modules.sparsectrl_format"):
+        load_sparsectrl(rgb_sd)
+    assert [r.getMessage() for r in caplog.records] == [
+        "loaded <state dict>: SparseCtrl rgb, 4 down blocks [32, 64, 64, 64], text width 32, up to 32 frames per pass"]

@@ -15,9 +15,11 @@ and timed-out mutants over all, less the mutants listed as equivalent in
     python tests/tools/mutation.py motion_modules/*.py --stage /tmp/m --resume   # after new tests
 
 Runs take long (every mutant runs the selected tests): pick the tests that cover the modules.
-``--sample N`` checks a seeded random sample of N mutants (``--seed``) of the modules, and ``--resume``
-continues a run in ``--stage`` with the files as they are now: the mutants not checked yet run (also those
-of functions changed since; mutmut keeps the results of unchanged functions), then the survivors again.
+``--resume`` continues a run in ``--stage`` with the files as they are now: the mutants not checked yet run
+(also those of functions changed since; mutmut keeps the results of unchanged functions), then the
+survivors again. ``--sample N`` (fresh, or with ``--resume`` after a stopped run) checks a seeded random
+sample of N of the mutants not checked yet instead of all of them, and the report estimates the score over
+all mutants from it (mutants checked outside the sample count as themselves).
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ def refresh(stage_dir: str) -> None:
         if name and os.path.isfile(os.path.join(ROOT, name)):
             os.makedirs(os.path.dirname(os.path.join(package, name)), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, name), os.path.join(package, name))
+
+
+def draw_sample(stage_dir: str, found: dict[str, str], size: int, seed: int) -> None:
+    """Draw ``size`` of the mutants not checked yet (all of them in a fresh stage), seeded, and record the
+    draw and the number it was drawn from in ``sample.txt``: the score of the unchecked rest is then
+    estimated from the sample's."""
+    unchecked = sorted(name for name, status in found.items() if status == UNCHECKED)
+    names = random.Random(seed).sample(unchecked, min(size, len(unchecked)))
+    with open(os.path.join(stage_dir, "sample.txt"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {len(names)} drawn from {len(unchecked)} unchecked mutants, seed {seed}\n")
+        handle.write("\n".join(names) + "\n")
+    print(f"sample: {len(names)} of the {len(unchecked)} unchecked mutants (seed {seed})")
+
+
+def read_sample(stage_dir: str) -> tuple[int, set[str]] | None:
+    """(population the sample was drawn from, names drawn), or None without a sample."""
+    path = os.path.join(stage_dir, "sample.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        header, *names = handle.read().split("\n")
+    return int(re.search(r"drawn from (\d+)", header)[1]), {name for name in names if name}
 
 
 def run_mutmut(stage_dir: str, mutmut: str, jobs: int, names: list[str]) -> None:
@@ -136,6 +160,9 @@ def report(found: dict[str, str], stage_dir: str, mutmut: str, show_diffs: bool)
         other = sum(counts.values()) - sum(counts[c] for c in columns)  # suspicious, segfault, ...
         print(f"{module:<36} {sum(counts.values()):>8} " + " ".join(f"{counts[c]:>11}" for c in columns)
               + f" {other:>11} {score:>7.1%}")
+    drawn = read_sample(stage_dir)
+    if drawn:
+        estimate(found, listed, *drawn)
     for name in survivors:
         if found[name] == UNCHECKED:
             continue
@@ -144,6 +171,26 @@ def report(found: dict[str, str], stage_dir: str, mutmut: str, show_diffs: bool)
             diff = subprocess.run([mutmut, "show", name], cwd=stage_dir, capture_output=True, text=True).stdout
             print("\n".join("    " + line for line in diff.splitlines()[-12:]))
     return survivors
+
+
+def estimate(found: dict[str, str], listed: dict[str, str], population: int, sample: set[str]) -> None:
+    """The score over all mutants when a random sample stands for the ``population`` that was unchecked when it
+    was drawn: every mutant checked outside the sample counts as itself, the sample's kill rate (equivalent
+    ones removed in proportion) stands for the rest."""
+    def counts(names):
+        checked = [n for n in names if found[n] != UNCHECKED]
+        equivalent = sum(1 for n in checked if n in listed and found[n] not in KILLED)
+        return len(checked), equivalent, sum(1 for n in checked if found[n] in KILLED)
+    outside = [n for n in found if n not in sample and found[n] != UNCHECKED]
+    (n_out, eq_out, k_out), (n_s, eq_s, k_s) = counts(outside), counts(sample)
+    if n_s - eq_s <= 0:
+        print(f"sample: none of its {len(sample)} mutants checked yet")
+        return
+    rest = population * (n_s - eq_s) / n_s  # the population less its equivalent share
+    score = (k_out + k_s / (n_s - eq_s) * rest) / (n_out - eq_out + rest)
+    print(f"sample: {n_s} of {len(sample)} drawn mutants checked ({k_s} killed, {eq_s} equivalent), standing "
+          f"for {population} unchecked; {n_out} checked outside it ({k_out} killed, {eq_out} equivalent)")
+    print(f"estimated score over all mutants: {score:.1%}")
 
 
 def main() -> int:
@@ -156,7 +203,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="report the last run in --stage")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --stage with the current tests: unchecked mutants and survivors")
-    parser.add_argument("--sample", type=int, help="check only this many mutants, drawn at random (seeded)")
+    parser.add_argument("--sample", type=int,
+                        help="check only this many of the unchecked mutants, drawn at random (seeded)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     args = parser.parse_args()
     mutmut = shutil.which("mutmut") or os.path.join(os.path.dirname(sys.executable), "mutmut")
@@ -164,35 +212,31 @@ def main() -> int:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     started = time.monotonic()
-    sample_file = os.path.join(args.stage, "sample.txt")
     if args.resume:
         refresh(args.stage)
-        sampled = os.path.exists(sample_file)
-        # the mutants not checked yet (also those of functions changed since), then the survivors again
-        run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT] if sampled else [])
+        drawn = read_sample(args.stage)
+        # generate the mutants of changed functions and collect new tests; a run without a sample checks
+        # every unchecked mutant on the way
+        run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT] if drawn or args.sample else [])
+    elif not args.report_only:
+        stage(args.stage, args.paths, args.tests, args.jobs)
+        if args.sample:
+            run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT])  # generates them and collects the tests
+        else:
+            run_mutmut(args.stage, mutmut, args.jobs, [])
+    if args.resume or (args.sample and not args.report_only):
         found = results(args.stage, mutmut)
         listed = equivalents()
-        again = sorted(name for name, status in found.items()
-                       if status not in KILLED and status != "no tests" and name not in listed)
-        if sampled:  # a sampled run goes on with its sample only
-            with open(sample_file, encoding="utf-8") as handle:
-                sample = set(handle.read().split())
-            again = [name for name in again if name in sample]
-        elif any(found[name] == UNCHECKED for name in again):
+        if args.sample and not read_sample(args.stage):
+            draw_sample(args.stage, found, args.sample, args.seed)
+        drawn = read_sample(args.stage)
+        # the sample's mutants not checked yet, and every survivor (not listed as equivalent) again
+        again = sorted(name for name, status in found.items() if status not in KILLED and status != "no tests"
+                       and name not in listed and (status != UNCHECKED or not drawn or name in drawn[1]))
+        if drawn is None and any(found[name] == UNCHECKED for name in again):
             print("--resume: mutants are still unchecked after the run (stopped?)", file=sys.stderr)
         if again:
             run_mutmut(args.stage, mutmut, args.jobs, again)
-    elif not args.report_only:
-        stage(args.stage, args.paths, args.tests, args.jobs)
-        names = []
-        if args.sample is not None:
-            run_mutmut(args.stage, mutmut, args.jobs, [NO_SUCH_MUTANT])  # generates them and collects the tests
-            everything = sorted(results(args.stage, mutmut))
-            names = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
-            print(f"sample: {len(names)} of {len(everything)} mutants (seed {args.seed})")
-            with open(sample_file, "w", encoding="utf-8") as handle:
-                handle.write("\n".join(names) + "\n")
-        run_mutmut(args.stage, mutmut, args.jobs, names)
     found = results(args.stage, mutmut)
     if not found:
         print(f"no mutants found in {args.stage}: did mutmut run?", file=sys.stderr)
