@@ -425,3 +425,64 @@ def test_schedule_boundaries_and_the_mode_coin_worked_by_hand():
         ConsistencyOptions(references=-1)
     assert str(error.value) == "references must be 0 or more, not -1"
     assert ConsistencyOptions(references=0, rate=1.0).references == 0
+
+
+def test_one_kept_token_is_attended_to():
+    """A source that keeps a single token still adds it (the shortcut to plain attention is for none)."""
+    q, k, v = qkv(b=3, d=6, seed=9)
+    keep = torch.zeros(3, 6, dtype=torch.bool)
+    keep[0, 4] = True
+    sources = [[], [0], [0]]
+    expected = naive(q, k, v, 2, keep, sources)
+    for form in (consistent_attention, consistent_attention_masked):
+        assert torch.allclose(form(q, k, v, 2, keep, sources), expected, atol=1e-10, rtol=0)
+    assert not torch.allclose(expected[1], naive(q, k, v, 2, keep, [[], [], []])[1], atol=1e-3)
+
+
+def test_both_forms_compute_on_the_inputs_device():
+    """``meta`` stands in for a GPU: the draw's masks (made on the CPU) and a CPU bank follow q, k, v.
+    Every token is kept, so boolean indexing on ``meta`` may take all of them as its shape."""
+    import torch.fx.experimental._config as fx_config
+
+    q, k, v = (torch.zeros(3, 6, 16, device="meta") for _ in range(3))
+    keep = torch.ones(3, 6, dtype=torch.bool)
+    bank = (torch.zeros(5, 16, dtype=torch.float64), torch.zeros(5, 16, dtype=torch.float64))
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        for form in (consistent_attention, consistent_attention_masked):
+            for with_bank in (None, bank):
+                out = form(q, k, v, 2, keep, [[], [0], [0, 1]], bank=with_bank)
+                assert out.device.type == "meta" and out.dtype == torch.float32
+
+
+def test_options_form_error_is_a_whole_sentence():
+    with pytest.raises(ValueError) as error:
+        ConsistencyOptions(form="grid")
+    assert str(error.value) == "unknown consistent attention form 'grid'; expected one of ['indices', 'mask']"
+
+
+def test_bank_keeps_tensors_on_their_device_unless_it_offloads():
+    """By default a stored entry stays where it was computed (a copy); ``offload`` copies it to the CPU,
+    which a ``meta`` tensor (standing in for a GPU one) cannot be."""
+    kv = (torch.zeros(2, 4, device="meta"), torch.zeros(2, 4, device="meta"))
+    bank = ReferenceBank()
+    bank.store("Bob", 1.0, "l", 0, kv)
+    assert [t.device.type for t in bank.lookup(["Bob"], 1.0, "l", 0)] == ["meta", "meta"]
+    with pytest.raises(NotImplementedError):
+        ReferenceBank(offload=True).store("Bob", 1.0, "l", 0, kv)
+
+
+def test_bank_lookup_defaults_small_sigmas_and_missing_layers():
+    bank = ReferenceBank()
+    for sigma, value in ((0.5, 1.0), (0.1, 2.0), (0.0, 3.0)):
+        bank.store("Bob", sigma, "l", 0, (torch.full((1, 2), value), torch.full((1, 2), value)))
+    bank.store("Bob", 0.1, "l", 0, (torch.full((1, 2), 9.0), torch.full((1, 2), 9.0)))  # a second visit
+    # nearest by log-sigma below 1 too, sigma 0 taken as 1e-8; the first visit unless told
+    assert bank.lookup(["Bob"], 0.12, "l", 0)[0][0, 0].item() == 2.0
+    assert bank.lookup(["Bob"], 0.4, "l", 0)[0][0, 0].item() == 1.0
+    assert bank.lookup(["Bob"], 0.0, "l", 0)[0][0, 0].item() == 3.0
+    assert bank.lookup(["Bob"], 1e-7, "l", 0)[0][0, 0].item() == 3.0  # log distance 2.3 to 1e-8, 13.8 to 0.1
+    assert bank.lookup(["Bob"], 0.1, "other layer", 0) is None
+    assert bank.lookup(["Bob"], 0.1, "l", 1) is None
+    with pytest.raises(KeyError) as error:
+        bank.lookup(["Bob", "Eve"], 0.1, "l", 0)
+    assert error.value.args == ("Eve",)
