@@ -55,7 +55,7 @@ def stretched_pe(frames: int, length: int, dim: int) -> torch.Tensor:
     frames get rows 0 and length - 1 of the table and the spacing shrinks evenly ("PE stretching")."""
     if frames <= length:
         raise ValueError(f"stretching is for more frames ({frames}) than the PE length ({length})")
-    position = torch.arange(frames, dtype=torch.float64) * (length - 1) / (frames - 1)
+    position = torch.arange(frames, dtype=torch.float64, device="cpu") * (length - 1) / (frames - 1)
     return _pe_at(position.float(), dim)
 
 

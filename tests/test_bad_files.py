@@ -263,3 +263,12 @@ def test_the_first_bytes_choose_the_reader_of_a_pickle_named_file(tmp_path, ext,
             "safetensors": r"not a weight file \(unreadable safetensors header"}[reader]
     with pytest.raises(MotionModelError, match=rf"^'odd{ext}': ({said})"):
         read_weights(tmp_path / f"odd{ext}")
+
+
+def test_describe_keys_lists_five_sorted_keys_unless_told():
+    from animatediff_suite.motion_modules.errors import describe_keys
+
+    keys = ["g", "b", "a", "f", "c", "e", "d"]
+    assert describe_keys(keys) == "'a', 'b', 'c', 'd', 'e' (+2 more)"
+    assert describe_keys(keys, 2) == "'a', 'b' (+5 more)"
+    assert describe_keys(keys[:5]) == "'a', 'b', 'c', 'f', 'g'"

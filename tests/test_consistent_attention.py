@@ -486,3 +486,16 @@ def test_bank_lookup_defaults_small_sigmas_and_missing_layers():
     with pytest.raises(KeyError) as error:
         bank.lookup(["Bob", "Eve"], 0.1, "l", 0)
     assert error.value.args == ("Eve",)
+
+
+def test_story_text_is_tidied_of_stray_spaces_and_commas():
+    from animatediff_suite.motion_modules.story import _tidy
+
+    assert _tidy(" , a  man ,  walks !  ,") == "a man, walks!"
+    assert _tidy("rain ,") == "rain"
+
+
+def test_comic_page_has_three_columns_unless_told():
+    panels = torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(comic_page(panels, []), comic_page(panels, [], columns=3))
+    assert comic_page(panels, [], margin=4, border=0).shape == (1, 2 * 8 + 3 * 4, 3 * 8 + 4 * 4, 3)

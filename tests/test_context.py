@@ -286,3 +286,8 @@ def test_window_groups_take_one_window_per_call_and_refuse_zero():
     with pytest.raises(ValueError) as error:
         window_groups(plan, 0)
     assert str(error.value) == "per_call must be at least 1, got 0"
+
+
+def test_window_costs_are_of_step_zero_unless_told():
+    options = ContextOptions(context_length=4, context_overlap=1, schedule="standard_uniform")
+    assert window_costs(12, options) == window_costs(12, options, 0) != window_costs(12, options, 1)

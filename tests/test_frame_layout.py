@@ -276,3 +276,9 @@ def test_gradient_checkpointing_of_unet_blocks_gives_the_same_gradients(env, ver
     assert max(g.abs().max() for g in plain_grads) > 1e-3
     for got, expected in zip(ckpt_grads, plain_grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_row_frames_is_one_chunk_unless_told():
+    layout = FrameLayout(((3, 4), (0, 1)), (0, 1), 8)
+    assert layout.row_frames() == [3, 4, 0, 1]
+    assert layout.row_frames(2) == [3, 4, 0, 1, 3, 4, 0, 1]

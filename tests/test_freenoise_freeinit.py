@@ -307,3 +307,21 @@ def test_option_edges_and_whole_error_sentences():
     assert torch.equal(free_noise(flat, "repeated_context", 4, 2), flat[torch.arange(8) % 4])
     assert describe_keys(["c", "a", "b"], limit=3) == "'a', 'b', 'c'"
     assert describe_keys(["d", "c", "a", "b"], limit=3) == "'a', 'b', 'c' (+1 more)"
+
+
+def test_random_noise_is_drawn_on_the_cpu_in_float32_whatever_the_defaults():
+    """ComfyUI draws its noise in float32 on the CPU; FreeNoise's ``random`` does too, also under another
+    default device (``meta``) or default dtype, so the same seed gives the same noise everywhere."""
+    expected = torch.randn(1, 4, 8, 2, 2, generator=torch.Generator().manual_seed(3))[0].transpose(0, 1)
+    with torch.device("meta"):
+        on_meta_default = free_noise(torch.zeros(8, 4, 2, 2, device="cpu"), "random", 4, 2,
+                                     torch.Generator().manual_seed(3))
+    assert torch.equal(on_meta_default, expected)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        wide_default = free_noise(torch.zeros(8, 4, 2, 2, dtype=torch.float32), "random", 4, 2,
+                                  torch.Generator().manual_seed(3))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(wide_default, expected)

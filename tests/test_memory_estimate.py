@@ -28,3 +28,15 @@ def test_module_estimate_is_within_a_factor_of_the_measured_peak(positions, fram
     estimate = temporal_module_bytes(positions, frames, channels, frames, materialised_scores=backend == "naive")
     assert estimate == formula
     assert 0.5 < measured / estimate < 2, (measured / 2 ** 20, estimate / 2 ** 20)
+
+
+def test_attention_score_bytes_written_out():
+    """2 (scores and softmax) x chunks x positions x heads x frames^2 x bytes; 8 heads, 1 chunk, fp32 unless
+    given."""
+    from animatediff_suite.motion_modules.memory import temporal_attention_bytes
+
+    assert temporal_attention_bytes(64, 16) == 2 * 64 * 8 * 16 * 16 * 4 == 1048576
+    assert temporal_attention_bytes(64, 16, heads=5, chunks=3, dtype_bytes=2) == 2 * 3 * 64 * 5 * 256 * 2
+    # 40 rows in windows of 16: 3 sequences (the last one partial), activations 20 x rows x positions x channels
+    assert temporal_module_bytes(64, 40, 32, 16, materialised_scores=True) == (
+        20 * 40 * 64 * 32 * 4 + 2 * 3 * 64 * 8 * 256 * 4)

@@ -229,3 +229,18 @@ def test_onednn_linear_equals_f_linear_and_steps_aside_when_it_does_not_apply(mo
     layer.float().weight_function = [lambda w: w]  # a host's on-the-fly weight (e.g. a LoRA function)
     temporal.linear(layer, x)
     assert calls == []
+
+
+def test_pe_tables_are_computed_on_the_cpu_under_another_default_device():
+    """Models are built under ``torch.device("meta")``; the PE table must still hold numbers."""
+    from animatediff_suite.motion_modules.temporal import _sinusoidal_pe, stretched_pe
+
+    _sinusoidal_pe.cache_clear()
+    stretched_pe.cache_clear()
+    with torch.device("meta"):
+        table, stretched = _sinusoidal_pe(4, 8), stretched_pe(6, 4, 8)
+    assert table.device.type == stretched.device.type == "cpu"
+    assert table[0, 1, 0].item() == pytest.approx(math.sin(1.0)) and stretched[0, 5, 1].item() == pytest.approx(
+        math.cos(3.0))
+    _sinusoidal_pe.cache_clear()
+    stretched_pe.cache_clear()
