@@ -291,3 +291,25 @@ def test_window_groups_take_one_window_per_call_and_refuse_zero():
 def test_window_costs_are_of_step_zero_unless_told():
     options = ContextOptions(context_length=4, context_overlap=1, schedule="standard_uniform")
     assert window_costs(12, options) == window_costs(12, options, 0) != window_costs(12, options, 1)
+
+
+def test_standard_uniform_with_a_dilated_window_that_just_fits_worked_by_hand():
+    """7 frames, length 4, overlap 1, stride 2: the dilation-2 window spans (4 - 1) x 2 + 1 = 7 frames, exactly
+    the clip, so its level is kept. Step 0 (shift 0): starts 0 and 3 (advance 3) of the contiguous level,
+    start 0 (advance 7) of the dilated one. Step 1 (shift 1/2, round(3.5) = 4): the contiguous level starts at
+    4 and 7 -> [4, 5, 6, 0] (wraps; moved to end on frame 6: [3..6]) and [0..3]; the dilated level starts at
+    int(0.5 x 2) + 4 = 5 -> [5, 0, 2, 4] (wraps; moved to [0, 2, 4, 6]); its wrapped frame 0 is missing from
+    the next window ([3..6]), so [0..3] is added after it and dropped as a repeat."""
+    options = ContextOptions(context_length=4, context_overlap=1, context_stride=2, schedule="standard_uniform")
+    assert context_windows(7, options, 0) == [[0, 1, 2, 3], [3, 4, 5, 6], [0, 2, 4, 6]]
+    assert context_windows(7, options, 1) == [[3, 4, 5, 6], [0, 1, 2, 3], [0, 2, 4, 6]]
+
+
+def test_shifted_static_dilated_level_worked_by_hand():
+    """12 frames, length 4, overlap 2, stride 2, step 1 (halving 1/2). Contiguous level: advance 2, offset 1,
+    span 4: starts 0, 1, 3, 5, 7 and the end-aligned 8. Dilation 2: advance (4 - 2) x 2 = 4, offset 2,
+    span 7: starts 0, 2 and the end-aligned 5, windows stepping by 2."""
+    options = ContextOptions(context_length=4, context_overlap=2, context_stride=2, schedule="shifted_static")
+    contiguous = [list(range(s, s + 4)) for s in (0, 1, 3, 5, 7, 8)]
+    dilated = [list(range(s, s + 7, 2)) for s in (0, 2, 5)]
+    assert context_windows(12, options, 1) == contiguous + dilated
