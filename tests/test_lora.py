@@ -217,3 +217,31 @@ def test_deltas_follow_the_model_dtype_and_device():
     assert merged_parameters(on_meta, {"weight": torch.ones(2, 3)})["weight"].device.type == "meta"
     assert _message(lambda: merged_parameters(layer, {"nope.weight": torch.ones(1), "weight": torch.ones(2, 3)})) == (
         "deltas for weights the model does not have: 'nope.weight'")
+
+
+def test_lora_files_wrappers_prefixes_and_foreign_keys(tmp_path, v2):
+    sd = motion_lora_state_dict(v2.spec)
+    plain = load_lora(sd)
+    assert load_lora({"state_dict": sd, "epoch": 3}).pairs.keys() == plain.pairs.keys()
+    prefixed = load_lora({f"base_model.model.{k}": v for k, v in sd.items()})  # block names start the target
+    assert prefixed.pairs.keys() == plain.pairs.keys()
+    assert load_lora({**sd, 7: torch.zeros(1)}).pairs.keys() == plain.pairs.keys()  # non-string keys are skipped
+    odd = load_lora({"foo.processor.to_q_lora.down.weight": torch.zeros(2, 8),
+                     "foo.processor.to_q_lora.up.weight": torch.zeros(8, 2)})
+    assert list(odd.pairs) == ["foo.to_q.weight"] and not odd.is_motion
+    first = {"something.else": torch.zeros(2), "another.thing": torch.zeros(2), **sd}  # foreign keys first
+    assert _message(lambda: load_lora(first)) == (
+        "<state dict>: unexpected keys in a LoRA: 'another.thing', 'something.else'")
+    assert _message(lambda: load_lora({"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1),
+                                       "d": torch.zeros(1)})) == (
+        "<state dict>: not an AnimateDiff-format LoRA: expected keys like '...processor.to_q_lora.down.weight', "
+        "found 'a', 'b', 'c' (+1 more)")
+    assert _message(lambda: load_lora({"lora_unet_down_blocks_0.alpha": torch.zeros(1)}, kind="MotionLoRA")) == (
+        "<state dict>: not an AnimateDiff-format MotionLoRA (kohya/image-LoRA naming): expected keys like "
+        "'...processor.to_q_lora.down.weight', found 'lora_unet_down_blocks_0.alpha'")
+    bad = dict(sd)
+    bad[f"{PREFIX}.to_q_lora.up.weight"] = torch.full_like(sd[f"{PREFIX}.to_q_lora.up.weight"], float("inf"))
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    assert _message(lambda: load_lora(tmp_path / "bad.safetensors", kind="MotionLoRA")) == (
+        f"'bad.safetensors': MotionLoRA weights contain NaN or Inf values ('{PREFIX}.to_q_lora.up.weight'); the file "
+        "is damaged or was saved from a diverged training run")

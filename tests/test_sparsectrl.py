@@ -370,3 +370,33 @@ def test_load_dtype_device_operations_and_log(rgb_sd, caplog):
         load_sparsectrl(rgb_sd)
     assert [r.getMessage() for r in caplog.records] == [
         "loaded <state dict>: SparseCtrl rgb, 4 down blocks [32, 64, 64, 64], text width 32, up to 32 frames per pass"]
+
+
+def test_wrong_shape_listing_stops_at_five(tmp_path, rgb_sd):
+    biases = [k for k in rgb_sd if k.endswith(".bias") and rgb_sd[k].ndim == 1]
+    for count, tail in ((5, ""), (6, " (+1 more)")):
+        message = _file_error(tmp_path, {k: (torch.zeros(v.shape[0] + 1) if k in biases[:count] else v)
+                                         for k, v in rgb_sd.items()})
+        listed = message.removeprefix("'sc.safetensors': wrong shapes: ")
+        assert listed.count("; ") == 4 and listed.count(" (expected ") == 5
+        assert listed.endswith(")" + tail) and not listed.endswith("more))")
+
+
+def test_passes_longer_than_the_pe_need_windows_or_stretching(rgb_sd):
+    """40 frames against a 32-frame PE: refused unless the motion modules attend in windows of at most 32
+    frames or stretch the PE; the windows and the flag reach every motion module."""
+    from animatediff_suite.motion_modules import ContextOptions
+    from animatediff_suite.motion_modules.context import weighted_windows
+
+    model = load_sparsectrl(rgb_sd)
+    frames = 40
+    t = torch.full((frames,), 321.0)
+    context = torch.randn(frames, 5, 32, generator=torch.Generator().manual_seed(0))
+    condition, mask = torch.zeros(frames, 4, SIZE, SIZE), torch.zeros(frames, 1, SIZE, SIZE)
+    with torch.no_grad():
+        with pytest.raises(MotionModelError, match="40 frames in one pass, but this motion model's positional "
+                                                   "encoding covers at most 32 frames"):
+            model(t, context, condition, mask, frames)
+        windows = weighted_windows(frames, ContextOptions(context_length=16, context_overlap=4))
+        assert model(t, context, condition, mask, frames, windows)[1].shape == (frames, 64, 1, 1)
+        assert model(t, context, condition, mask, frames, stretch_pe=True)[1].shape == (frames, 64, 1, 1)
