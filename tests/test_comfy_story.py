@@ -51,9 +51,9 @@ def story_sample(story, model, plot, positive, env, panels_per_batch=1, steps=3,
     return latent["samples"], bank
 
 
-def assert_same(got, expected):
+def assert_same(got, expected, relative=1e-5):
     """Equal up to float32 rounding, which differs with the UNet's batch size (the latents here are ~100)."""
-    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+    torch.testing.assert_close(got, expected, atol=relative * float(expected.abs().max()), rtol=0)
 
 
 FOUR_PANELS = "[Bob] wakes up\n[Bob] drinks tea\n[Bob] runs to the bus\n[Bob] reads a book"
@@ -143,7 +143,9 @@ def test_mask_form_equals_the_index_form_in_the_unet(env, story):
     positive, _ = prompts(env, story, FOUR_PANELS)
     indexed = sample_panels(env, patched(story, model, attention_form="indices", blocks="all"), positive, 4)
     masked = sample_panels(env, patched(story, model, attention_form="mask", blocks="all"), positive, 4)
-    assert_same(masked, indexed)
+    # the forms add up the same terms in another order; over the sampling steps that float32 difference
+    # grows to ~2e-5 of the latents' size on one thread (1e-5 on two): a wrong mask is off by far more
+    assert_same(masked, indexed, relative=1e-4)
 
 
 class BatchSpy:
