@@ -499,3 +499,17 @@ def test_comic_page_has_three_columns_unless_told():
     panels = torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(comic_page(panels, []), comic_page(panels, [], columns=3))
     assert comic_page(panels, [], margin=4, border=0).shape == (1, 2 * 8 + 3 * 4, 3 * 8 + 4 * 4, 3)
+
+
+def test_captions_start_half_a_margin_rounded_down_under_the_panel():
+    """The caption's first line is drawn margin // 2 pixels under its panel: the same place for margins 14
+    and 15 (7), one pixel lower for 16 (8), and at 5 for 11."""
+    panel = torch.full((1, 40, 80, 3), 0.5)
+
+    def ink_rows(margin):
+        page = comic_page(panel, ["Hg"], margin=margin, border=0)[0]
+        return [r for r in _dark_rows(page[margin + 40:, margin:margin + 80])]
+
+    fourteen, fifteen, sixteen, eleven = (ink_rows(m) for m in (14, 15, 16, 11))
+    assert fourteen and fifteen == fourteen
+    assert sixteen == [r + 1 for r in fourteen] and eleven == [r - 2 for r in fourteen]
