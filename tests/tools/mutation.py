@@ -125,6 +125,18 @@ def _pytest(stage_dir: str, mutant: str, tests: list[str], limit: float) -> int:
         return 124
 
 
+def _record_kill(stage_dir: str, name: str) -> None:
+    """Mark ``name`` killed in mutmut's results (the .meta file of its module)."""
+    relative = re.split(r"\.x(?:_|ǁ)", name, maxsplit=1)[0].replace(".", "/") + ".py.meta"
+    path = os.path.join(stage_dir, "mutants", relative)
+    with open(path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    meta["exit_code_by_key"][name] = 1
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
+    os.replace(path + ".tmp", path)
+
+
 def recheck(stage_dir: str, found: dict[str, str], listed: dict[str, str], before: set[str], jobs: int) -> None:
     """Run every surviving mutant against only the tests added since its run (those mutmut had no stats
     for before this resume) that cover its function, and record the ones they kill. A survivor has
@@ -143,30 +155,24 @@ def recheck(stage_dir: str, found: dict[str, str], listed: dict[str, str], befor
     if not plan:
         return
     every = sorted({t for tests in plan.values() for t in tests}, key=durations.get)
-    if _pytest(stage_dir, "", every, 60 + 10 * sum(durations[t] for t in every)) != 0:
+    if _pytest(stage_dir, "", every, 600 + 20 * sum(durations[t] for t in every)) != 0:
         raise SystemExit("--recheck: the new tests fail on the unmutated code in the stage; fix them first")
 
     def check(name):
         tests = plan[name]
-        return name, _pytest(stage_dir, name, tests, 30 + 10 * sum(durations[t] for t in tests))
+        return name, _pytest(stage_dir, name, tests, 300 + 20 * sum(durations[t] for t in tests))
 
-    killed = []
+    killed, timeouts = [], 0
+    cheapest_first = sorted(plan, key=lambda n: sum(durations[t] for t in plan[n]))
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        for name, code in pool.map(check, plan):
-            if code not in (0, 5):  # 5: nothing collected, which cannot kill anything
+        for name, code in pool.map(check, cheapest_first):
+            if code == 124:  # not counted as a kill: a slow machine is no evidence
+                timeouts += 1
+            elif code not in (0, 5):  # 5: nothing collected, which cannot kill anything
                 killed.append(name)
-    by_file = collections.defaultdict(list)
-    for name in killed:
-        by_file[re.split(r"\.x(?:_|ǁ)", name, maxsplit=1)[0].replace(".", "/") + ".py.meta"].append(name)
-    for relative, names in by_file.items():
-        path = os.path.join(stage_dir, "mutants", relative)
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        for name in names:
-            meta["exit_code_by_key"][name] = 1
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(meta, handle)
-        os.replace(path + ".tmp", path)
+                _record_kill(stage_dir, name)  # as they come, so a stopped recheck keeps what it found
+    if timeouts:
+        print(f"recheck: {timeouts} timed out and stay survivors")
     print(f"recheck: {len(killed)} of {len(plan)} killed by the new tests")
 
 
@@ -284,9 +290,18 @@ def main() -> int:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     started = time.monotonic()
+    before_file = os.path.join(args.stage, "tests_before_recheck.txt")
     if args.resume:
         refresh(args.stage)
-        before = recorded_tests(args.stage)
+        # the tests of the run a recheck continues (kept until a recheck completes, so a stopped one resumes)
+        if os.path.exists(before_file):
+            with open(before_file, encoding="utf-8") as handle:
+                before = set(handle.read().split("\n")) - {""}
+        else:
+            before = recorded_tests(args.stage)
+            if args.recheck:
+                with open(before_file, "w", encoding="utf-8") as handle:
+                    handle.write("\n".join(sorted(before)) + "\n")
         drawn = read_sample(args.stage)
         # generate the mutants of changed functions and collect new tests; a run without a sample checks
         # every unchecked mutant on the way
@@ -305,6 +320,7 @@ def main() -> int:
         drawn = read_sample(args.stage)
         if args.resume and args.recheck:
             recheck(args.stage, found, listed, before, args.jobs)
+            os.remove(before_file)
             found = results(args.stage, mutmut)
         # the sample's mutants not checked yet, and every survivor (not listed as equivalent) again, unless
         # --recheck has run them against the new tests
