@@ -4,15 +4,15 @@ at a time and the tests run after each; a mutant the tests do not fail on "survi
 mutmut keys mutants by the module path it sees from the file path, and the tests import this checkout
 as the package ``animatediff_suite`` (tests/ads_package.py), so the tool stages a copy of the tracked
 files as ``<stage>/animatediff_suite/`` and runs mutmut there. It prints the score per module (killed
-and timed-out mutants over all, less the mutants listed as equivalent in
+and timed-out mutants over the mutants checked, less those listed as equivalent in
 ``tests/mutation_equivalent.txt`` with the reason) and every other surviving mutant with its diff.
 
     .venv/bin/pip install mutmut   # not a test requirement: a report, not part of CI
     python tests/tools/mutation.py motion_modules/context.py motion_modules/prompt_travel.py \\
         --tests tests/test_context.py tests/test_prompt_travel.py [--stage /tmp/ads_mutation] [--jobs 2]
     python tests/tools/mutation.py motion_modules/*.py            # every core module, the core tests
-    COMFYUI_PATH=... python tests/tools/mutation.py nodes/*.py --tests tests/test_comfy_windows.py ... --sample 300
-    python tests/tools/mutation.py motion_modules/*.py --stage /tmp/m --resume   # after new tests
+    COMFYUI_PATH=... python tests/tools/mutation.py nodes/*.py --tests tests/test_comfy_windows.py ... --sample 200
+    python tests/tools/mutation.py motion_modules/*.py --stage /tmp/m --resume --recheck   # after new tests
 
 Runs take long (every mutant runs the selected tests): pick the tests that cover the modules.
 ``--resume`` continues a run in ``--stage`` with the files as they are now: the mutants not checked yet run
