@@ -137,20 +137,24 @@ def _record_kill(stage_dir: str, name: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def recheck(stage_dir: str, found: dict[str, str], listed: dict[str, str], before: set[str], jobs: int) -> None:
+def recheck(stage_dir: str, found: dict[str, str], listed: dict[str, str], before: set[str], jobs: int,
+            extra: list[str]) -> None:
     """Run every surviving mutant against only the tests added since its run (those mutmut had no stats
     for before this resume) that cover its function, and record the ones they kill. A survivor has
-    already passed every older test, so this gives what a full rerun would, in a fraction of the time."""
+    already passed every older test, so this gives what a full rerun would, in a fraction of the time.
+    ``extra``: test files outside the stage's selection, run against every survivor."""
     with open(os.path.join(stage_dir, "mutants", "mutmut-stats.json"), encoding="utf-8") as handle:
         stats = json.load(handle)
     durations = stats["duration_by_test"]
     new = set(durations) - before
+    extra = [f"{PACKAGE}/{path}" for path in extra]
+    durations.update({path: 30.0 for path in extra})  # not timed by mutmut: a generous guess
     survivors = [n for n, status in found.items() if status == "survived" and n not in listed]
     plan = {}
     for name in survivors:
         covering = set(stats["tests_by_mangled_function_name"].get(name.rsplit("__mutmut_", 1)[0], ())) & new
-        if covering:
-            plan[name] = sorted(covering, key=durations.get)
+        if covering or extra:
+            plan[name] = sorted(covering, key=durations.get) + extra
     print(f"recheck: {len(new)} new tests, covering {len(plan)} of {len(survivors)} survivors")
     if not plan:
         return
@@ -284,6 +288,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     parser.add_argument("--recheck", action="store_true",
                         help="with --resume: run survivors against the new tests only (those that cover them)")
+    parser.add_argument("--recheck-with", nargs="+", default=[], metavar="TEST_FILE",
+                        help="with --recheck: also run every survivor against these test files (outside the "
+                             "stage's test selection, e.g. a test file written after the stage was made)")
     args = parser.parse_args()
     mutmut = shutil.which("mutmut") or os.path.join(os.path.dirname(sys.executable), "mutmut")
     if not os.path.exists(mutmut):
@@ -319,7 +326,7 @@ def main() -> int:
             draw_sample(args.stage, found, args.sample, args.seed)
         drawn = read_sample(args.stage)
         if args.resume and args.recheck:
-            recheck(args.stage, found, listed, before, args.jobs)
+            recheck(args.stage, found, listed, before, args.jobs, args.recheck_with)
             os.remove(before_file)
             found = results(args.stage, mutmut)
         # the sample's mutants not checked yet, and every survivor (not listed as equivalent) again, unless
