@@ -233,6 +233,13 @@ def test_file_metadata_and_whole_load_errors(tmp_path):
                                 "unexpected 'extra.weight'")
 
 
+def _load_error(path) -> str:
+    """The whole message of loading the predictor file ``path``."""
+    with pytest.raises(MotionModelError) as error:
+        load_predictor(str(path))
+    return str(error.value)
+
+
 def test_load_errors_name_the_file_and_every_wrong_shape(tmp_path):
     from safetensors.torch import save_file
 
@@ -240,31 +247,23 @@ def test_load_errors_name_the_file_and_every_wrong_shape(tmp_path):
     metadata = {"animatediff_suite.motion_predictor": model.spec.to_json()}
     path = tmp_path / "smp.safetensors"
     save_file({"down_blocks.0.motion_modules.0.x": torch.zeros(1)}, str(path))
-    with pytest.raises(MotionModelError) as error:
-        load_predictor(str(path))
-    assert str(error.value) == ("'smp.safetensors': not a Semantic Motion Predictor file: its metadata has no "
+    assert _load_error(path) == ("'smp.safetensors': not a Semantic Motion Predictor file: its metadata has no "
                                 "'animatediff_suite.motion_predictor' entry (a SparseCtrl or motion model?); "
                                 "predictors come from AnimateDiff Suite's semantic_motion_predictor training")
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file({k: v for k, v in sd.items() if k != "proj_in.bias"}, str(path), metadata=metadata)
-    with pytest.raises(MotionModelError) as error:
-        load_predictor(str(path))
-    assert str(error.value) == ("'smp.safetensors': weights do not match the predictor spec: missing "
+    assert _load_error(path) == ("'smp.safetensors': weights do not match the predictor spec: missing "
                                 "'proj_in.bias'; unexpected none")
     # six tensors of the wrong shape: the message lists the first five, in the model's order
     wrong = list(sd)[:6]
     save_file({k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k in wrong else v) for k, v in sd.items()},
               str(path), metadata=metadata)
-    with pytest.raises(MotionModelError) as error:
-        load_predictor(str(path))
     shapes = [f"{k} {(sd[k].shape[0] + 1, *sd[k].shape[1:])} (expected {tuple(sd[k].shape)})" for k in wrong[:5]]
-    assert str(error.value) == "'smp.safetensors': wrong shapes: " + "; ".join(shapes)
+    assert _load_error(path) == "'smp.safetensors': wrong shapes: " + "; ".join(shapes)
     bad = dict(sd, **{"proj_in.weight": sd["proj_in.weight"].clone()})
     bad["proj_in.weight"][0, 0] = float("nan")
     save_file(bad, str(path), metadata=metadata)
-    with pytest.raises(MotionModelError) as error:
-        load_predictor(str(path))
-    assert str(error.value) == ("'smp.safetensors': weights contain NaN or Inf values ('proj_in.weight'); the file is "
+    assert _load_error(path) == ("'smp.safetensors': weights contain NaN or Inf values ('proj_in.weight'); the file is "
                                 "damaged or was saved from a diverged training run")
 
 
