@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
-from animatediff_suite.motion_modules import MotionModel, MotionSpec, sinusoidal_pe
+from animatediff_suite.motion_modules import MotionModel, MotionModelError, MotionSpec, sinusoidal_pe
 from animatediff_suite.motion_modules.model import VERSIONS
 
 TINY_SD15 = (32, 64, 64, 64)
@@ -148,3 +149,10 @@ def released_sparsectrl(model) -> dict:
         if key.endswith(".attention_blocks.0.to_q.weight"):
             sd[key.replace(".to_q.weight", ".pos_encoder.pe")] = sinusoidal_pe(32, value.shape[0])
     return {"controlnet": sd, "animatediff_config": {"L": 16}}
+
+
+def raised_message(call, error=MotionModelError) -> str:
+    """The whole message of the ``error`` that ``call()`` raises (tests compare it with a sentence)."""
+    with pytest.raises(error) as raised:
+        call()
+    return str(raised.value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ads_helpers import make_spec, motion_lora_state_dict, random_model
+from ads_helpers import make_spec, motion_lora_state_dict, random_model, raised_message
 from animatediff_suite.motion_modules import (MotionModelError, load_domain_adapter, load_lora,
                                               lora_deltas, merged_parameters, motion_lora_deltas)
 
@@ -147,21 +147,15 @@ def _listed(keys, limit):
     return ", ".join(f"'{k}'" for k in keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _message(call):
-    with pytest.raises(MotionModelError) as error:
-        call()
-    return str(error.value)
-
-
 def test_lora_errors_whole_sentences(v2):
     sd = motion_lora_state_dict(v2.spec)
     del sd[f"{PREFIX}.to_q_lora.up.weight"]
     target = PREFIX.replace(".processor", "") + ".to_q.weight"
-    assert _message(lambda: load_lora(sd)) == (f"<state dict>: {target} has only a 'down' matrix; LoRA pairs need "
+    assert raised_message(lambda: load_lora(sd)) == (f"<state dict>: {target} has only a 'down' matrix; LoRA pairs need "
                                                "both up and down")
     sd = motion_lora_state_dict(v2.spec)
     sd[f"{PREFIX}.to_q_lora.up.weight"] = torch.zeros(32, 4, 1)  # 3-D up, down still (4, 32)
-    assert _message(lambda: load_lora(sd)) == (f"<state dict>: {target}: up (32, 4, 1) and down (4, 32) do not form "
+    assert raised_message(lambda: load_lora(sd)) == (f"<state dict>: {target}: up (32, 4, 1) and down (4, 32) do not form "
                                                "(out, r) @ (r, in)")
     with pytest.raises(MotionModelError) as error:
         load_domain_adapter({"a.weight": torch.zeros(2)})
@@ -182,7 +176,7 @@ def test_a_model_with_a_mid_block_skips_nothing(v2):
     """Only a model without a mid block may skip mid-block targets; a v2 model refuses one it lacks."""
     sd = {k.replace("mid_block.motion_modules.0.", "mid_block.motion_modules.5."): v
           for k, v in motion_lora_state_dict(v2.spec).items()}
-    message = _message(lambda: motion_lora_deltas(v2, [(load_lora(sd), 1.0)]))
+    message = raised_message(lambda: motion_lora_deltas(v2, [(load_lora(sd), 1.0)]))
     assert message.startswith("<state dict>: 8 LoRA targets do not exist in the model: 'mid_block.motion_modules.5.")
 
 
@@ -190,15 +184,15 @@ def test_only_the_spatial_targets_are_named_when_a_lora_mixes_both(v2):
     mixed = load_lora({**motion_lora_state_dict(v2.spec), **_adapter_sd()})
     spatial = [k for k in mixed.pairs if ".motion_modules." not in k]
     assert len(spatial) == 16
-    assert _message(lambda: motion_lora_deltas(v2, [(mixed, 1.0)])) == (
+    assert raised_message(lambda: motion_lora_deltas(v2, [(mixed, 1.0)])) == (
         f"<state dict>: not a MotionLoRA (targets outside motion modules, e.g. {_listed(spatial, 2)})")
     motion = [k for k in mixed.pairs if ".motion_modules." in k]
-    assert _message(lambda: load_domain_adapter({**motion_lora_state_dict(v2.spec), **_adapter_sd()})) == (
+    assert raised_message(lambda: load_domain_adapter({**motion_lora_state_dict(v2.spec), **_adapter_sd()})) == (
         "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
         f"{_listed(motion, 2)} (a MotionLoRA?)")
     resnet = {"down_blocks.0.resnets.0.processor.to_q_lora.down.weight": torch.zeros(4, 32),
               "down_blocks.0.resnets.0.processor.to_q_lora.up.weight": torch.zeros(32, 4)}
-    assert _message(lambda: load_domain_adapter({**_adapter_sd(), **resnet})) == (
+    assert raised_message(lambda: load_domain_adapter({**_adapter_sd(), **resnet})) == (
         "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
         "'down_blocks.0.resnets.0.to_q.weight' (a MotionLoRA?)")
 
@@ -215,7 +209,7 @@ def test_deltas_follow_the_model_dtype_and_device():
     with torch.device("meta"):
         on_meta = torch.nn.Linear(3, 2)
     assert merged_parameters(on_meta, {"weight": torch.ones(2, 3)})["weight"].device.type == "meta"
-    assert _message(lambda: merged_parameters(layer, {"nope.weight": torch.ones(1), "weight": torch.ones(2, 3)})) == (
+    assert raised_message(lambda: merged_parameters(layer, {"nope.weight": torch.ones(1), "weight": torch.ones(2, 3)})) == (
         "deltas for weights the model does not have: 'nope.weight'")
 
 
@@ -230,18 +224,18 @@ def test_lora_files_wrappers_prefixes_and_foreign_keys(tmp_path, v2):
                      "foo.processor.to_q_lora.up.weight": torch.zeros(8, 2)})
     assert list(odd.pairs) == ["foo.to_q.weight"] and not odd.is_motion
     first = {"something.else": torch.zeros(2), "another.thing": torch.zeros(2), **sd}  # foreign keys first
-    assert _message(lambda: load_lora(first)) == (
+    assert raised_message(lambda: load_lora(first)) == (
         "<state dict>: unexpected keys in a LoRA: 'another.thing', 'something.else'")
-    assert _message(lambda: load_lora({"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1),
+    assert raised_message(lambda: load_lora({"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1),
                                        "d": torch.zeros(1)})) == (
         "<state dict>: not an AnimateDiff-format LoRA: expected keys like '...processor.to_q_lora.down.weight', "
         "found 'a', 'b', 'c' (+1 more)")
-    assert _message(lambda: load_lora({"lora_unet_down_blocks_0.alpha": torch.zeros(1)}, kind="MotionLoRA")) == (
+    assert raised_message(lambda: load_lora({"lora_unet_down_blocks_0.alpha": torch.zeros(1)}, kind="MotionLoRA")) == (
         "<state dict>: not an AnimateDiff-format MotionLoRA (kohya/image-LoRA naming): expected keys like "
         "'...processor.to_q_lora.down.weight', found 'lora_unet_down_blocks_0.alpha'")
     bad = dict(sd)
     bad[f"{PREFIX}.to_q_lora.up.weight"] = torch.full_like(sd[f"{PREFIX}.to_q_lora.up.weight"], float("inf"))
     save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
-    assert _message(lambda: load_lora(tmp_path / "bad.safetensors", kind="MotionLoRA")) == (
+    assert raised_message(lambda: load_lora(tmp_path / "bad.safetensors", kind="MotionLoRA")) == (
         f"'bad.safetensors': MotionLoRA weights contain NaN or Inf values ('{PREFIX}.to_q_lora.up.weight'); the file "
         "is damaged or was saved from a diverged training run")

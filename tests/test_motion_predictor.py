@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ads_helpers import raised_message
 from animatediff_suite.motion_modules import MotionModelError
 from animatediff_suite.motion_modules.motion_predictor import (SD15_CROSS_ATTENTION, MotionPredictor, PredictorSpec,
                                                                attention_with_tokens, interpolate, load_predictor,
@@ -235,9 +236,7 @@ def test_file_metadata_and_whole_load_errors(tmp_path):
 
 def _load_error(path) -> str:
     """The whole message of loading the predictor file ``path``."""
-    with pytest.raises(MotionModelError) as error:
-        load_predictor(str(path))
-    return str(error.value)
+    return raised_message(lambda: load_predictor(str(path)))
 
 
 def test_load_errors_name_the_file_and_every_wrong_shape(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from einops import rearrange
 
+from ads_helpers import raised_message
 from comfy_env import import_or_skip
 
 diffusers = import_or_skip("diffusers")
@@ -268,9 +269,7 @@ def _file_error(tmp_path, sd) -> str:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "sc.safetensors"))
-    with pytest.raises(MotionModelError) as error:
-        load_sparsectrl(tmp_path / "sc.safetensors")
-    return str(error.value)
+    return raised_message(lambda: load_sparsectrl(tmp_path / "sc.safetensors"))
 
 
 def _with(sd, **changes):

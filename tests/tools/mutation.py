@@ -48,7 +48,20 @@ CORE_TESTS = ["tests/test_context.py", "tests/test_temporal.py", "tests/test_for
               "tests/test_motion_predictor.py", "tests/test_sparsectrl.py", "tests/test_memory_estimate.py"]
 KILLED = {"killed", "timeout"}
 UNCHECKED = "not checked"
+# mutmut forks a child per mutant from a process that has run torch; an OpenMP thread pool does not survive
+# fork (the child hangs in its first parallel op until mutmut's timeout, which would count the mutant as
+# killed), so every process computes on one thread
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 NO_SUCH_MUTANT = "no_such_mutant__mutmut_0"  # a name that matches nothing: mutmut generates and collects, then stops
+
+
+def copy_tracked(package: str) -> None:
+    """Copy the repository's tracked files into ``package`` (times kept: mutmut compares them)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(package, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(package, name))
 
 
 def stage(stage_dir: str, paths: list[str], tests: list[str], jobs: int) -> None:
@@ -57,11 +70,7 @@ def stage(stage_dir: str, paths: list[str], tests: list[str], jobs: int) -> None
     if os.path.exists(stage_dir):
         shutil.rmtree(stage_dir)
     os.makedirs(package)
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in files.decode().split("\0"):
-        if name and os.path.isfile(os.path.join(ROOT, name)):
-            os.makedirs(os.path.dirname(os.path.join(package, name)), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, name), os.path.join(package, name))
+    copy_tracked(package)
     quoted = lambda items: ", ".join(f'"{PACKAGE}/{item}"' for item in items)  # noqa: E731
     with open(os.path.join(stage_dir, "pyproject.toml"), "w", encoding="utf-8") as handle:
         handle.write(f"[tool.mutmut]\npaths_to_mutate = [{quoted(paths)}]\ntests_dir = [{quoted(tests)}]\n"
@@ -74,12 +83,7 @@ def refresh(stage_dir: str) -> None:
     code is unchanged and checks the mutants of changed functions afresh."""
     if not os.path.isdir(os.path.join(stage_dir, "mutants")):
         raise SystemExit(f"--resume: {stage_dir} holds no mutmut run; run once without --resume")
-    package = os.path.join(stage_dir, PACKAGE)
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in files.decode().split("\0"):
-        if name and os.path.isfile(os.path.join(ROOT, name)):
-            os.makedirs(os.path.dirname(os.path.join(package, name)), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, name), os.path.join(package, name))
+    copy_tracked(os.path.join(stage_dir, PACKAGE))
 
 
 def draw_sample(stage_dir: str, found: dict[str, str], size: int, seed: int) -> None:
@@ -115,8 +119,7 @@ def recorded_tests(stage_dir: str) -> set[str]:
 
 def _pytest(stage_dir: str, mutant: str, tests: list[str], limit: float) -> int:
     """Run ``tests`` in mutmut's mutated tree with ``mutant`` active (``""``: none); 124 on a timeout."""
-    env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1"}
+    env = {**os.environ, **ONE_THREAD, "MUTANT_UNDER_TEST": mutant}
     try:
         return subprocess.run([sys.executable, "-P", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                               cwd=os.path.join(stage_dir, "mutants"), env=env, stdout=subprocess.DEVNULL,
@@ -127,8 +130,7 @@ def _pytest(stage_dir: str, mutant: str, tests: list[str], limit: float) -> int:
 
 def _record_kill(stage_dir: str, name: str) -> None:
     """Mark ``name`` killed in mutmut's results (the .meta file of its module)."""
-    relative = re.split(r"\.x(?:_|ǁ)", name, maxsplit=1)[0].replace(".", "/") + ".py.meta"
-    path = os.path.join(stage_dir, "mutants", relative)
+    path = os.path.join(stage_dir, "mutants", PACKAGE, *module_of(name).split(".")) + ".py.meta"
     with open(path, encoding="utf-8") as handle:
         meta = json.load(handle)
     meta["exit_code_by_key"][name] = 1
@@ -182,13 +184,9 @@ def recheck(stage_dir: str, found: dict[str, str], listed: dict[str, str], befor
 
 def run_mutmut(stage_dir: str, mutmut: str, jobs: int, names: list[str]) -> None:
     """``mutmut run`` (all mutants not checked yet, or the named ones)."""
-    # mutmut forks a child per mutant from a process that has run torch; an OpenMP thread pool does
-    # not survive fork (the child hangs in its first parallel op until mutmut's timeout, which would
-    # count the mutant as killed), so every process computes on one thread
-    single = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     subprocess.run([mutmut, "run", "--max-children", str(jobs), *names], cwd=stage_dir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if names == [NO_SUCH_MUTANT] else None,
-                   check=False, env={**os.environ, **single})
+                   check=False, env={**os.environ, **ONE_THREAD})
 
 
 def results(stage_dir: str, mutmut: str) -> dict[str, str]:
