@@ -20,6 +20,18 @@ import pytest  # noqa: E402
 
 import comfy_env  # noqa: E402
 
+if os.environ.get("ADS_IMPORT_NODES_FIRST") == "1":
+    # tests/tools/mutation.py over nodes/: this pack's nodes are imported (with ComfyUI) before any test
+    # module, so the importer tests get nodes/ade_import.py under its own module name (__main__.ade_importer),
+    # the name mutmut traces and switches mutants by
+    import importlib
+
+    path = comfy_env.comfyui_path()
+    if path is None:
+        raise RuntimeError(f"ADS_IMPORT_NODES_FIRST=1 needs a ComfyUI: {comfy_env.SKIP_REASON}")
+    comfy_env.import_comfyui(path)
+    importlib.import_module(f"{ads_package.PACKAGE}.nodes")
+
 
 @pytest.fixture(scope="session")
 def comfyui():
@@ -59,3 +71,16 @@ def folders(comfyui, tmp_path):
         folder_paths.folder_names_and_paths.update(saved[0])
         folder_paths.set_output_directory(saved[1])
         folder_paths.filename_list_cache.clear()
+
+
+# The test files that take longest (about 100-300 s each on a 2-core machine, `--durations`), run first:
+# .ci/run gives whole files to two workers (pytest-xdist, --dist loadfile), and long files left for the
+# end would keep one worker busy while the other idles.
+SLOW_FILES = ("test_training_cli.py", "test_soak.py", "test_frontend.py", "test_comfy_server.py",
+              "test_training_modes.py", "test_training_extras.py", "test_bad_inputs.py", "test_training_predictor.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slowest files first (SLOW_FILES), every other test in its usual order."""
+    rank = {name: place for place, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: order within a file kept
