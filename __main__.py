@@ -292,10 +292,15 @@ def train(argv) -> int:
 
 def ade_importer():
     """nodes/ade_import.py, loaded without ComfyUI (it needs none): ``nodes/`` as a package whose
-    ``__init__`` (which registers the ComfyUI nodes) is not run."""
+    ``__init__`` (which registers the ComfyUI nodes) is not run. Where this pack's nodes are already
+    imported as ``animatediff_suite.nodes`` (the tests with ComfyUI), that copy is the one returned, so
+    one process never holds two importers (and a mutation run sees the module under its own name)."""
     import importlib
     import types
 
+    loaded = sys.modules.get("animatediff_suite.nodes.ade_import")
+    if loaded is not None:
+        return loaded
     if "animatediff_suite_ade" not in sys.modules:
         package = types.ModuleType("animatediff_suite_ade")
         package.__path__ = [os.path.join(ROOT, "nodes")]

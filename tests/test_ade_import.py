@@ -1,6 +1,6 @@
 """The AnimateDiff-Evolved workflow importer without ComfyUI: mapped graphs against graphs written
 out by hand (tests/ade_workflows.py), the report, the editor format's links, the command line.
-The ComfyUI tier (test_comfy_ade_import.py) checks the editor format against the real node
+The ComfyUI tier (test_comfy_server.py) checks the editor format against the real node
 schemas and runs every imported graph on a real server."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ads_package import ROOT, load_module
 
 runner = load_module("ads_runner", "__main__.py")
 importer = runner.ade_importer()
-mapping = importlib.import_module("animatediff_suite_ade.ade_mapping")
+mapping = importlib.import_module(".ade_mapping", importer.__package__)  # the importer's own package
 
 
 def convert(workflow):

@@ -21,7 +21,12 @@ survivors again. ``--sample N`` (fresh, or with ``--resume`` after a stopped run
 sample of N of the mutants not checked yet instead of all of them, and the report estimates the score over
 all mutants from it (mutants checked outside the sample count as themselves). ``--recheck`` (with
 ``--resume``) runs each survivor against only the tests added since that cover its function, which kills
-what a full rerun would (it passed every older test already) in a fraction of the time.
+what a full rerun would (it passed every older test already) in a fraction of the time. A resume also runs the
+mutants no test covered again; ``--restat FILE...`` makes mutmut trace those test files again first (it traces
+only tests it has not seen, so a test that now reaches more code needs this).
+
+Over ``nodes/`` the tests import the pack's nodes (with ComfyUI) before any test module (ADS_IMPORT_NODES_FIRST,
+tests/conftest.py), so the ADE importer's tests run ``nodes/ade_import.py`` under the module name mutmut traces.
 """
 
 from __future__ import annotations
@@ -115,6 +120,24 @@ def recorded_tests(stage_dir: str) -> set[str]:
         return set()
     with open(path, encoding="utf-8") as handle:
         return set(json.load(handle)["duration_by_test"])
+
+
+def forget_stats(stage_dir: str, files: list[str]) -> int:
+    """Drop the stats mutmut recorded for the tests of ``files`` (test files, relative to the repository), so
+    the next run collects them again: mutmut collects stats only for tests it has none for, and a test that
+    now reaches code it did not before (a fixture changed, not the test) would stay blind to it."""
+    path = os.path.join(stage_dir, "mutants", "mutmut-stats.json")
+    with open(path, encoding="utf-8") as handle:
+        stats = json.load(handle)
+    prefixes = tuple(f"{PACKAGE}/{name}::" for name in files)
+    gone = {test for test in stats["duration_by_test"] if test.startswith(prefixes)}
+    stats["duration_by_test"] = {t: d for t, d in stats["duration_by_test"].items() if t not in gone}
+    stats["tests_by_mangled_function_name"] = {
+        f: [t for t in tests if t not in gone] for f, tests in stats["tests_by_mangled_function_name"].items()}
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(stats, handle)
+    os.replace(path + ".tmp", path)
+    return len(gone)
 
 
 def _pytest(stage_dir: str, mutant: str, tests: list[str], limit: float) -> int:
@@ -286,6 +309,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     parser.add_argument("--recheck", action="store_true",
                         help="with --resume: run survivors against the new tests only (those that cover them)")
+    parser.add_argument("--restat", nargs="+", default=[], metavar="TEST_FILE",
+                        help="with --resume: collect mutmut's stats of these test files again (they now reach "
+                             "code they did not; mutmut otherwise collects stats for new tests only)")
     parser.add_argument("--recheck-with", nargs="+", default=[], metavar="TEST_FILE",
                         help="with --recheck: also run every survivor against these test files (outside the "
                              "stage's test selection, e.g. a test file written after the stage was made)")
@@ -295,6 +321,8 @@ def main() -> int:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     started = time.monotonic()
+    if any(path.replace(os.sep, "/").startswith("nodes/") for path in args.paths):
+        os.environ["ADS_IMPORT_NODES_FIRST"] = "1"  # tests/conftest.py: the ADE importer under its own name
     before_file = os.path.join(args.stage, "tests_before_recheck.txt")
     if args.resume:
         refresh(args.stage)
@@ -307,6 +335,8 @@ def main() -> int:
             if args.recheck:
                 with open(before_file, "w", encoding="utf-8") as handle:
                     handle.write("\n".join(sorted(before)) + "\n")
+        if args.restat:
+            print(f"--restat: stats of {forget_stats(args.stage, args.restat)} tests forgotten, collected again")
         drawn = read_sample(args.stage)
         # generate the mutants of changed functions and collect new tests; a run without a sample checks
         # every unchecked mutant on the way
@@ -327,11 +357,11 @@ def main() -> int:
             recheck(args.stage, found, listed, before, args.jobs, args.recheck_with)
             os.remove(before_file)
             found = results(args.stage, mutmut)
-        # the sample's mutants not checked yet, and every survivor (not listed as equivalent) again, unless
-        # --recheck has run them against the new tests
-        again = sorted(name for name, status in found.items() if status not in KILLED and status != "no tests"
-                       and name not in listed and (status == UNCHECKED and (not drawn or name in drawn[1])
-                                                   or status != UNCHECKED and not (args.resume and args.recheck)))
+        # the sample's mutants not checked yet, those no test covered (new tests may), and every survivor (not
+        # listed as equivalent) again, unless --recheck has run them against the new tests
+        again = sorted(name for name, status in found.items() if status not in KILLED and name not in listed
+                       and (not drawn or name in drawn[1] or status != UNCHECKED)
+                       and (status in (UNCHECKED, "no tests") or not (args.resume and args.recheck)))
         if drawn is None and any(found[name] == UNCHECKED for name in again):
             print("--resume: mutants are still unchecked after the run (stopped?)", file=sys.stderr)
         if again:
