@@ -80,19 +80,6 @@ SLOW_FILES = ("test_training_cli.py", "test_soak.py", "test_frontend.py", "test_
               "test_training_modes.py", "test_training_extras.py", "test_bad_inputs.py", "test_training_predictor.py")
 
 
-def pytest_configure(config):
-    """Under .ci/run's workers (PYTEST_XDIST_WORKER), this process computes on its share of the cores: two
-    workers with a thread per core each would spin against each other (a clean run took longer on two
-    workers than on one). Only this process: servers and training runs the tests start keep their own
-    default (a server's training under OMP_NUM_THREADS=1 gives other weights than the in-process run the
-    test compares it with, measured on camera_motionlora_from_stills)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
-
 def pytest_collection_modifyitems(config, items):
     """Slowest files first (SLOW_FILES), every other test in its usual order."""
     rank = {name: place for place, name in enumerate(SLOW_FILES)}
