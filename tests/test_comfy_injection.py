@@ -107,7 +107,10 @@ def test_motion_lora_strength_and_motion_scale_through_ksampler_equal_merged_wei
     loras = () if strength is None else (
         env["injection"].MotionLoraEntry("zoom", load_lora(lora_weights, kind="MotionLoRA"), strength),)
     merged = copy.deepcopy(loaded.patcher.model)  # before sampling: a loaded patcher holds patched weights
-    out = ksample(env, apply(env, model, loaded, loras=loras, scale=scale), cfg=1.0, steps=1)
+    # through the node, as a graph wires it (Load MotionLoRA's list into Apply Motion Model)
+    patched = env["motion_nodes"].ApplyMotionModel.execute(
+        model, loaded, motion_lora=list(loras) or None, motion_scale=scale, beta_schedule="use existing").result[0]
+    out = ksample(env, patched, cfg=1.0, steps=1)
     plain = ksample(env, model, cfg=1.0, steps=1)
     weights = merged.state_dict()
     with torch.no_grad():
@@ -216,6 +219,25 @@ def test_beta_schedules(env):
     assert {"ModelSamplingDiscreteDistilled", "LCM"} <= {c.__name__ for c in type(lcm).__mro__}
     with pytest.raises(ValueError, match="unknown beta schedule 'cosmic'"):
         env["beta_schedules"].resolve_schedule("cosmic", loaded.spec)
+
+
+def test_lcm_schedule_on_a_comfyui_without_lcm_sampling_is_a_clear_error(env, monkeypatch):
+    """A ComfyUI whose comfy_extras has no LCM sampling classes (and comfy.model_sampling none either, as in
+    v0.3.64): the lcm schedule is refused with the whole sentence, at Apply, before anything is patched."""
+    import sys
+
+    import comfy.model_sampling
+
+    from animatediff_suite.motion_modules import MotionModelError
+
+    assert not hasattr(comfy.model_sampling, "LCM")
+    monkeypatch.setitem(sys.modules, "comfy_extras.nodes_model_advanced", None)  # import raises ImportError
+    model = env["demo"].tiny_model(0)
+    with pytest.raises(MotionModelError) as raised:
+        apply(env, model, motion(env, "v3"), schedule="lcm (AnimateLCM)")
+    assert str(raised.value) == ("the lcm schedule needs ComfyUI's LCM sampling classes, which this ComfyUI "
+                                 "version does not provide; pick another beta_schedule")
+    assert model.object_patches == {} and model.model_options.get("model_function_wrapper") is None
 
 
 def test_domain_adapter_is_applied_exactly(env, tmp_path):

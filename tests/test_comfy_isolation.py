@@ -82,6 +82,28 @@ def test_strength_change_takes_effect_without_reloading_files(env, tmp_path):
     assert [e.strength for e in chained] == [0.5, -0.3] and len(half) == 1  # chained by copy
 
 
+def test_load_motion_lora_names_the_file_and_what_it_expected(env, folders):
+    """A kohya image LoRA picked in Load MotionLoRA: the error names the file and what the node expected."""
+    from safetensors.torch import save_file
+
+    from animatediff_suite.motion_modules import MotionModelError
+
+    lora_dir = folders / "animatediff_motion_lora"
+    lora_dir.mkdir()
+    save_file({"lora_unet_down_blocks_0.alpha": torch.ones(1)}, str(lora_dir / "kohya.safetensors"))
+    with pytest.raises(MotionModelError) as raised:
+        env["motion_nodes"].LoadMotionLora.execute("kohya.safetensors", 1.0)
+    assert str(raised.value) == (
+        "'kohya.safetensors': not an AnimateDiff-format MotionLoRA (kohya/image-LoRA naming): expected keys like "
+        "'...processor.to_q_lora.down.weight', found 'lora_unet_down_blocks_0.alpha'")
+    (lora_dir / "kohya.safetensors").unlink()  # deleted after the list was read
+    with pytest.raises(MotionModelError) as raised:
+        env["motion_nodes"].LoadMotionLora.execute("kohya.safetensors", 1.0)
+    assert str(raised.value) == (
+        "'kohya.safetensors' is not in models/animatediff_motion_lora any more (deleted or renamed after the "
+        "prompt was queued?); refresh the node's list and pick a file that exists")
+
+
 def test_apply_does_not_mutate_its_inputs(env):
     model = env["demo"].tiny_model(0)
     loaded = motion(env, "v1")

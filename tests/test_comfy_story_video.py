@@ -101,14 +101,23 @@ def test_one_prompt_for_all_and_sparsectrl_on_the_two_panels(env, story):
 def test_bad_inputs_are_refused_by_name(env, story):
     from animatediff_suite.motion_modules import MotionModelError
 
-    with pytest.raises(MotionModelError, match="at least 2 panels"):
-        run(story, panels=story["panels"][:1])
-    with pytest.raises(MotionModelError, match="the panels are 60x64; .* multiple of 8"):
-        run(story, panels=story["panels"][:, :, :60])
-    with pytest.raises(MotionModelError, match="transition 'sparsectrl' needs a SparseCtrl"):
-        run(story, "sparsectrl")
-    with pytest.raises(MotionModelError, match="needs motion_predictor .* and clip_vision"):
-        run(story, "semantic_motion_predictor")
+    def message(**kwargs):
+        with pytest.raises(MotionModelError) as raised:
+            run(story, **kwargs)
+        return str(raised.value)
+
+    _, height, width, channels = story["panels"].shape
+    assert message(panels=story["panels"][:1]) == (
+        "Story To Video: panels should be an IMAGE batch of at least 2 panels in story order; got shape "
+        f"(1, {height}, {width}, {channels})")
+    assert message(panels=story["panels"][:, :, :60]) == (
+        f"Story To Video: the panels are 60x{height}; the video is made at the panels' size, which must be a "
+        "multiple of 8 on both sides (Story Sampler's panels are); scale them")
+    assert message(transition="sparsectrl") == (
+        "Story To Video: transition 'sparsectrl' needs a SparseCtrl: connect Load SparseCtrl to the sparsectrl input")
+    assert message(transition="semantic_motion_predictor") == (
+        "Story To Video: transition 'semantic_motion_predictor' needs motion_predictor (Load Semantic Motion "
+        "Predictor) and clip_vision (the encoder it was trained with)")
 
 
 def test_predictor_transition_is_apply_semantic_motion_predictor_on_the_pair(env, story):

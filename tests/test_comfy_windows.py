@@ -333,3 +333,22 @@ def test_the_sampler_visits_the_windows_listed_by_hand_at_every_step(env, name, 
         per_chunk = [windows for t, windows in calls if t == step]
         visited = sorted(w for windows in per_chunk for w in windows)
         assert visited == sorted(expected * 2), (name, steps.index(step))  # cond and uncond
+
+
+def test_per_frame_model_conds_of_any_rank_are_cut_to_the_window(comfyui):
+    """A model cond with one value per frame (also a 1-d one) is cut to the window's frames, in the window's
+    order, bare or wrapped in a ComfyUI cond; a 0-d value and one not per frame pass unchanged."""
+    import comfy.conds
+
+    from animatediff_suite.nodes.context_sampling import _window_model_cond
+
+    index = torch.tensor([5, 6, 7, 0])  # a looped window of 8 frames
+    per_frame = torch.arange(8.0) * 10
+    assert torch.equal(_window_model_cond(per_frame, index, 8), torch.tensor([50.0, 60.0, 70.0, 0.0]))
+    wrapped = _window_model_cond(comfy.conds.CONDRegular(per_frame), index, 8)
+    assert torch.equal(wrapped.cond, torch.tensor([50.0, 60.0, 70.0, 0.0]))
+    rows = torch.arange(16.0).reshape(8, 2)
+    assert torch.equal(_window_model_cond(rows, index, 8), torch.tensor([[10.0, 11.0], [12.0, 13.0], [14.0, 15.0],
+                                                                          [0.0, 1.0]]))
+    scalar, other = torch.tensor(3.0), torch.arange(5.0)
+    assert _window_model_cond(scalar, index, 8) is scalar and _window_model_cond(other, index, 8) is other
