@@ -23,7 +23,8 @@ all mutants from it (mutants checked outside the sample count as themselves). ``
 ``--resume``) runs each survivor against only the tests added since that cover its function, which kills
 what a full rerun would (it passed every older test already) in a fraction of the time. A resume also runs the
 mutants no test covered again; ``--restat FILE...`` makes mutmut trace those test files again first (it traces
-only tests it has not seen, so a test that now reaches more code needs this).
+only tests it has not seen, so a test that now reaches more code, or was changed, needs this; with
+``--recheck`` the survivors run against those tests too).
 
 Over ``nodes/`` the tests import the pack's nodes (with ComfyUI) before any test module (ADS_IMPORT_NODES_FIRST,
 tests/conftest.py), so the ADE importer's tests run ``nodes/ade_import.py`` under the module name mutmut traces.
@@ -122,7 +123,7 @@ def recorded_tests(stage_dir: str) -> set[str]:
         return set(json.load(handle)["duration_by_test"])
 
 
-def forget_stats(stage_dir: str, files: list[str]) -> int:
+def forget_stats(stage_dir: str, files: list[str]) -> set[str]:
     """Drop the stats mutmut recorded for the tests of ``files`` (test files, relative to the repository), so
     the next run collects them again: mutmut collects stats only for tests it has none for, and a test that
     now reaches code it did not before (a fixture changed, not the test) would stay blind to it."""
@@ -137,7 +138,7 @@ def forget_stats(stage_dir: str, files: list[str]) -> int:
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(stats, handle)
     os.replace(path + ".tmp", path)
-    return len(gone)
+    return gone
 
 
 def _pytest(stage_dir: str, mutant: str, tests: list[str], limit: float) -> int:
@@ -326,17 +327,19 @@ def main() -> int:
     before_file = os.path.join(args.stage, "tests_before_recheck.txt")
     if args.resume:
         refresh(args.stage)
+        # first, so that a recheck counts the re-traced tests as new ones (a changed test may kill survivors)
+        forgotten = forget_stats(args.stage, args.restat) if args.restat else set()
+        if args.restat:
+            print(f"--restat: stats of {len(forgotten)} tests forgotten, collected again")
         # the tests of the run a recheck continues (kept until a recheck completes, so a stopped one resumes)
         if os.path.exists(before_file):
             with open(before_file, encoding="utf-8") as handle:
-                before = set(handle.read().split("\n")) - {""}
+                before = set(handle.read().split("\n")) - {""} - forgotten
         else:
             before = recorded_tests(args.stage)
             if args.recheck:
                 with open(before_file, "w", encoding="utf-8") as handle:
                     handle.write("\n".join(sorted(before)) + "\n")
-        if args.restat:
-            print(f"--restat: stats of {forget_stats(args.stage, args.restat)} tests forgotten, collected again")
         drawn = read_sample(args.stage)
         # generate the mutants of changed functions and collect new tests; a run without a sample checks
         # every unchecked mutant on the way
