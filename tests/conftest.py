@@ -73,7 +73,7 @@ def folders(comfyui, tmp_path):
         folder_paths.filename_list_cache.clear()
 
 
-# The test files that take longest (about 100-300 s each on a 2-core machine, `--durations`), run first:
+# The test files that take longest (about 70-300 s each on a 2-core machine, `--durations`), run first:
 # .ci/run gives whole files to two workers (pytest-xdist, --dist loadfile), and long files left for the
 # end would keep one worker busy while the other idles.
 SLOW_FILES = ("test_training_cli.py", "test_soak.py", "test_frontend.py", "test_comfy_server.py",

@@ -311,8 +311,8 @@ def main() -> int:
     parser.add_argument("--recheck", action="store_true",
                         help="with --resume: run survivors against the new tests only (those that cover them)")
     parser.add_argument("--restat", nargs="+", default=[], metavar="TEST_FILE",
-                        help="with --resume: collect mutmut's stats of these test files again (they now reach "
-                             "code they did not; mutmut otherwise collects stats for new tests only)")
+                        help="with --resume: collect mutmut's stats of these test files again (changed tests, or tests "
+                             "that now reach code they did not; mutmut otherwise collects stats for new tests only)")
     parser.add_argument("--recheck-with", nargs="+", default=[], metavar="TEST_FILE",
                         help="with --recheck: also run every survivor against these test files (outside the "
                              "stage's test selection, e.g. a test file written after the stage was made)")
