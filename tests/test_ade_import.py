@@ -211,3 +211,26 @@ def test_command_line(tmp_path):
     done = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "__main__.py"), "import-ade", str(source),
                            str(target)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and str(source) in done.stderr
+
+
+def test_editor_format_state_note_and_an_option_without_equivalent_written_out():
+    """A workflow of the newer frontend (with "state"), whose legacy loader saved all four widgets with
+    apply_v2_models_properly false: the state's ids follow the written graph, the report line is the whole
+    sentence, and the Note holding the report is the node written out here (above the topmost node)."""
+    workflow = copy.deepcopy(ade.LEGACY_UI)
+    workflow["state"] = {"lastGroupId": 3, "lastNodeId": 0, "lastLinkId": 0, "lastRerouteId": 0}
+    loader = next(n for n in workflow["nodes"] if n["type"] == "ADE_AnimateDiffLoaderWithContext")
+    loader["widgets_values"] = ["mm_sd_v15_v2.ckpt", "sqrt_linear (AnimateDiff)", 1.0, False]
+    converted, report, _ = convert(workflow)
+    assert report == [f"option not mapped: node {loader['id']} (ADE_AnimateDiffLoaderWithContext): "
+                      "apply_v2_models_properly = false (v2 models run as v1) has no equivalent; v2 models run properly"]
+    assert converted["state"] == {"lastGroupId": 3, "lastNodeId": converted["last_node_id"],
+                                  "lastLinkId": converted["last_link_id"], "lastRerouteId": 0}
+    *others, note = converted["nodes"]
+    top = min(n["pos"][1] for n in others)
+    assert note == {"id": max(n["id"] for n in others) + 1, "type": "Note", "pos": [0, top - 260], "size": [600, 220],
+                    "flags": {}, "order": len(others), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                    "title": "Imported from AnimateDiff-Evolved", "widgets_values": ["\n".join(report)]}
+    assert converted["last_node_id"] == note["id"]
+    for node in others:  # what the frontend reads of every node, ours included
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs"} <= set(node), node["type"]
