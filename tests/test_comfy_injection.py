@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from ads_helpers import motion_lora_state_dict, tiny_domain_adapter_state_dict
+from ads_helpers import motion_lora_state_dict, raised_message, tiny_domain_adapter_state_dict
 from ads_package import ROOT
 from comfy_helpers import FRAMES, apply, ksample, motion, reference_unet
 
@@ -233,10 +233,10 @@ def test_lcm_schedule_on_a_comfyui_without_lcm_sampling_is_a_clear_error(env, mo
     assert not hasattr(comfy.model_sampling, "LCM")
     monkeypatch.setitem(sys.modules, "comfy_extras.nodes_model_advanced", None)  # import raises ImportError
     model = env["demo"].tiny_model(0)
-    with pytest.raises(MotionModelError) as raised:
-        apply(env, model, motion(env, "v3"), schedule="lcm (AnimateLCM)")
-    assert str(raised.value) == ("the lcm schedule needs ComfyUI's LCM sampling classes, which this ComfyUI "
-                                 "version does not provide; pick another beta_schedule")
+    message = raised_message(lambda: apply(env, model, motion(env, "v3"), schedule="lcm (AnimateLCM)"),
+                             MotionModelError)
+    assert message == ("the lcm schedule needs ComfyUI's LCM sampling classes, which this ComfyUI version does not "
+                       "provide; pick another beta_schedule")
     assert model.object_patches == {} and model.model_options.get("model_function_wrapper") is None
 
 

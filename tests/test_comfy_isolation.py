@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ads_helpers import motion_lora_state_dict
+from ads_helpers import motion_lora_state_dict, raised_message
 from comfy_helpers import apply, ksample, motion
 
 pytestmark = pytest.mark.comfyui
@@ -91,15 +91,12 @@ def test_load_motion_lora_names_the_file_and_what_it_expected(env, folders):
     lora_dir = folders / "animatediff_motion_lora"
     lora_dir.mkdir()
     save_file({"lora_unet_down_blocks_0.alpha": torch.ones(1)}, str(lora_dir / "kohya.safetensors"))
-    with pytest.raises(MotionModelError) as raised:
-        env["motion_nodes"].LoadMotionLora.execute("kohya.safetensors", 1.0)
-    assert str(raised.value) == (
+    load = env["motion_nodes"].LoadMotionLora.execute
+    assert raised_message(lambda: load("kohya.safetensors", 1.0), MotionModelError) == (
         "'kohya.safetensors': not an AnimateDiff-format MotionLoRA (kohya/image-LoRA naming): expected keys like "
         "'...processor.to_q_lora.down.weight', found 'lora_unet_down_blocks_0.alpha'")
     (lora_dir / "kohya.safetensors").unlink()  # deleted after the list was read
-    with pytest.raises(MotionModelError) as raised:
-        env["motion_nodes"].LoadMotionLora.execute("kohya.safetensors", 1.0)
-    assert str(raised.value) == (
+    assert raised_message(lambda: load("kohya.safetensors", 1.0), MotionModelError) == (
         "'kohya.safetensors' is not in models/animatediff_motion_lora any more (deleted or renamed after the "
         "prompt was queued?); refresh the node's list and pick a file that exists")
 

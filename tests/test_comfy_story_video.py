@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ads_helpers import raised_message
 from comfy_helpers import apply, motion
 
 pytestmark = pytest.mark.comfyui
@@ -102,9 +103,7 @@ def test_bad_inputs_are_refused_by_name(env, story):
     from animatediff_suite.motion_modules import MotionModelError
 
     def message(**kwargs):
-        with pytest.raises(MotionModelError) as raised:
-            run(story, **kwargs)
-        return str(raised.value)
+        return raised_message(lambda: run(story, **kwargs), MotionModelError)
 
     _, height, width, channels = story["panels"].shape
     assert message(panels=story["panels"][:1]) == (
