@@ -197,3 +197,35 @@ def run_in_process(graph: dict, node_id: str, output: int = 0):
 
     with torch.inference_mode():
         return value(node_id)[output]
+
+
+@contextlib.contextmanager
+def progress_reports():
+    """Every ComfyUI progress update as (value, total, preview), with Latent2RGB previews switched on."""
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    reports = []
+    hook, method = comfy.utils.PROGRESS_BAR_HOOK, args.preview_method
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                             reports.append((value, total, preview)))
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        yield reports
+    finally:
+        comfy.utils.set_progress_bar_global_hook(hook)
+        args.preview_method = method
+
+
+def assert_counts_up(reports, total: int, preview_size: tuple[int, int]):
+    """One update per step, 1..total out of ``total``, each with a JPEG preview of ``preview_size``; where
+    ComfyUI throttles updates (newer releases), a rising bar that ends full."""
+    from animatediff_suite.nodes import comfy_compat
+
+    values = [(value, of) for value, of, _ in reports]
+    if comfy_compat.progress_is_throttled():
+        assert [v for v, _ in values] == sorted(v for v, _ in values) and values[-1] == (total, total), values
+    else:
+        assert values == [(value, total) for value in range(1, total + 1)]
+    for _, _, preview in reports:
+        assert preview[0] == "JPEG" and preview[1].size == preview_size, preview

@@ -137,6 +137,27 @@ def test_v1_norms_really_span_frames(env):
     assert (ksample(env, per_frame, steps=1) - spanning).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_v1_output_norm_spans_the_frames_of_the_calls_layout(env, by_keyword):
+    """The DIFFUSION_MODEL wrapper around v1's output norm reads the call's layout from transformer_options,
+    given positionally (ComfyUI v0.3.64's UNetModel.forward) or by keyword, for the call only."""
+    import comfy.patcher_extension
+
+    from animatediff_suite.motion_modules.layout import FrameLayout
+    from animatediff_suite.nodes.context_sampling import LAYOUT_KEY
+
+    patched = apply(env, env["demo"].tiny_model(0), motion(env, "v1", seed=1))
+    out_norm = patched.object_patches["diffusion_model.out.0"]
+    [wrapper] = [w for key, ws in patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL].items()
+                 if key.endswith(".v1_norms") for w in ws]
+    seen = []
+    options = {LAYOUT_KEY: FrameLayout.whole(2, 6)}
+    args = ("t", "context", None, None) + (() if by_keyword else (options,))
+    kwargs = {"transformer_options": options} if by_keyword else {}
+    assert wrapper(lambda *a, **k: seen.append((a, k, out_norm.frames)) or "out", "x", *args, **kwargs) == "out"
+    assert seen == [(("x", *args), kwargs, 6)] and out_norm.frames is None
+
+
 def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
     import comfy.model_patcher
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from comfy_helpers import apply, ksample, motion
+from comfy_helpers import apply, assert_counts_up, ksample, motion, progress_reports
 
 pytestmark = pytest.mark.comfyui
 
@@ -212,6 +212,16 @@ def test_bank_cap_and_unpatched_model_give_clear_errors(env, story):
         story.StorySampler.execute(model, plot, positive, env["negative"], {"samples": torch.zeros(3, 4, 8, 8)},
                                    seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0,
                                    panels_per_batch=1, offload_bank=False, bank_limit_mb=0)
+
+
+@pytest.mark.parametrize("panels_per_batch, passes", [(1, 3), (2, 2)])
+def test_the_bar_counts_every_step_of_every_pass(env, story, panels_per_batch, passes):
+    """FOUR_PANELS with two references: one write pass (panels 0 and 1), then panels 2 and 3 read one at a time
+    (three passes) or together (two); two steps each. Previews are of the 8x8 latent."""
+    positive, plot = prompts(env, story, FOUR_PANELS)
+    with progress_reports() as reports:
+        story_sample(story, patched(story, env["demo"].tiny_model(0)), plot, positive, env, panels_per_batch, steps=2)
+    assert_counts_up(reports, 2 * passes, (8, 8))
 
 
 def test_plain_model_is_bit_identical_after_runs_errors_and_interrupts(env, story):

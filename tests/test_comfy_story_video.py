@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ads_helpers import raised_message
-from comfy_helpers import apply, motion
+from comfy_helpers import apply, assert_counts_up, motion, progress_reports
 
 pytestmark = pytest.mark.comfyui
 FRAMES = 6
@@ -97,6 +97,13 @@ def test_one_prompt_for_all_and_sparsectrl_on_the_two_panels(env, story):
     torch.testing.assert_close(video, torch.cat(parts), atol=1e-5, rtol=0)
     plain, _ = run(story, positive=env["cond"])
     assert (video - plain).abs().max() > 1e-3  # SparseCtrl changed the in-between frames
+
+
+def test_the_bar_counts_every_step_of_every_transition(env, story):
+    """Three panels: two transitions of three steps each. Previews are of the 8x8 latent."""
+    with progress_reports() as reports:
+        run(story)
+    assert_counts_up(reports, 2 * 3, (8, 8))
 
 
 def test_bad_inputs_are_refused_by_name(env, story):

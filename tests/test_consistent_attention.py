@@ -63,6 +63,17 @@ def test_mask_form_equals_the_index_form_for_the_same_draw(with_bank):
     assert torch.allclose(masked, naive(q, k, v, 4, keep, sources, bank), atol=1e-10, rtol=0)
 
 
+def test_rows_are_indexed_on_the_inputs_device_not_the_default_one():
+    """CPU tensors under another default device (meta): the per-group row index follows q."""
+    q, k, v = qkv()
+    keep = torch.rand(4, 12, generator=torch.Generator().manual_seed(1)) < 0.5
+    sources = reference_sources(4, 2)
+    expected = naive(q, k, v, 2, keep, sources)
+    with torch.device("meta"):
+        out = consistent_attention(q, k, v, 2, keep, sources)
+    assert torch.allclose(out, expected, atol=1e-10, rtol=0)
+
+
 def test_rate_zero_is_plain_self_attention_bit_exact():
     q, k, v = qkv(dtype=torch.float32)
     keep = torch.stack([draw_tokens((0, 1, "layer", i), 12, 0.0) for i in range(4)])
@@ -210,6 +221,8 @@ def test_story_blank_and_comment_lines_defaults_and_captions_without_a_hash():
     assert story.references == (("Bob", (0, 1)),)
     tidy = parse_story("[Bob] a man", "[Bob]   walks ,  slowly .  #  Late ,  again .\n[Bob] runs")
     assert (tidy.panels[0].prompt, tidy.panels[0].caption) == ("a man walks, slowly.", "Late, again.")
+    ends = parse_story("[Rex] X-ray dog", "[NC] , XL box, #, Xmas tree X ,").panels[0]  # only spaces and commas go
+    assert (ends.prompt, ends.caption) == ("XL box", "Xmas tree X")
 
 
 def test_story_errors_are_whole_sentences():

@@ -313,3 +313,94 @@ def test_shifted_static_dilated_level_worked_by_hand():
     contiguous = [list(range(s, s + 4)) for s in (0, 1, 3, 5, 7, 8)]
     dilated = [list(range(s, s + 7, 2)) for s in (0, 2, 5)]
     assert context_windows(12, options, 1) == contiguous + dilated
+
+
+def test_standard_uniform_dilated_level_ends_before_the_overlap_and_the_wrap_looks_at_the_next_window():
+    """6 frames, length 3, stride 2 (worked by hand).
+
+    Overlap 1, step 0 (shift 0): the contiguous level (advance 3 - 1 = 2) starts at 0, 2, 4 below
+    6 - 1 = 5: [0, 1, 2], [2, 3, 4], [4, 5, 0] (wraps; moved to end on frame 5: [3, 4, 5]); the dilated level
+    (advance 3 x 2 - 1 = 5) starts at 0 only, as 5 is not below 5: [0, 2, 4].
+
+    Overlap 0, step 2 (shift 1/4, round(6 / 4) = 2): contiguous starts 2 and 5 (advance 3, below 8): [2, 3, 4],
+    [5, 0, 1] (moved to [3, 4, 5]; the next window, [2, 4, 0], holds the wrapped frame 0, so nothing is added);
+    dilated start int(2 / 4) + 2 = 2: [2, 4, 0] (moved to [1, 3, 5]; the next window, the first, lacks frame 0,
+    so [0, 1, 2] follows it)."""
+    overlapping = ContextOptions(context_length=3, context_overlap=1, context_stride=2, schedule="standard_uniform")
+    assert context_windows(6, overlapping, 0) == [[0, 1, 2], [2, 3, 4], [3, 4, 5], [0, 2, 4]]
+    apart = ContextOptions(context_length=3, context_overlap=0, context_stride=2, schedule="standard_uniform")
+    assert context_windows(6, apart, 2) == [[2, 3, 4], [3, 4, 5], [1, 3, 5], [0, 1, 2]]
+
+
+def test_windows_and_their_weights_are_of_step_zero_unless_told():
+    from animatediff_suite.motion_modules.context import weighted_windows
+
+    options = ContextOptions(context_length=4, context_overlap=1, schedule="standard_uniform")
+    assert context_windows(12, options) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9], [8, 9, 10, 11]]
+    pyramid = [1, 2, 2, 1]
+    assert weighted_windows(12, options) == [(w, pyramid) for w in context_windows(12, options, 0)]
+
+
+def test_window_options_and_frame_counts_refused_with_their_sentence():
+    with pytest.raises(ValueError) as raised:
+        ContextOptions(window_batch=-1)
+    assert str(raised.value) == "window_batch must be 0 (auto) or more, got -1"
+    assert ContextOptions(window_batch=0).window_batch == 0  # 0 is auto
+    with pytest.raises(ValueError) as raised:
+        context_windows(0, ContextOptions())
+    assert str(raised.value) == "num_frames must be at least 1, got 0"
+
+
+def test_fusing_nothing_and_the_first_eight_uncovered_frames_are_named():
+    from animatediff_suite.motion_modules.context import WindowAccumulator
+
+    with pytest.raises(ValueError) as raised:
+        WindowAccumulator(4, ContextOptions(4, 1)).result()
+    assert str(raised.value) == "no window outputs to fuse"
+    with pytest.raises(ValueError) as raised:
+        fuse_windows([([0, 1], torch.zeros(2, 1))], 12, ContextOptions(2, 1))
+    assert str(raised.value) == "frames [2, 3, 4, 5, 6, 7, 8, 9] are covered by no window"
+
+
+def test_a_whole_clip_window_then_another_is_fused_along_dim_zero_by_default():
+    """Frames 0..3: a whole-clip window of 1s with weights 1, then [2, 3] of 4s with weights 3, 1 (by hand:
+    frames 0, 1 stay 1; frame 2 (1 + 3 x 4) / 4 = 3.25; frame 3 (1 + 4) / 2 = 2.5)."""
+    from animatediff_suite.motion_modules.context import WindowAccumulator
+
+    accumulator = WindowAccumulator(4, ContextOptions(2, 1))
+    accumulator.add(range(4), torch.ones(4, 3), [1.0, 1.0, 1.0, 1.0])
+    accumulator.add([2, 3], torch.full((2, 3), 4.0), [3.0, 1.0])
+    expected = torch.tensor([1.0, 1.0, 3.25, 2.5]).view(4, 1).expand(4, 3)
+    assert torch.equal(accumulator.result(), expected)
+
+
+def test_half_precision_windows_are_summed_in_float32_and_returned_in_their_dtype():
+    """Two fp16 windows over 3 frames, frame 1 weighted 3 and 1: (3 x 2046 + 2) / 4 = 1535 exactly (by hand).
+    Summed in fp16 it would be 1534: 3 x 2046 = 6138 is not an fp16 number (they step by 4 there) and rounds
+    to 6136, and 6136 + 2 rounds back to 6136."""
+    from animatediff_suite.motion_modules.context import WindowAccumulator
+
+    accumulator = WindowAccumulator(3, ContextOptions(2, 1))
+    accumulator.add([0, 1], torch.tensor([[4.0], [2046.0]], dtype=torch.float16), [1.0, 3.0])
+    accumulator.add([1, 2], torch.tensor([[2.0], [6.0]], dtype=torch.float16), [1.0, 1.0])
+    fused = accumulator.result()
+    assert fused.dtype == torch.float16
+    assert fused[:, 0].tolist() == [4.0, 1535.0, 6.0]
+
+
+def test_fusion_stays_on_the_outputs_device_whatever_the_default_device():
+    """Under another default device (meta here) the sums, counts, indices and weights stay on the outputs'
+    device: the result is the hand-computed one of test_a_whole_clip_window_then_another_..."""
+    from animatediff_suite.motion_modules.context import WindowAccumulator, weighted_windows
+
+    options = ContextOptions(context_length=4, context_overlap=1, schedule="standard_uniform")
+    with torch.device("meta"):
+        accumulator = WindowAccumulator(4, ContextOptions(2, 1))
+        accumulator.add(range(4), torch.ones(4, 3, device="cpu"), [1.0, 1.0, 1.0, 1.0])
+        accumulator.add([2, 3], torch.full((2, 3), 4.0, device="cpu"), [3.0, 1.0])
+        accumulator.add([0], torch.ones(1, 3, device="cpu"))  # the options' fuse weights
+        fused = accumulator.result()
+    assert fused.device.type == "cpu"
+    assert torch.equal(fused, torch.tensor([1.0, 1.0, 3.25, 2.5]).view(4, 1).expand(4, 3))
+    assert weighted_windows(12, options, 1) == [(w, [1, 2, 2, 1]) for w in context_windows(12, options, 1)]
+    assert context_windows(12, options, 1) != context_windows(12, options, 0)

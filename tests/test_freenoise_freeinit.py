@@ -214,6 +214,19 @@ def test_noise_and_mixing_stay_on_the_inputs_device_and_dtype():
     assert half.dtype == torch.float16 and torch.equal(half, drawn.half())
 
 
+def test_indices_are_made_on_the_inputs_device_not_the_default_one():
+    """CPU inputs under another default device (meta): the index tensors follow the inputs. By hand: 4 of
+    10 steps pick sigmas round(k x 10 / 4) = 0, 2, 5, 8, 10 (halves round to even); repeated context of
+    length 4 over 8 frames repeats frames 0-3."""
+    sigmas = torch.linspace(10, 0, 11)
+    noise = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 2, 2, 2)
+    with torch.device("meta"):
+        short = fewer_sigmas(sigmas, 4)
+        repeated = free_noise(noise, "repeated_context", 4, 2)
+    assert torch.equal(short, torch.tensor([10.0, 8.0, 5.0, 2.0, 0.0]))
+    assert torch.equal(repeated[:, 0, 0, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0]))
+
+
 @pytest.mark.parametrize("method", ["butterworth", "gaussian", "ideal"])
 def test_filters_and_mixing_match_diffusers(method):
     free_init_utils = import_or_skip("diffusers.pipelines.free_init_utils")

@@ -195,6 +195,12 @@ def test_only_the_spatial_targets_are_named_when_a_lora_mixes_both(v2):
     assert raised_message(lambda: load_domain_adapter({**_adapter_sd(), **resnet})) == (
         "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
         "'down_blocks.0.resnets.0.to_q.weight' (a MotionLoRA?)")
+    # a motion module's target is refused even under a path that also names spatial attentions
+    nested = {"down_blocks.0.attentions.0.motion_modules.0.processor.to_q_lora.down.weight": torch.zeros(4, 32),
+              "down_blocks.0.attentions.0.motion_modules.0.processor.to_q_lora.up.weight": torch.zeros(32, 4)}
+    assert raised_message(lambda: load_domain_adapter({**_adapter_sd(), **nested})) == (
+        "<state dict>: not a domain adapter: targets outside the UNet's spatial attention layers, e.g. "
+        "'down_blocks.0.attentions.0.motion_modules.0.to_q.weight' (a MotionLoRA?)")
 
 
 def test_deltas_follow_the_model_dtype_and_device():

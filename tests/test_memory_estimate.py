@@ -40,3 +40,7 @@ def test_attention_score_bytes_written_out():
     # 40 rows in windows of 16: 3 sequences (the last one partial), activations 20 x rows x positions x channels
     assert temporal_module_bytes(64, 40, 32, 16, materialised_scores=True) == (
         20 * 40 * 64 * 32 * 4 + 2 * 3 * 64 * 8 * 256 * 4)
+    # fp16 halves both terms; by default (fused kernels) the scores are not held
+    assert temporal_module_bytes(64, 40, 32, 16, dtype_bytes=2, materialised_scores=True) == (
+        20 * 40 * 64 * 32 * 2 + 2 * 3 * 64 * 8 * 256 * 2)
+    assert temporal_module_bytes(64, 40, 32, 16) == 20 * 40 * 64 * 32 * 4

@@ -327,6 +327,45 @@ def test_file_errors_name_the_file_and_say_what_was_expected(tmp_path, rgb_sd):
     assert _file_error(tmp_path, odd).startswith("'sc.safetensors': unsupported SparseCtrl layout: ")
 
 
+def test_more_file_errors_name_the_file_key_and_shape(tmp_path, rgb_sd):
+    """Whole sentences for the tensors read while the layout is worked out, the non-SparseCtrl and the
+    non-finite file, and the PE-length boundary (0 frames is refused, 1 is a limit)."""
+    to_k = "down_blocks__0__attentions__0__transformer_blocks__0__attn2__to_k__weight"
+    assert _file_error(tmp_path, _with(rgb_sd, **{to_k: torch.zeros(32, 32, 1)})) == (
+        "'sc.safetensors': 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight' should be a 2-d "
+        "tensor, found (32, 32, 1)")
+    assert _file_error(tmp_path, _with(rgb_sd, controlnet_cond_embedding__weight=torch.zeros(32, 5))) == (
+        "'sc.safetensors': 'controlnet_cond_embedding.weight' should be a 4-d tensor, found (32, 5)")
+    scribble = {k: v.contiguous() for k, v in build_diffusers("scribble", torch.float32).state_dict().items()}
+    assert _file_error(tmp_path, _with(scribble, controlnet_cond_embedding__conv_in__weight=torch.zeros(8, 4))) == (
+        "'sc.safetensors': 'controlnet_cond_embedding.conv_in.weight' should be a 4-d tensor, found (8, 4)")
+    assert _file_error(tmp_path, _with(scribble, controlnet_cond_embedding__blocks__1__weight=torch.zeros(16))) == (
+        "'sc.safetensors': 'controlnet_cond_embedding.blocks.1.weight' should be a 4-d tensor, found (16,)")
+    vae = {"encoder.conv_in.weight": torch.zeros(1), "encoder.conv_in.bias": torch.zeros(1),
+           "decoder.conv_in.weight": torch.zeros(1), "decoder.conv_out.weight": torch.zeros(1)}
+    assert _file_error(tmp_path, vae) == (
+        "'sc.safetensors': not a SparseCtrl model: it has no 'controlnet_cond_embedding' weights (found e.g. "
+        "'decoder.conv_in.weight', 'decoder.conv_out.weight', 'encoder.conv_in.bias' (+1 more))")
+    nan = _with(rgb_sd, conv_in__bias=torch.full((32,), float("nan")))
+    assert _file_error(tmp_path, nan) == (
+        "'sc.safetensors': weights contain NaN or Inf values ('conv_in.bias'); the file is damaged or was saved "
+        "from a diverged training run")
+    empty_pe = {k: (torch.zeros(1, 0, v.shape[2]) if k.endswith(".pe") else v) for k, v in rgb_sd.items()}
+    assert _file_error(tmp_path, empty_pe) == "'sc.safetensors': positional encoding of 0 frames (limit 4096)"
+    one = {k: (torch.zeros(1, 1, v.shape[2]) if k.endswith(".pe") else v) for k, v in rgb_sd.items()}
+    assert load_sparsectrl(one).spec.pe_length == 1
+
+
+def test_a_one_block_sparsectrl_loads():
+    """The smallest layout the block-count check admits (1 to 8 down blocks): one cross-attention block."""
+    one_block = SparseControlNetModel(
+        block_out_channels=(32,), down_block_types=("CrossAttnDownBlockMotion",), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32, motion_max_seq_length=32, motion_num_attention_heads=8,
+        **KINDS["rgb"])
+    spec = load_sparsectrl(one_block.state_dict()).spec
+    assert (spec.channels, spec.cross_attention, spec.kind) == ((32,), (True,), "rgb")
+
+
 def test_two_channel_condition_and_pe_lengths_are_read_from_the_file(rgb_sd):
     """The condition's channels are the embedding's inputs less the mask's one (1 is the least); the frame
     limit comes from the 3-d PE tables (default 32 without any), up to 4096."""
@@ -376,9 +415,8 @@ def test_wrong_shape_listing_stops_at_five(tmp_path, rgb_sd):
     for count, tail in ((5, ""), (6, " (+1 more)")):
         message = _file_error(tmp_path, {k: (torch.zeros(v.shape[0] + 1) if k in biases[:count] else v)
                                          for k, v in rgb_sd.items()})
-        listed = message.removeprefix("'sc.safetensors': wrong shapes: ")
-        assert listed.count("; ") == 4 and listed.count(" (expected ") == 5
-        assert listed.endswith(")" + tail) and not listed.endswith("more))")
+        shown = [f"{k} ({rgb_sd[k].shape[0] + 1},) (expected ({rgb_sd[k].shape[0]},))" for k in biases[:5]]
+        assert message == "'sc.safetensors': wrong shapes: " + "; ".join(shown) + tail
 
 
 def test_passes_longer_than_the_pe_need_windows_or_stretching(rgb_sd):
