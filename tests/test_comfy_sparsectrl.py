@@ -71,8 +71,9 @@ def test_scribble_step_equals_reference_with_hand_placed_keyframes(env, sc, cfg)
                         {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, cfg)
     assert (eps(out) - eps(without)).abs().max() > 1e-2  # SparseCtrl changed the step
     # float32 rounding through the 13 residuals on top of the UNet's: measured 1.0e-4 (cfg 1) and 7.2e-4 (cfg 7)
-    # at most, against a SparseCtrl effect of 0.17 and 0.72 on noise predictions of magnitude ~1.2 and ~2.3
-    torch.testing.assert_close(eps(out), want, atol=2e-4 * (abs(cfg) + abs(cfg - 1)), rtol=0)
+    # at most on one CPU, 4.7e-4 (cfg 1) on an AMD EPYC (the kernels round differently), against a SparseCtrl
+    # effect of 0.17 and 0.72 on noise predictions of magnitude ~1.2 and ~2.3
+    torch.testing.assert_close(eps(out), want, atol=1e-3 * (abs(cfg) + abs(cfg - 1)), rtol=0)
 
 
 def test_rgb_keyframes_are_vae_latents_in_model_space(env, sc):

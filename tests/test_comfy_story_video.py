@@ -94,7 +94,9 @@ def test_one_prompt_for_all_and_sparsectrl_on_the_two_panels(env, story):
             parts.append(stock_transition(env, story, pair, positive)[pair > 0:])
         finally:
             story["negative"] = saved
-    torch.testing.assert_close(video, torch.cat(parts), atol=1e-5, rtol=0)
+    # pixels in [0, 1]: float32 rounding of the two batchings (up to 1.3e-5 measured on an AMD EPYC), far below
+    # one 8-bit level (3.9e-3)
+    torch.testing.assert_close(video, torch.cat(parts), atol=1e-4, rtol=0)
     plain, _ = run(story, positive=env["cond"])
     assert (video - plain).abs().max() > 1e-3  # SparseCtrl changed the in-between frames
 
