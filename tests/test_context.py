@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ads_helpers import raised_message
+
 from animatediff_suite.motion_modules.context import (FUSE_METHODS, SCHEDULES, ContextOptions,
                                                       context_windows, fuse_windows, ordered_halving, window_costs,
                                                       window_report)
@@ -342,36 +344,40 @@ def test_windows_and_their_weights_are_of_step_zero_unless_told():
 
 
 def test_window_options_and_frame_counts_refused_with_their_sentence():
-    with pytest.raises(ValueError) as raised:
-        ContextOptions(window_batch=-1)
-    assert str(raised.value) == "window_batch must be 0 (auto) or more, got -1"
+    assert raised_message(lambda: ContextOptions(window_batch=-1), ValueError) == (
+        "window_batch must be 0 (auto) or more, got -1")
     assert ContextOptions(window_batch=0).window_batch == 0  # 0 is auto
-    with pytest.raises(ValueError) as raised:
-        context_windows(0, ContextOptions())
-    assert str(raised.value) == "num_frames must be at least 1, got 0"
+    assert raised_message(lambda: context_windows(0, ContextOptions()), ValueError) == (
+        "num_frames must be at least 1, got 0")
 
 
 def test_fusing_nothing_and_the_first_eight_uncovered_frames_are_named():
     from animatediff_suite.motion_modules.context import WindowAccumulator
 
-    with pytest.raises(ValueError) as raised:
-        WindowAccumulator(4, ContextOptions(4, 1)).result()
-    assert str(raised.value) == "no window outputs to fuse"
-    with pytest.raises(ValueError) as raised:
-        fuse_windows([([0, 1], torch.zeros(2, 1))], 12, ContextOptions(2, 1))
-    assert str(raised.value) == "frames [2, 3, 4, 5, 6, 7, 8, 9] are covered by no window"
+    assert raised_message(lambda: WindowAccumulator(4, ContextOptions(4, 1)).result(), ValueError) == (
+        "no window outputs to fuse")
+    assert raised_message(lambda: fuse_windows([([0, 1], torch.zeros(2, 1))], 12, ContextOptions(2, 1)),
+                          ValueError) == "frames [2, 3, 4, 5, 6, 7, 8, 9] are covered by no window"
 
 
 def test_a_whole_clip_window_then_another_is_fused_along_dim_zero_by_default():
     """Frames 0..3: a whole-clip window of 1s with weights 1, then [2, 3] of 4s with weights 3, 1 (by hand:
     frames 0, 1 stay 1; frame 2 (1 + 3 x 4) / 4 = 3.25; frame 3 (1 + 4) / 2 = 2.5)."""
+    assert torch.equal(_whole_then_pair().result(), WHOLE_THEN_PAIR)
+
+
+WHOLE_THEN_PAIR = torch.tensor([1.0, 1.0, 3.25, 2.5]).view(4, 1).expand(4, 3)
+
+
+def _whole_then_pair(device=None):
+    """An accumulator over frames 0..3 given a whole-clip window of 1s (weights 1), then [2, 3] of 4s (3, 1),
+    the outputs made on ``device``."""
     from animatediff_suite.motion_modules.context import WindowAccumulator
 
     accumulator = WindowAccumulator(4, ContextOptions(2, 1))
-    accumulator.add(range(4), torch.ones(4, 3), [1.0, 1.0, 1.0, 1.0])
-    accumulator.add([2, 3], torch.full((2, 3), 4.0), [3.0, 1.0])
-    expected = torch.tensor([1.0, 1.0, 3.25, 2.5]).view(4, 1).expand(4, 3)
-    assert torch.equal(accumulator.result(), expected)
+    accumulator.add(range(4), torch.ones(4, 3, device=device), [1.0, 1.0, 1.0, 1.0])
+    accumulator.add([2, 3], torch.full((2, 3), 4.0, device=device), [3.0, 1.0])
+    return accumulator
 
 
 def test_half_precision_windows_are_summed_in_float32_and_returned_in_their_dtype():
@@ -391,16 +397,14 @@ def test_half_precision_windows_are_summed_in_float32_and_returned_in_their_dtyp
 def test_fusion_stays_on_the_outputs_device_whatever_the_default_device():
     """Under another default device (meta here) the sums, counts, indices and weights stay on the outputs'
     device: the result is the hand-computed one of test_a_whole_clip_window_then_another_..."""
-    from animatediff_suite.motion_modules.context import WindowAccumulator, weighted_windows
+    from animatediff_suite.motion_modules.context import weighted_windows
 
     options = ContextOptions(context_length=4, context_overlap=1, schedule="standard_uniform")
     with torch.device("meta"):
-        accumulator = WindowAccumulator(4, ContextOptions(2, 1))
-        accumulator.add(range(4), torch.ones(4, 3, device="cpu"), [1.0, 1.0, 1.0, 1.0])
-        accumulator.add([2, 3], torch.full((2, 3), 4.0, device="cpu"), [3.0, 1.0])
+        accumulator = _whole_then_pair("cpu")
         accumulator.add([0], torch.ones(1, 3, device="cpu"))  # the options' fuse weights
         fused = accumulator.result()
     assert fused.device.type == "cpu"
-    assert torch.equal(fused, torch.tensor([1.0, 1.0, 3.25, 2.5]).view(4, 1).expand(4, 3))
+    assert torch.equal(fused, WHOLE_THEN_PAIR)
     assert weighted_windows(12, options, 1) == [(w, [1, 2, 2, 1]) for w in context_windows(12, options, 1)]
     assert context_windows(12, options, 1) != context_windows(12, options, 0)
