@@ -99,6 +99,70 @@ def test_saved_file_uses_original_names_pe_and_metadata(tmp_path):
     assert meta["author"] == "me" and '"version": "v2"' in meta[SPEC_METADATA_KEY]
 
 
+@pytest.mark.parametrize("version, norm_mode", [("v2", "across_frames"), ("v3", "across_frames"),
+                                               ("sdxl_beta", "per_frame")])
+def test_a_saved_spec_comes_back_whole_when_the_weights_agree(tmp_path, version, norm_mode):
+    """The spec written by save_motion_model is kept on loading when the weights agree with it, so what the
+    weights cannot tell survives the round trip: here the norm mode chosen before saving."""
+    model = source_model(version).set_norm_mode(norm_mode)
+    save_motion_model(model, tmp_path / "m.safetensors")
+    loaded = load_motion_model(tmp_path / "m.safetensors")
+    assert loaded.spec.norm_mode == norm_mode and loaded.spec == model.spec
+    assert load_motion_model(original_state_dict(model)).spec.norm_mode != norm_mode  # not from the weights
+
+
+def test_a_half_precision_model_saves_half_precision_pe_tables(tmp_path):
+    """The recomputed PE tables are written in the weights' dtype, with the values of the formula
+    pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    from safetensors import safe_open
+
+    model = source_model("v2").half()
+    save_motion_model(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        tables = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".pos_encoder.pe")}
+        weights = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".pos_encoder.pe")}
+    assert tables and {t.dtype for t in tables.values()} == {torch.float16}
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    for key, table in tables.items():
+        dim = weights[key.replace(".pos_encoder.pe", ".to_q.weight")].shape[0]
+        assert table.shape == (1, 32, dim), key
+        position = torch.arange(32, dtype=torch.float64)[:, None]
+        angle = position / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        expected = torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(32, dim)
+        assert (table[0].double() - expected).abs().max().item() < 1e-3, key
+
+
+def test_save_refuses_other_extensions_and_non_text_metadata_in_whole_sentences(tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    from animatediff_suite.motion_modules import MotionModelError
+
+    model = source_model("v2")
+    with pytest.raises(MotionModelError) as raised:
+        save_motion_model(model, tmp_path / "m.ckpt")
+    assert str(raised.value) == "'m.ckpt': motion models are saved as .safetensors only"
+    bad = {"ok": "x", "n": 1, 2: "two", "f": 0.5, "none": None, "list": [], 3: 4}
+    with pytest.raises(MotionModelError) as raised:
+        save_motion_model(model, tmp_path / "m.safetensors", metadata=bad)
+    assert str(raised.value) == "safetensors metadata must map str to str; bad entries: ['n', 2, 'f', 'none', 'list']"
+    assert not (tmp_path / "m.safetensors").exists()
+    save_motion_model(model, tmp_path / "M.SafeTensors", metadata={"author": "me"})
+    with safe_open(str(tmp_path / "M.SafeTensors"), "pt") as f:
+        meta = f.metadata()
+    assert sorted(meta) == sorted(["author", "format", SPEC_METADATA_KEY]) and meta["format"] == "pt"
+    # the spec is written with sorted keys (the same model saves the same bytes)
+    spec = json.loads(meta[SPEC_METADATA_KEY])
+    fields = [field.name for field in dataclasses.fields(model.spec)]
+    assert list(spec) == sorted(fields) != fields
+    assert list(spec["modules"][0]) == ["channels", "prefix"]  # declared prefix first
+    save_motion_model(model, tmp_path / "n.safetensors", metadata={"format": "own"})
+    with safe_open(str(tmp_path / "n.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "own"
+
+
 def test_hotshot_saves_in_hotshot_naming(tmp_path):
     from safetensors import safe_open
 

@@ -114,6 +114,39 @@ def test_spec_and_norm_mode_choices():
     assert str(error.value) == "unknown norm mode 'per_batch'; expected one of ['across_frames', 'per_frame']"
 
 
+def test_spec_errors_are_whole_sentences():
+    with pytest.raises(ValueError) as error:
+        SparseCtrlSpec((32, 64), (True,), 4, True)
+    assert str(error.value) == "one cross_attention flag per down block; got 2 blocks and 1 flags"
+    with pytest.raises(ValueError) as error:
+        SparseCtrlSpec((), (), 4, True)
+    assert str(error.value) == "one cross_attention flag per down block; got 0 blocks and 0 flags"
+    with pytest.raises(ValueError) as error:
+        SparseCtrlSpec((32,), (True,), 4, True, norm_mode="per_batch")
+    assert str(error.value) == "unknown norm mode 'per_batch'; expected one of ['across_frames', 'per_frame']"
+    # each of the three divisors alone makes a width bad
+    for heads, motion_heads, groups in ((3, 8, 32), (8, 3, 32), (8, 8, 24)):
+        with pytest.raises(ValueError) as error:
+            SparseCtrlSpec((32, 64), (True, False), 4, True, heads=heads, motion_heads=motion_heads, norm_groups=groups)
+        assert str(error.value) == (f"block widths [32, 64] are not divisible by the heads ({heads}, {motion_heads}) "
+                                    f"and norm groups ({groups})")
+    assert SparseCtrlSpec((48,), (True,), 4, True, heads=3, motion_heads=6, norm_groups=16).channels == (48,)
+
+
+def test_a_last_block_wider_than_the_one_before_sets_the_mid_block_width():
+    """The released layouts repeat the last width (1280, 1280); the mid block and its residual conv take the
+    last block's width, whatever the one before it."""
+    from animatediff_suite.motion_modules.sparsectrl import SparseCtrlModel
+
+    shapes = {k: tuple(v.shape) for k, v in SparseCtrlModel(SparseCtrlSpec(
+        (32, 64, 96), (True, True, False), 4, True, cross_attention_dim=32)).state_dict().items()}
+    assert shapes["mid_block.resnets.0.conv1.weight"] == (96, 96, 3, 3)
+    assert shapes["mid_block.resnets.1.conv2.weight"] == (96, 96, 3, 3)
+    assert shapes["mid_block.attentions.0.proj_in.weight"] == (96, 96, 1, 1)
+    assert shapes["controlnet_mid_block.weight"] == (96, 96, 1, 1)
+    assert shapes["down_blocks.2.resnets.0.conv1.weight"] == (96, 64, 3, 3)
+
+
 def test_timestep_features_written_out_and_on_the_timesteps_device():
     """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0): cos(t w_i) then sin(t w_i),
     w_i = 10000^(-i / (dim / 2)), i = 0 .. dim/2 - 1, in float32 whatever the timesteps' dtype."""
@@ -232,17 +265,23 @@ def test_sparse_condition_places_keyframes_on_their_rows():
     assert [t.device.type for t in on_meta] == ["meta", "meta"] and on_meta[1].shape == (5, 1, 4, 4)
 
 
+CONTROLNET = "<state dict>: not a SparseCtrl model: it is an ordinary ControlNet: load it with ComfyUI's Load ControlNet Model"
+
+
 @pytest.mark.parametrize("sd, message", [
-    ({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(1)},
-     "ordinary ControlNet: load it with ComfyUI's Load ControlNet Model"),
+    ({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(1)}, CONTROLNET),
+    ({"input_hint_block.0.weight": torch.zeros(1), "time_embed.0.weight": torch.zeros(1)}, CONTROLNET),
+    ({"zero_convs.0.0.weight": torch.zeros(1), "time_embed.0.weight": torch.zeros(1)}, CONTROLNET),
+    ({"control_model.time_embed.0.weight": torch.zeros(1)}, CONTROLNET),
     ({"down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(32, 32)},
-     "it is a motion model: load it with Load Motion Model"),
-    ({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, "no 'controlnet_cond_embedding' weights"),
-    ({"animatediff_config": {"L": 16}}, "no tensors found"),
-])
+     "<state dict>: not a SparseCtrl model: it is a motion model: load it with Load Motion Model"),
+    ({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)},
+     "<state dict>: not a SparseCtrl model: it has no 'controlnet_cond_embedding' weights "
+     "(found e.g. 'first_stage_model.encoder.conv_in.weight')"),
+    ({"animatediff_config": {"L": 16}}, "<state dict>: no tensors found; not a SparseCtrl model"),
+], ids=["controlnet", "hint-block-only", "zero-convs-only", "control-model-only", "motion-model", "other", "empty"])
 def test_not_a_sparsectrl_file(sd, message):
-    with pytest.raises(MotionModelError, match=message):
-        load_sparsectrl(sd)
+    assert raised_message(lambda: load_sparsectrl(sd)) == message
 
 
 def test_damaged_files_name_the_key():
@@ -394,16 +433,22 @@ def test_load_dtype_device_operations_and_log(rgb_sd, caplog):
     import types
 
     wide = load_sparsectrl(rgb_sd, dtype=torch.float64)
-    assert {t.dtype for t in wide.state_dict().values()} == {torch.float64}  # PE tables too
+    assert {t.dtype for t in wide.state_dict().values()} == {torch.float64}
+    assert {t.dtype for t in wide.buffers()} == {torch.float64}  # the PE tables, rebuilt after loading
     assert not wide.training and not any(p.requires_grad for p in wide.parameters())
-    assert {t.device.type for t in load_sparsectrl(rgb_sd, device="meta").state_dict().values()} == {"meta"}
+    on_meta = load_sparsectrl(rgb_sd, device="meta")
+    assert {t.device.type for t in [*on_meta.state_dict().values(), *on_meta.buffers()]} == {"meta"}
 
-    class CountedLinear(torch.nn.Linear):
-        pass
-
+    # every layer comes from the given namespace (ComfyUI's casting layers), down to the motion modules
+    layers = ("Linear", "Conv2d", "GroupNorm", "LayerNorm")
     ops = types.SimpleNamespace(**{n: getattr(torch.nn, n) for n in dir(torch.nn) if n[:1].isupper()})
-    ops.Linear = CountedLinear
-    assert any(isinstance(m, CountedLinear) for m in load_sparsectrl(rgb_sd, operations=ops).modules())
+    for name in layers:
+        setattr(ops, name, type(f"Counted{name}", (getattr(torch.nn, name),), {}))
+    model = load_sparsectrl(rgb_sd, operations=ops)
+    for name in layers:
+        built = [n for n, m in model.named_modules() if isinstance(m, getattr(torch.nn, name))]
+        assert built and not [n for n in built if not isinstance(model.get_submodule(n), getattr(ops, name))], name
+    assert any(".motion_modules." in n for n, m in model.named_modules() if isinstance(m, ops.LayerNorm))
     with caplog.at_level(logging.INFO, logger="animatediff_suite.motion_modules.sparsectrl_format"):
         load_sparsectrl(rgb_sd)
     assert [r.getMessage() for r in caplog.records] == [
