@@ -563,3 +563,21 @@ def test_each_motion_model_file_error_is_one_whole_sentence(good_sd, case):
     with pytest.raises(MotionModelError) as raised:
         load_motion_model(make(good_sd))
     assert str(raised.value) == f"<state dict>: {expected}"
+
+
+def test_check_finite_lists_three_bad_entries_in_a_whole_sentence():
+    from animatediff_suite.motion_modules.errors import check_finite
+
+    weights = {k: torch.ones(3) for k in "abcdefg"}
+    for k, value in zip("gecd", (float("nan"), float("inf"), -float("inf"), float("nan"))):
+        weights[k][1] = value
+    with pytest.raises(MotionModelError) as raised:
+        check_finite(weights, "'x.ckpt'", what="MotionLoRA weights")
+    assert str(raised.value) == ("'x.ckpt': MotionLoRA weights contain NaN or Inf values ('c', 'd', 'e' (+1 more)); "
+                                 "the file is damaged or was saved from a diverged training run")
+    weights = {"only": torch.tensor([1.0, float("inf")], dtype=torch.float64), "ok": torch.zeros(2, 2)}
+    with pytest.raises(MotionModelError) as raised:
+        check_finite(weights, "<state dict>")
+    assert str(raised.value) == ("<state dict>: weights contain NaN or Inf values ('only'); the file is damaged or "
+                                 "was saved from a diverged training run")
+    check_finite({"grad": torch.ones(2, requires_grad=True), "not a tensor": [float("nan")]}, "<state dict>")

@@ -249,3 +249,145 @@ def test_public_spec_fields():
     prefixes = [p for p, _ in model.named_temporal_modules()]
     assert prefixes[0] == "down_blocks.0.motion_modules.0" and "mid_block.motion_modules.0" in prefixes
     assert "SD1.5 v2" in spec.describe()
+
+
+def test_describe_and_the_load_log_are_whole_sentences(caplog):
+    import logging
+
+    v2 = source_model("v2")
+    assert v2.spec.describe() == "SD1.5 v2, 21 modules (mid block), up to 32 frames, norm per_frame"
+    v3 = make_spec("v3").with_norm_mode("across_frames")
+    assert v3.describe() == "SD1.5 v3, 20 modules (no mid block), up to 32 frames, norm across_frames"
+    with caplog.at_level(logging.INFO, logger="animatediff_suite.motion_modules.loader"):
+        load_motion_model(original_state_dict(v2))
+    assert [r.getMessage() for r in caplog.records] == [
+        "loaded motion model <state dict>: SD1.5 v2, 21 modules (mid block), up to 32 frames, norm per_frame"]
+
+
+def test_spec_errors_are_whole_sentences():
+    from animatediff_suite.motion_modules import MotionSpec
+
+    spec = make_spec("v2")
+    for field, value, expected in [
+        ("family", "SD2", "unknown family 'SD2'; expected one of ['SD1.5', 'SDXL']"),
+        ("version", "v4", "unknown version 'v4'; expected one of ['animatelcm', 'hotshotxl', 'sdxl_beta', 'v1', "
+                          "'v2', 'v3']"),
+        ("norm_mode", "per_batch", "unknown norm mode 'per_batch'; expected one of ['across_frames', 'per_frame']"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            MotionSpec(**{**{f: getattr(spec, f) for f in ("family", "version", "pe_length", "norm_mode",
+                                                             "modules")}, field: value})
+        assert str(raised.value) == expected
+
+
+def _save_with_spec(path, model, spec_text):
+    save_file({k: v.contiguous() for k, v in original_state_dict(model).items()}, str(path),
+              metadata={SPEC_METADATA_KEY: spec_text})
+    return path
+
+
+def _edited(spec, **changes):
+    import json
+
+    data = json.loads(spec.to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("case, changes, kept", [
+    ("agrees", {"norm_mode": "across_frames"}, True),
+    ("other-family", {"family": "SDXL"}, False),
+    ("other-version-family", {"version": "sdxl_beta"}, False),
+    ("other-heads", {"heads": 4}, False),
+    ("other-depth", {"transformer_layers": 2}, False),
+    ("other-pe-length", {"pe_length": 24}, False),
+    ("fewer-modules", "drop-last-module", False),
+])
+def test_saved_spec_metadata_is_kept_only_when_the_weights_agree(tmp_path, caplog, case, changes, kept):
+    """The spec in a file's metadata replaces the inferred one only when family, modules, transformer depth,
+    heads and frame limit all match the weights and its version is of the weights' family; otherwise the
+    inferred spec is used and a warning says so."""
+    import json
+    import logging
+
+    model = source_model("v2")
+    if changes == "drop-last-module":
+        data = json.loads(model.spec.to_json())
+        data["modules"] = data["modules"][:-1]
+        text = json.dumps(data)
+    else:
+        text = _edited(model.spec, **changes)
+    path = _save_with_spec(tmp_path / "m.safetensors", model, text)
+    with caplog.at_level(logging.WARNING, logger="animatediff_suite.motion_modules.loader"):
+        spec = load_motion_model(path).spec
+    if kept:
+        assert spec.to_json() == json.dumps(json.loads(text), sort_keys=True) and caplog.records == []
+    else:
+        assert spec == model.spec
+        assert [r.getMessage() for r in caplog.records] == [
+            "'m.safetensors': metadata spec does not match the weights; using the weights"]
+
+
+def test_animatelcm_metadata_may_set_the_frame_limit(tmp_path):
+    """AnimateLCM files have no PE tables, so the weights say nothing of the frame limit: the metadata's is kept."""
+    model = source_model("animatelcm")
+    path = tmp_path / "lcm.safetensors"
+    save_file({k: v.contiguous() for k, v in original_state_dict(model).items() if not k.endswith(".pe")}, str(path),
+              metadata={SPEC_METADATA_KEY: _edited(model.spec, pe_length=48)})
+    spec = load_motion_model(path).spec
+    assert (spec.version, spec.pe_length) == ("animatelcm", 48)
+
+
+@pytest.mark.parametrize("text, detail", [
+    ("not json", "Expecting value: line 1 column 1 (char 0)"),
+    ('{"family": "SD1.5"}', "'modules'"),
+    ('{"modules": [], "colour": 1}', "MotionSpec.__init__() got an unexpected keyword argument 'colour'"),
+    ('{"modules": [{"prefix": "x"}]}', "ModuleSpec.__init__() missing 1 required positional argument: 'channels'"),
+], ids=["not-json", "no-modules", "unknown-field", "bad-module"])
+def test_unreadable_spec_metadata_is_ignored_with_a_warning(tmp_path, caplog, text, detail):
+    import logging
+
+    model = source_model("v3")
+    path = _save_with_spec(tmp_path / "m.safetensors", model, text)
+    with caplog.at_level(logging.WARNING, logger="animatediff_suite.motion_modules.loader"):
+        assert load_motion_model(path).spec == model.spec
+    assert [r.getMessage() for r in caplog.records] == [
+        f"'m.safetensors': ignoring unreadable {SPEC_METADATA_KEY} metadata ({detail})"]
+
+
+def test_an_empty_spec_metadata_entry_is_no_spec(tmp_path, caplog):
+    import logging
+
+    model = source_model("v3")
+    with caplog.at_level(logging.WARNING):
+        assert load_motion_model(_save_with_spec(tmp_path / "m.safetensors", model, "")).spec == model.spec
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "module", "model"])
+def test_each_wrapper_is_opened_and_only_one_holding_tensors(wrapper):
+    """A checkpoint's weights may sit under ``state_dict``, ``module`` or ``model``; a wrapper entry without
+    tensors (a config) is not mistaken for the weights, and entries that are no tensors or have non-text
+    keys are dropped."""
+    model = source_model("v3")
+    sd = original_state_dict(model)
+    # "state_dict" first holds no tensors (skipped), unless it is the wrapper under test
+    data = {"config": {"state_dict": "not weights"}, "state_dict": {"lr": 0.1}}
+    data[wrapper] = {**sd, 7: torch.ones(1), "step": 10}
+    loaded = load_motion_model(data)
+    assert loaded.spec == model.spec
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items() if not k.endswith(".pe"))
+
+
+def test_a_prefixed_whole_unet_keeps_only_its_motion_keys_at_their_block():
+    """``model.diffusion_model.``-style prefixes and every non-motion key of a whole-UNet dump go; the key
+    starts at its block (down_blocks.N., mid_block., up_blocks.N.)."""
+    model = source_model("v2")
+    sd = original_state_dict(model)
+    dump = {f"unet.base_model.{k}": v for k, v in sd.items()}
+    dump.update({"unet.base_model.down_blocks.0.resnets.0.conv1.weight": torch.zeros(1),
+                 "unet.base_model.mid_block.attentions.0.proj_in.weight": torch.zeros(1),
+                 "text_encoder.down_blocks.0.layer.weight": torch.zeros(1)})
+    loaded = load_motion_model(dump)
+    assert loaded.spec == model.spec
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items() if not k.endswith(".pe"))

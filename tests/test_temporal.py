@@ -244,3 +244,58 @@ def test_pe_tables_are_computed_on_the_cpu_under_another_default_device():
         math.cos(3.0))
     _sinusoidal_pe.cache_clear()
     stretched_pe.cache_clear()
+
+
+def _linear_case(change):
+    """A Linear(4, 6) layer and an input (2, 3, 4), both fp32 on the CPU, then ``change`` applied."""
+    layer, x = torch.nn.Linear(4, 6).requires_grad_(False), torch.zeros(2, 3, 4)
+    return change(layer, x) or (layer, x)
+
+
+def _set(layer, **attrs):
+    for name, value in attrs.items():
+        setattr(layer, name, value)
+
+
+@pytest.mark.parametrize("change, applies", [
+    (lambda l, x: None, True),
+    (lambda l, x: _set(l, bias=None), True),
+    (lambda l, x: _set(l, weight_function=[], bias_function=[]), True),  # a host's hooks, none installed
+    (lambda l, x: (l.double(), x.double()), False),  # fp64: the GEMM
+    (lambda l, x: (l, x.half()), False),
+    (lambda l, x: (l.half(), x), False),  # a host's casting layer: its forward casts the weight
+    (lambda l, x: _set(l, bias=torch.nn.Parameter(torch.zeros(6, dtype=torch.float16), requires_grad=False)), False),
+    (lambda l, x: _set(l, bias=torch.nn.Parameter(torch.zeros(6, device="meta"), requires_grad=False)), False),
+    (lambda l, x: (l.to("meta"), x), False),
+    (lambda l, x: (l, x.to("meta")), False),
+    (lambda l, x: (l, torch.zeros(2, 3, 5)), False),  # not this layer's width: layer(x) says so
+    (lambda l, x: _set(l, weight=torch.nn.Parameter(torch.zeros(6, 4, 1), requires_grad=False)), False),
+    (lambda l, x: _set(l, weight_function=[lambda w: w]), False),
+    (lambda l, x: _set(l, bias_function=[lambda b: b]), False),
+    (lambda l, x: l.requires_grad_(True) and None, False),  # being trained: the GEMM's gradient is faster
+    (lambda l, x: (torch.nn.Identity(), x), False),
+], ids=["fp32-cpu", "no-bias", "empty-hooks", "fp64", "fp16-input", "fp16-weight", "fp16-bias", "bias-elsewhere",
+        "weight-elsewhere", "input-elsewhere", "other-width", "3d-weight", "weight-function", "bias-function",
+        "trained", "no-weight"])
+def test_the_onednn_path_applies_exactly_to_inference_of_plain_fp32_cpu_linears(change, applies):
+    from animatediff_suite.motion_modules import temporal
+
+    layer, x = _linear_case(change)
+    assert temporal._onednn_applies(layer, x) == (applies and torch.backends.mkldnn.is_available())
+
+
+def test_the_onednn_path_can_be_switched_off(monkeypatch):
+    from animatediff_suite.motion_modules import temporal
+
+    layer, x = _linear_case(lambda l, x: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not torch.backends.mkldnn.enabled and not temporal._onednn_applies(layer, x)
+    assert torch.backends.mkldnn.enabled
+    monkeypatch.setattr(temporal, "ONEDNN_LINEAR", False)
+    assert not temporal._onednn_applies(layer, x)
+    with torch.no_grad():
+        assert temporal._onednn_applies(layer.requires_grad_(True), x) is False  # the switch, not the gradient
+    monkeypatch.setattr(temporal, "ONEDNN_LINEAR", True)
+    with torch.no_grad():  # a trainable weight outside autograd is inference
+        assert temporal._onednn_applies(layer, x) == torch.backends.mkldnn.is_available()
