@@ -130,7 +130,9 @@ def _read_safetensors(path: str, name: str, size: int) -> tuple[dict[str, Any], 
 
 def _read_pickle(path: str, name: str) -> dict[str, Any]:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, not the path: newer torch hands any path ending in .safetensors to safetensors
+        with open(path, "rb") as handle:
+            data = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MotionModelError(

@@ -391,3 +391,40 @@ def test_a_prefixed_whole_unet_keeps_only_its_motion_keys_at_their_block():
     loaded = load_motion_model(dump)
     assert loaded.spec == model.spec
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items() if not k.endswith(".pe"))
+
+
+def test_standard_layouts_follow_their_arguments():
+    from animatediff_suite.motion_modules import MotionSpec
+
+    widths = (32, 64, 96, 128)
+    v3_with_mid = MotionSpec.standard("v3", widths, mid_block=True)
+    assert [(m.prefix, m.channels) for m in v3_with_mid.modules if m.block == "mid_block"] == [
+        ("mid_block.motion_modules.0", 128)]  # the last down block's width
+    assert not MotionSpec.standard("v2", widths, mid_block=False).has_mid_block
+    v2 = MotionSpec.standard("v2", widths, layers_per_block=1)
+    assert [(m.prefix, m.channels) for m in v2.modules] == [
+        ("down_blocks.0.motion_modules.0", 32), ("down_blocks.1.motion_modules.0", 64),
+        ("down_blocks.2.motion_modules.0", 96), ("down_blocks.3.motion_modules.0", 128),
+        ("mid_block.motion_modules.0", 128),
+        ("up_blocks.0.motion_modules.0", 128), ("up_blocks.0.motion_modules.1", 128),
+        ("up_blocks.1.motion_modules.0", 96), ("up_blocks.1.motion_modules.1", 96),
+        ("up_blocks.2.motion_modules.0", 64), ("up_blocks.2.motion_modules.1", 64),
+        ("up_blocks.3.motion_modules.0", 32), ("up_blocks.3.motion_modules.1", 32)]
+    assert {v: MotionSpec.standard(v, widths).has_pe_keys for v in ("v1", "v2", "v3", "animatelcm")} == {
+        "v1": True, "v2": True, "v3": True, "animatelcm": False}
+    assert {v: MotionSpec.standard(v, widths).pe_length for v in ("v1", "v2", "v3", "animatelcm")} == {
+        "v1": 24, "v2": 32, "v3": 32, "animatelcm": 64}
+    assert MotionSpec.standard("v1", widths, pe_length=48).pe_length == 48
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch_zip", "legacy"])
+def test_a_pickle_under_a_safetensors_name_is_read_as_a_pickle(tmp_path, zipped):
+    """The first bytes decide (a zip's "PK", a pickle's 0x80), not the name: a renamed .ckpt loads."""
+    model = source_model("v2")
+    path = tmp_path / "renamed.safetensors"
+    torch.save(original_state_dict(model), str(path), _use_new_zipfile_serialization=zipped)
+    assert path.read_bytes()[:2] == (b"PK" if zipped else b"\x80\x02")
+    loaded = load_motion_model(path)
+    assert loaded.spec == model.spec
+    assert torch.equal(loaded.state_dict()["mid_block.motion_modules.0.temporal_transformer.proj_in.weight"],
+                       model.state_dict()["mid_block.motion_modules.0.temporal_transformer.proj_in.weight"])
