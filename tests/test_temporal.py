@@ -299,3 +299,47 @@ def test_the_onednn_path_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(temporal, "ONEDNN_LINEAR", True)
     with torch.no_grad():  # a trainable weight outside autograd is inference
         assert temporal._onednn_applies(layer, x) == torch.backends.mkldnn.is_available()
+
+
+def _pe_formula(positions, dim):
+    """pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(p / 10000^(2i/d)), in float64."""
+    angle = torch.as_tensor(positions, dtype=torch.float64)[:, None] / 10000 ** (
+        torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(len(positions), dim)
+
+
+def test_stretching_starts_above_the_pe_length_and_spreads_the_positions():
+    from animatediff_suite.motion_modules.temporal import PositionalEncoding
+
+    encoder = PositionalEncoding(8, 4)
+    exact = encoder(torch.zeros(2, 4, 8), stretch=True)  # as many frames as positions: nothing to stretch
+    assert torch.equal(exact, encoder(torch.zeros(2, 4, 8)))
+    torch.testing.assert_close(exact[0].double(), _pe_formula([0, 1, 2, 3], 8), atol=1e-6, rtol=0)
+    longer = encoder(torch.zeros(2, 6, 8), stretch=True)  # frame i at position i * 3 / 5
+    torch.testing.assert_close(longer[1].double(), _pe_formula([0, 0.6, 1.2, 1.8, 2.4, 3.0], 8), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_stretched_pe_takes_the_input_dtype_and_device(dtype):
+    from animatediff_suite.motion_modules.temporal import PositionalEncoding
+
+    encoder = PositionalEncoding(8, 4).to(dtype)
+    out = encoder(torch.zeros(2, 6, 8, dtype=dtype), stretch=True)
+    assert out.dtype == dtype
+    assert encoder.to("meta")(torch.zeros(2, 6, 8, device="meta"), stretch=True).device.type == "meta"
+
+
+def test_one_window_over_all_frames_with_a_stretched_pe_is_the_plain_pass():
+    """Windows (FreeNoise inside the module) keep stretch_pe: one window of every frame, weight 1, gives the
+    unwindowed result, also when the window is longer than the PE and is stretched; built under a meta
+    default device, the window's indices still follow the input."""
+    module = VanillaTemporalModule(32, 8, 4, "per_frame", zero_init=False)
+    torch.nn.init.normal_(module.temporal_transformer.proj_out.weight, std=0.2)
+    x = frames_input(32, frames=6)
+    with torch.no_grad():
+        plain = module(x, 6, stretch_pe=True)
+        with torch.device("meta"):
+            windowed = module(x, 6, windows=[(list(range(6)), [1.0] * 6)], stretch_pe=True)
+    assert windowed.device.type == "cpu"
+    torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=0)
+    assert (plain - x).abs().max().item() > 1e-2  # the module did something
