@@ -156,19 +156,20 @@ def test_attention_backends_agree():
         model.set_attention_backend("flash9")
 
 
-def test_scale_multiplier_scales_the_softmax_scale():
+@pytest.mark.parametrize("scale", [1.7, 2.0, 1.0, 0.5])
+def test_scale_multiplier_scales_the_softmax_scale(scale):
     """motion scale s: softmax(s * q k^T / sqrt(d)) v, checked against an explicit computation."""
     torch.manual_seed(0)
     module = VanillaTemporalModule(32, heads=8, max_len=24, norm_mode="per_frame", zero_init=False).double()
     attention = module.temporal_transformer.transformer_blocks[0].attention_blocks[0]
     x = torch.randn(6, 5, 32, dtype=torch.float64)
-    got = attention(x, scale_multiplier=1.7)
+    got = attention(x, scale_multiplier=scale)
     h = attention.pos_encoder(x)
     q, k, v = (p(h).view(6, 5, 8, 4).transpose(1, 2) for p in (attention.to_q, attention.to_k, attention.to_v))
-    weights = (1.7 * q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+    weights = (scale * q @ k.transpose(-1, -2) / 2.0).softmax(-1)
     expected = attention.to_out[0]((weights @ v).transpose(1, 2).reshape(6, 5, 32))
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
-    assert not torch.allclose(attention(x), got)
+    assert torch.allclose(attention(x), got) == (scale == 1.0)
 
 
 def test_custom_operations_are_used():
