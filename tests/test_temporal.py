@@ -344,3 +344,20 @@ def test_one_window_over_all_frames_with_a_stretched_pe_is_the_plain_pass():
     assert windowed.device.type == "cpu"
     torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=0)
     assert (plain - x).abs().max().item() > 1e-2  # the module did something
+
+
+@pytest.mark.parametrize("own, override", [("per_frame", "across_frames"), ("across_frames", "per_frame")])
+def test_a_calls_norm_mode_overrides_the_modules_own(own, override):
+    """``module(x, f, norm_mode=...)`` normalises as a module of that mode does, for this call only."""
+    import copy
+
+    module = VanillaTemporalModule(32, 8, 24, own, zero_init=False)
+    torch.nn.init.normal_(module.temporal_transformer.proj_out.weight, std=0.2)
+    other = copy.deepcopy(module)
+    other.temporal_transformer.norm_mode = override
+    x = frames_input(32, frames=6) * torch.linspace(0.5, 2.0, 12)[:, None, None, None]  # frames differ in scale
+    with torch.no_grad():
+        got, expected, plain = module(x, 6, norm_mode=override), other(x, 6), module(x, 6)
+    assert torch.equal(got, expected)
+    assert (got - plain).abs().max().item() > 1e-3
+    assert torch.equal(module(x, 6), plain)  # nothing kept
