@@ -428,3 +428,20 @@ def test_a_pickle_under_a_safetensors_name_is_read_as_a_pickle(tmp_path, zipped)
     assert loaded.spec == model.spec
     assert torch.equal(loaded.state_dict()["mid_block.motion_modules.0.temporal_transformer.proj_in.weight"],
                        model.state_dict()["mid_block.motion_modules.0.temporal_transformer.proj_in.weight"])
+
+
+def test_a_pe_table_of_the_wrong_width_under_an_animatelcm_label_says_any_length(tmp_path):
+    """A file labelled AnimateLCM (whose own files carry no PE tables) that has PE tables anyway: a table of
+    the wrong width is named with "L" for its length, since any length would do."""
+    from animatediff_suite.motion_modules import MotionModelError
+
+    model = source_model("v3")
+    sd = original_state_dict(model)
+    key = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+    sd[key] = torch.zeros(1, 32, 16)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path),
+              metadata={SPEC_METADATA_KEY: _edited(model.spec, version="animatelcm", has_pe_keys=False)})
+    with pytest.raises(MotionModelError) as raised:
+        load_motion_model(path)
+    assert str(raised.value) == f"'m.safetensors': wrong shapes: {key} (1, 32, 16) (expected L x 32 channels)"
