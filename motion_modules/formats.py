@@ -130,14 +130,14 @@ def _channels(prefix: str, tensors: dict[str, torch.Tensor], source: str) -> int
 
 
 def _pe_length(modules: dict[str, dict[str, torch.Tensor]], source: str) -> int | None:
-    lengths = {}
+    lengths = set()
     for prefix, tensors in modules.items():
         for rest, value in tensors.items():
             if rest.endswith(_PE_SUFFIX):
                 if value.ndim != 3 or value.shape[0] != 1:
                     raise MotionModelError(f"{source}: {prefix}.temporal_transformer.{rest} should have shape "
                                            f"(1, L, C), found {tuple(value.shape)}")
-                lengths[int(value.shape[1])] = f"{prefix}.temporal_transformer.{rest}"
+                lengths.add(int(value.shape[1]))
     if len(lengths) > 1:
         raise MotionModelError(f"{source}: positional encodings disagree on the frame limit: {sorted(lengths)}")
     if not lengths:

@@ -549,6 +549,10 @@ _FILE_ERRORS = {
         "wrong shapes: " + "; ".join(f"{_P}{name}.bias (16,) (expected (32,))" for name in (
             "norm", "proj_in", "transformer_blocks.0.norms.0", "transformer_blocks.0.norms.1",
             "transformer_blocks.0.ff_norm")) + " (+1 more)"),  # in the model's order; proj_out's is the sixth
+    "five-wrong-shapes": (lambda sd: _changed(sd, **{_P + f"{name}.bias": torch.zeros(16) for name in (
+        "norm", "proj_in", "proj_out", "transformer_blocks.0.norms.0", "transformer_blocks.0.norms.1")}),
+        "wrong shapes: " + "; ".join(f"{_P}{name}.bias (16,) (expected (32,))" for name in (
+            "norm", "proj_in", "transformer_blocks.0.norms.0", "transformer_blocks.0.norms.1", "proj_out"))),
     "integer-weights": (lambda sd: {k: v.long() for k, v in sd.items()},
                         "weights are torch.int64; expected a floating-point dtype"),
     "nan": (lambda sd: _changed(sd, **{_P + "norm.bias": torch.full((32,), float("nan"))}),
@@ -581,3 +585,10 @@ def test_check_finite_lists_three_bad_entries_in_a_whole_sentence():
     assert str(raised.value) == ("<state dict>: weights contain NaN or Inf values ('only'); the file is damaged or "
                                  "was saved from a diverged training run")
     check_finite({"grad": torch.ones(2, requires_grad=True), "not a tensor": [float("nan")]}, "<state dict>")
+
+
+def test_the_shortest_pe_table_loads(good_sd):
+    """A PE table of one position is the least the frame-limit check admits (0 is refused above)."""
+    sd = _pe_everywhere(good_sd, lambda v: (1, 1, v.shape[2]))
+    spec = load_motion_model(sd).spec
+    assert (spec.version, spec.pe_length) == ("v2", 1)
