@@ -587,8 +587,10 @@ def test_check_finite_lists_three_bad_entries_in_a_whole_sentence():
     check_finite({"grad": torch.ones(2, requires_grad=True), "not a tensor": [float("nan")]}, "<state dict>")
 
 
-def test_the_shortest_pe_table_loads(good_sd):
-    """A PE table of one position is the least the frame-limit check admits (0 is refused above)."""
-    sd = _pe_everywhere(good_sd, lambda v: (1, 1, v.shape[2]))
+@pytest.mark.parametrize("length", [1, 4096])
+def test_the_shortest_and_longest_pe_tables_load(good_sd, length):
+    """PE tables of 1 and 4096 positions are the ends the frame-limit check admits (0 and 4097 are refused
+    above)."""
+    sd = _pe_everywhere(good_sd, lambda v: (1, length, v.shape[2]))
     spec = load_motion_model(sd).spec
-    assert (spec.version, spec.pe_length) == ("v2", 1)
+    assert (spec.version, spec.pe_length) == ("v2", length)
