@@ -515,6 +515,14 @@ _FILE_ERRORS = {
                    "down_blocks.0.motion_modules.0 has 0 channels; expected a multiple of 32 up to 8192"),
     "8224-channels": (lambda sd: _changed(sd, **{_P + "proj_in.weight": torch.empty(8224, 8224, device="meta")}),
                       "down_blocks.0.motion_modules.0 has 8224 channels; expected a multiple of 32 up to 8192"),
+    "8192-channels": (lambda sd: _changed(sd, **{_P + "proj_in.weight": torch.empty(8192, 8192, device="meta")}),
+                      # the most channels allowed: the file then fails on its other 25 weights and 2 PE tables
+                      "wrong shapes: " + "; ".join(f"{_P}{key} {have} (expected {want})" for key, have, want in (
+                          ("norm.weight", (32,), (8192,)), ("norm.bias", (32,), (8192,)),
+                          ("proj_in.bias", (32,), (8192,)),
+                          ("transformer_blocks.0.attention_blocks.0.to_q.weight", (32, 32), (8192, 8192)),
+                          ("transformer_blocks.0.attention_blocks.0.to_k.weight", (32, 32), (8192, 8192))))
+                      + " (+22 more)"),
     "2-down-blocks": (lambda sd: _changed(sd, drop=["down_blocks.2", "down_blocks.3"]),
                       "motion modules in 2 down blocks; expected 4 (SD1.5) or 3 (SDXL): unsupported format"),
     "flat-pe": (lambda sd: _changed(sd, **{_PE0: torch.zeros(32, 32)}),
