@@ -41,11 +41,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str
     size = os.path.getsize(path)
     if size == 0:
         raise MotionModelError(f"'{name}': the file is empty (0 bytes)")
+    # a plausible safetensors header first: its 8-byte length can begin with a pickle's 0x80 or a zip's "PK"
+    # (a header of 128 or 19,280 bytes), while a pickle's or a zip's first bytes read as a length past the end
+    if _looks_like_safetensors(path, size):
+        return _read_safetensors(path, name, size)
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return _read_pickle(path, name), {}
-    if path.lower().endswith(PICKLE_EXTENSIONS) and not _looks_like_safetensors(path, size):
+        head = handle.read(2)
+    if head == b"PK" or head[:1] == b"\x80" or path.lower().endswith(PICKLE_EXTENSIONS):
         return _read_pickle(path, name), {}
     return _read_safetensors(path, name, size)
 

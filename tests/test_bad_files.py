@@ -602,3 +602,19 @@ def test_the_shortest_and_longest_pe_tables_load(good_sd, length):
     sd = _pe_everywhere(good_sd, lambda v: (1, length, v.shape[2]))
     spec = load_motion_model(sd).spec
     assert (spec.version, spec.pe_length) == ("v2", length)
+
+
+@pytest.mark.parametrize("length, first_bytes", [(128, b"\x80\x00"), (0x4B50, b"PK")], ids=["0x80", "PK"])
+def test_a_safetensors_header_whose_length_looks_like_a_pickle_is_still_safetensors(tmp_path, length, first_bytes):
+    """A header of 128 bytes starts the file with 0x80 (a pickle's first byte), one of 19,280 bytes with "PK" (a
+    zip's): the file is still read as safetensors, under any name."""
+    from animatediff_suite.motion_modules.checkpoint_io import read_weights
+
+    raw = json.dumps({"w": _entry(shape=(2,), offsets=(0, 8)), "__metadata__": {"m": "x"}}).encode()
+    raw += b" " * (length - len(raw))  # safetensors pads headers with spaces too
+    data = struct.pack("<f", 1.5) + struct.pack("<f", -2.0)
+    for name in ("odd.safetensors", "odd.ckpt"):
+        (tmp_path / name).write_bytes(struct.pack("<Q", length) + raw + data)
+        assert (tmp_path / name).read_bytes()[:2] == first_bytes
+        tensors, metadata = read_weights(tmp_path / name)
+        assert tensors["w"].tolist() == [1.5, -2.0] and metadata == {"m": "x"}
