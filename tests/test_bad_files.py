@@ -421,6 +421,7 @@ def test_the_largest_entry_the_checks_admit_loads(tmp_path):
     (struct.pack("<Q", 2**63 + 5) + b"{}", "safetensors header claims 9223372036854775813 bytes (limit 67108864); "
                                            "the file is corrupt or not a safetensors file"),
     (struct.pack("<Q", 64 * 1024 * 1024) + b"{}", "truncated file: header claims 67108864 bytes but only 2 follow"),
+    (struct.pack("<Q", 5) + b"{}", "truncated file: header claims 5 bytes but only 2 follow"),
     (struct.pack("<Q", 10**12) + b"{}", "safetensors header claims 1000000000000 bytes (limit 67108864); the file is "
                                         "corrupt or not a safetensors file"),
     (struct.pack("<Q", 100) + b"{}", "truncated file: header claims 100 bytes but only 2 follow"),
@@ -429,7 +430,7 @@ def test_the_largest_entry_the_checks_admit_loads(tmp_path):
     (struct.pack("<Q", 7) + b'{"\xff":1}', "not a weight file (unreadable safetensors header: 'utf-8' codec can't "
                                            "decode byte 0xff in position 2: invalid start byte)"),
     (struct.pack("<Q", 5) + b"[1,2]", "not a weight file (safetensors header is not a JSON object)"),
-], ids=["short", "7-bytes", "8-bytes", "top-bit-length", "limit-length", "absurd-length", "header-past-end", "not-json", "not-utf8", "not-an-object"])
+], ids=["short", "7-bytes", "8-bytes", "top-bit-length", "limit-length", "3-bytes-short", "absurd-length", "header-past-end", "not-json", "not-utf8", "not-an-object"])
 def test_each_bad_safetensors_header_is_one_whole_sentence(tmp_path, content, expected):
     from animatediff_suite.motion_modules.checkpoint_io import read_weights
 
@@ -618,3 +619,12 @@ def test_a_safetensors_header_whose_length_looks_like_a_pickle_is_still_safetens
         assert (tmp_path / name).read_bytes()[:2] == first_bytes
         tensors, metadata = read_weights(tmp_path / name)
         assert tensors["w"].tolist() == [1.5, -2.0] and metadata == {"m": "x"}
+
+
+def test_a_header_of_exactly_the_key_limit_is_read(tmp_path):
+    from animatediff_suite.motion_modules.checkpoint_io import MAX_KEYS, check_safetensors_header
+
+    header = {f"k{i}": _entry(shape=(0,), offsets=(0, 0)) for i in range(MAX_KEYS)}
+    path = _raw_safetensors(tmp_path / "keys.safetensors", header)
+    entries, metadata = check_safetensors_header(str(path), "keys.safetensors", path.stat().st_size)
+    assert (len(entries), metadata, MAX_KEYS) == (100_000, {}, 100_000)
