@@ -482,3 +482,15 @@ def test_passes_longer_than_the_pe_need_windows_or_stretching(rgb_sd):
         windows = weighted_windows(frames, ContextOptions(context_length=16, context_overlap=4))
         assert model(t, context, condition, mask, frames, windows)[1].shape == (frames, 64, 1, 1)
         assert model(t, context, condition, mask, frames, stretch_pe=True)[1].shape == (frames, 64, 1, 1)
+
+
+def test_a_scribble_hint_encoder_is_built_from_the_given_ops():
+    """The scribble kind's hint encoder (ConditionEmbedding) takes its convolutions from the namespace too."""
+    import types
+
+    ops = types.SimpleNamespace(**{n: getattr(torch.nn, n) for n in dir(torch.nn) if n[:1].isupper()})
+    ops.Conv2d = type("CountedConv2d", (torch.nn.Conv2d,), {})
+    encoder = load_sparsectrl(build_diffusers("scribble", torch.float32).state_dict(),
+                              operations=ops).controlnet_cond_embedding
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and all(isinstance(m, ops.Conv2d) for m in convs)  # in, 3 x (conv, stride-2 conv), out
