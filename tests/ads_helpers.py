@@ -87,6 +87,13 @@ def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def pe_formula(positions, dim: int) -> torch.Tensor:
+    """(len(positions), dim) in float64: pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    angle = torch.as_tensor(positions, dtype=torch.float64)[:, None] / 10000 ** (
+        torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(len(positions), dim)
+
+
 def frames_input(channels: int, frames: int, batch: int = 2, size: int = 4, seed: int = 1,
                  dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ads_helpers import (FULL_SD15, FULL_SDXL, frames_input, make_spec, original_state_dict,
+from ads_helpers import (FULL_SD15, FULL_SDXL, frames_input, make_spec, original_state_dict, pe_formula,
                          random_model, to_diffusers, to_hotshot)
 from animatediff_suite.motion_modules import (expected_shapes, load_motion_model, parameter_count,
                                               save_motion_model)
@@ -126,10 +126,7 @@ def test_a_half_precision_model_saves_half_precision_pe_tables(tmp_path):
     for key, table in tables.items():
         dim = weights[key.replace(".pos_encoder.pe", ".to_q.weight")].shape[0]
         assert table.shape == (1, 32, dim), key
-        position = torch.arange(32, dtype=torch.float64)[:, None]
-        angle = position / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        expected = torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(32, dim)
-        assert (table[0].double() - expected).abs().max().item() < 1e-3, key
+        assert (table[0].double() - pe_formula(range(32), dim)).abs().max().item() < 1e-3, key
 
 
 def test_save_refuses_other_extensions_and_non_text_metadata_in_whole_sentences(tmp_path):

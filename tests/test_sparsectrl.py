@@ -430,7 +430,6 @@ def test_wrappers_and_prefixes_are_taken_off(rgb_sd, wrapper, prefix):
 
 def test_load_dtype_device_operations_and_log(rgb_sd, caplog):
     import logging
-    import types
 
     wide = load_sparsectrl(rgb_sd, dtype=torch.float64)
     assert {t.dtype for t in wide.state_dict().values()} == {torch.float64}
@@ -441,9 +440,7 @@ def test_load_dtype_device_operations_and_log(rgb_sd, caplog):
 
     # every layer comes from the given namespace (ComfyUI's casting layers), down to the motion modules
     layers = ("Linear", "Conv2d", "GroupNorm", "LayerNorm")
-    ops = types.SimpleNamespace(**{n: getattr(torch.nn, n) for n in dir(torch.nn) if n[:1].isupper()})
-    for name in layers:
-        setattr(ops, name, type(f"Counted{name}", (getattr(torch.nn, name),), {}))
+    ops = _counted_ops(*layers)
     model = load_sparsectrl(rgb_sd, operations=ops)
     for name in layers:
         built = [n for n, m in model.named_modules() if isinstance(m, getattr(torch.nn, name))]
@@ -484,12 +481,19 @@ def test_passes_longer_than_the_pe_need_windows_or_stretching(rgb_sd):
         assert model(t, context, condition, mask, frames, stretch_pe=True)[1].shape == (frames, 64, 1, 1)
 
 
-def test_a_scribble_hint_encoder_is_built_from_the_given_ops():
-    """The scribble kind's hint encoder (ConditionEmbedding) takes its convolutions from the namespace too."""
+def _counted_ops(*layers):
+    """torch.nn's layers as an ``operations`` namespace, ``layers`` replaced by subclasses of their own."""
     import types
 
     ops = types.SimpleNamespace(**{n: getattr(torch.nn, n) for n in dir(torch.nn) if n[:1].isupper()})
-    ops.Conv2d = type("CountedConv2d", (torch.nn.Conv2d,), {})
+    for name in layers:
+        setattr(ops, name, type(f"Counted{name}", (getattr(torch.nn, name),), {}))
+    return ops
+
+
+def test_a_scribble_hint_encoder_is_built_from_the_given_ops():
+    """The scribble kind's hint encoder (ConditionEmbedding) takes its convolutions from the namespace too."""
+    ops = _counted_ops("Conv2d")
     encoder = load_sparsectrl(build_diffusers("scribble", torch.float32).state_dict(),
                               operations=ops).controlnet_cond_embedding
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]

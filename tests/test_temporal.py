@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ads_helpers import frames_input, make_spec, random_model
+from ads_helpers import frames_input, make_spec, pe_formula, random_model
 from animatediff_suite.motion_modules import (MotionModel, MotionModelError, VanillaTemporalModule,
                                               sinusoidal_pe)
 
@@ -302,22 +302,15 @@ def test_the_onednn_path_can_be_switched_off(monkeypatch):
         assert temporal._onednn_applies(layer, x) == torch.backends.mkldnn.is_available()
 
 
-def _pe_formula(positions, dim):
-    """pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(p / 10000^(2i/d)), in float64."""
-    angle = torch.as_tensor(positions, dtype=torch.float64)[:, None] / 10000 ** (
-        torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(len(positions), dim)
-
-
 def test_stretching_starts_above_the_pe_length_and_spreads_the_positions():
     from animatediff_suite.motion_modules.temporal import PositionalEncoding
 
     encoder = PositionalEncoding(8, 4)
     exact = encoder(torch.zeros(2, 4, 8), stretch=True)  # as many frames as positions: nothing to stretch
     assert torch.equal(exact, encoder(torch.zeros(2, 4, 8)))
-    torch.testing.assert_close(exact[0].double(), _pe_formula([0, 1, 2, 3], 8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(exact[0].double(), pe_formula([0, 1, 2, 3], 8), atol=1e-6, rtol=0)
     longer = encoder(torch.zeros(2, 6, 8), stretch=True)  # frame i at position i * 3 / 5
-    torch.testing.assert_close(longer[1].double(), _pe_formula([0, 0.6, 1.2, 1.8, 2.4, 3.0], 8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(longer[1].double(), pe_formula([0, 0.6, 1.2, 1.8, 2.4, 3.0], 8), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
