@@ -1,8 +1,8 @@
 """Every node's schema as ComfyUI's /object_info serves it (``GET_NODE_INFO_V1``: inputs with their defaults,
 limits, options and tooltips, outputs, names, descriptions) against the snapshot checked in at
 ``tests/snapshots/node_schemas.json``. A schema change shows here and is made on purpose:
-``ADS_UPDATE_SNAPSHOTS=1`` rewrites the snapshot, whose diff is then reviewed like code. Model files in combo
-options (which depend on what the folders hold) are left out."""
+``ADS_UPDATE_SNAPSHOTS=1`` rewrites the snapshot, whose diff is then reviewed like code. Model files and input
+subfolders in combo options (which depend on what the folders hold) are left out."""
 
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ KEYS = ("display_name", "category", "description", "input", "input_order", "outp
 
 
 def _files() -> set[str]:
+    """Model files and the input directory's subfolders (the training nodes' folder combo): what the
+    machine's folders hold, not the schema; the input subfolders also depend on which ComfyUI nodes
+    were imported before (the 3D loader makes ``input/3d``)."""
     import folder_paths
 
-    return {name for folder in folder_paths.folder_names_and_paths for name in folder_paths.get_filename_list(folder)}
+    names = {name for folder in folder_paths.folder_names_and_paths for name in folder_paths.get_filename_list(folder)}
+    return names | set(folder_paths.get_input_subfolders())
 
 
 def _plain(value, files):
