@@ -106,6 +106,57 @@ def test_every_unmappable_node_and_option_is_reported_and_unmapped_nodes_are_kep
     assert not {"3", "4", "5", "7", "8", "9"} & set(converted)
 
 
+def test_settings_from_elsewhere_and_missing_context_options_are_reported_and_left_out():
+    """Connected inputs with no equivalent: the gen2 loader's ad_settings (with the ADE nodes that only fed it),
+    sample_settings that do not come from Sample Settings (ADE's default noise then), context options whose
+    link leads to no node."""
+    graph = copy.deepcopy(ade.GEN2_API)
+    graph["2"]["inputs"]["ad_settings"] = ["20", 0]
+    graph["20"] = {"class_type": "ADE_AnimateDiffSettings", "inputs": {"pe_adjust": ["21", 0]}}
+    graph["21"] = {"class_type": "ADE_AdjustPESweetspotStretch", "inputs": {"sweetspot": 16, "new_sweetspot": 24}}
+    converted, report, _ = convert(graph)
+    assert report[0] == ("option not mapped: node 2 (ADE_LoadAnimateDiffModel): ad_settings is connected but has "
+                         "no equivalent; left out (with the ADE nodes that only fed it)")
+    assert converted["2"] == ade.GEN2_EXPECTED["2"] and not {"20", "21"} & set(converted)
+
+    graph = copy.deepcopy(ade.GEN1_API)
+    graph["4"] = {"class_type": "ADE_AnimateDiffSettings", "inputs": {}}
+    converted, report, _ = convert(graph)
+    assert report == ["option not mapped: node 3 (ADE_AnimateDiffLoaderGen1): sample_settings does not come from "
+                      "Sample Settings; left out"]
+    assert converted["13"] == {"class_type": "ADS_ContextOptions",
+                               "inputs": {**ade.GEN1_EXPECTED["13"]["inputs"], "noise_type": "default"}}
+
+    graph = copy.deepcopy(ade.GEN1_API)
+    graph["3"]["inputs"]["context_options"] = ["99", 0]
+    del graph["2"]
+    converted, report, _ = convert(graph)
+    assert report == ["option not mapped: node 3 (ADE_AnimateDiffLoaderGen1): context_options from nothing has no "
+                      "equivalent; left out"]
+    expected = dict(ade.GEN1_EXPECTED["3"]["inputs"])
+    del expected["context_options"]
+    assert converted["3"] == {"class_type": "ADS_ApplyMotionModel", "inputs": expected} and "13" not in converted
+
+
+def test_editor_format_new_nodes_sit_where_their_ade_node_was():
+    """Nodes written in place of an ADE node start at its position, each further one 30 px right and down;
+    an ADE node saved without a position (none, or an empty list) places them from the origin."""
+    converted, _, _ = convert(ade.LEGACY_UI)
+    pos = {n["id"]: n["pos"] for n in converted["nodes"]}
+    # 4: the legacy loader at [420, 0] -> Apply (4) and its loader (13); 2: context options at [0, 200];
+    # 10: the MotionLoRA loader at [0, 500]
+    assert (pos[4], pos[13], pos[14], pos[10]) == ([420, 0], [450, 30], [0, 200], [0, 500])
+    workflow = copy.deepcopy(ade.LEGACY_UI)
+    for node in workflow["nodes"]:
+        if node["id"] == 4:
+            del node["pos"]
+        elif node["id"] == 2:
+            node["pos"] = []
+    converted, _, _ = convert(workflow)
+    pos = {n["id"]: n["pos"] for n in converted["nodes"]}
+    assert (pos[4], pos[13], pos[14], pos[10]) == ([0, 0], [30, 30], [0, 0], [0, 500])
+
+
 def test_editor_format_keeps_links_consistent_and_lists_the_report_in_a_note():
     converted, report, mapped = convert(ade.LEGACY_UI)
     assert mapped == 3  # context options, the legacy loader, the MotionLoRA loader
