@@ -177,6 +177,27 @@ def test_sdxl_motion_on_sd15_model_is_a_clear_error(env):
         apply(env, model, loaded)
 
 
+def test_latents_the_sampler_cannot_use_are_refused_with_the_whole_sentence(env):
+    """Checked before sampling (the pack's OUTER_SAMPLE wrapper): a latent with NaN, and a latent of the
+    wrong channel count, also one given as a 2-D (batch, channels) tensor by some other node."""
+    from animatediff_suite.motion_modules import MotionModelError
+
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3"))
+
+    def refused(samples):
+        return raised_message(lambda: env["nodes"].common_ksampler(model, 0, 1, 7.0, "euler", "normal", env["cond"],
+                                                                   env["negative"], {"samples": samples}),
+                              MotionModelError)
+
+    bad = torch.ones(FRAMES, 4, 8, 8)
+    bad[3, 1, 2, 2] = float("nan")
+    assert refused(bad) == ("the latent image given to the sampler contains NaN or Inf values; sampling it would "
+                            "give black or noise frames. Fix or replace that input")
+    for samples in (torch.ones(FRAMES, 3, 8, 8), torch.ones(FRAMES, 3)):
+        assert refused(samples) == ("the latent has 3 channels but this SD15 model works on 4-channel latents "
+                                    "(a latent made for another model family?)")
+
+
 def test_motion_scale_and_percent_range(env):
     model = env["demo"].tiny_model(0)
     loaded = motion(env, "v3")
@@ -277,6 +298,29 @@ def test_domain_adapter_is_applied_exactly(env, tmp_path):
     torch.testing.assert_close(patched.model.state_dict()[comfy_key], before + 0.7 * up @ down)
     mm.load_models_gpu([model])
     assert torch.equal(model.model.state_dict()[comfy_key], before)
+
+
+def test_model_folders_are_registered_under_models_keeping_paths_given_before(folders, monkeypatch):
+    """What the pack does at import, run again here: each of its folder names gets models/<name>, after any
+    path extra_model_paths.yaml gave it (the fixture's), and the model file extensions; a name nothing gave
+    yet gets models/<name> alone. A second run adds nothing."""
+    import folder_paths
+
+    from animatediff_suite.nodes import folders as pack_folders
+
+    models = folders / "models"
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    del folder_paths.folder_names_and_paths["animatediff_motion_predictor"]
+    given = {name: folder_paths.get_folder_paths(name) for name in ("animatediff_models", "animatediff_motion_lora")}
+    assert all(paths[0] == str(folders / name) for name, paths in given.items())
+    for _ in range(2):
+        pack_folders.register_folders()
+        for name, paths in given.items():
+            assert folder_paths.get_folder_paths(name) == [*paths, str(models / name)]
+        assert folder_paths.folder_names_and_paths["animatediff_motion_predictor"][0] == [
+            str(models / "animatediff_motion_predictor")]
+        for name in ("animatediff_models", "animatediff_motion_lora", "animatediff_motion_predictor"):
+            assert {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"} <= folder_paths.folder_names_and_paths[name][1]
 
 
 def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):
