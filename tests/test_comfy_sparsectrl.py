@@ -1,6 +1,7 @@
 """ComfyUI tier, in-process: SparseCtrl through ComfyUI's ControlNet plumbing on the tiny models: one step
-against the block-by-block reference fed with hand-placed keyframes, rgb keyframes through the VAE,
-context windows, start/end percent, chaining, untouched inputs and clear errors."""
+against the block-by-block reference fed with hand-placed keyframes (also on a model without motion
+modules), rgb keyframes through the VAE, their dtype, context windows, start/end percent, chaining, untouched
+inputs and clear errors."""
 
 from __future__ import annotations
 
@@ -74,6 +75,35 @@ def test_scribble_step_equals_reference_with_hand_placed_keyframes(env, sc, cfg)
     # at most on one CPU, 4.7e-4 (cfg 1) on an AMD EPYC (the kernels round differently), against a SparseCtrl
     # effect of 0.17 and 0.72 on noise predictions of magnitude ~1.2 and ~2.3
     torch.testing.assert_close(eps(out), want, atol=1e-3 * (abs(cfg) + abs(cfg - 1)), rtol=0)
+
+
+def test_on_a_model_without_motion_modules_the_batch_is_one_clip(env, sc):
+    """SparseCtrl on the plain image model (no Apply Motion Model, so no frame layout from the pack's
+    sampling): the latent batch is one clip, keyframes on its first and last frame. The reference is the same
+    UNet walk with temporal modules whose output projection is zero (each is the identity)."""
+    model = env["demo"].tiny_model(0)
+    images = keyframe_images(2, seed=5)
+    positive, negative = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"], images,
+                                                            (0, -1), 0.8, 0.0, 1.0)
+    noise, out = one_step(env, model, positive, negative, 7.0)
+    identity = motion(env, "v3", zero_proj_out=True).patcher.model
+    want = expected_eps(env, model, identity, sc["scribble"].patcher.model, noise,
+                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, 7.0)
+    # measured 1.7e-5 at most (no temporal attention to round through) on noise predictions of magnitude ~0.4
+    torch.testing.assert_close(eps_of(model, noise)(out), want, atol=1e-4, rtol=0)
+
+
+def test_keyframe_conditions_are_made_in_the_dtype_the_model_computes_in(env, sc):
+    """On a GPU a float16 SparseCtrl computes in float16: its keyframe conditions (cached per latent size,
+    device and dtype) come in that dtype, the float32 ones rounded, not float32 tensors under a float16 key."""
+    positive, _ = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["scribble"],
+                                                     keyframe_images(2, seed=3), (0, -1), 1.0, 0.0, 1.0)
+    control = positive[0][1]["control"]
+    x = torch.zeros(FRAMES, 4, 8, 8)
+    full = control._keyframes(x, torch.float32).clone()
+    half = control._keyframes(x, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, full.half())
+    assert full.shape == (2, 3, 64, 64) and torch.equal(full, keyframe_images(2, seed=3).movedim(-1, 1))
 
 
 def test_rgb_keyframes_are_vae_latents_in_model_space(env, sc):
