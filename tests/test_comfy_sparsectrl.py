@@ -106,13 +106,53 @@ def test_keyframe_conditions_are_made_in_the_dtype_the_model_computes_in(env, sc
     assert full.shape == (2, 3, 64, 64) and torch.equal(full, keyframe_images(2, seed=3).movedim(-1, 1))
 
 
+def test_the_nodes_load_from_models_controlnet_and_give_the_reference_step(env, folders):
+    """Load SparseCtrl reads a released-layout file from models/controlnet and says what it loaded; Apply
+    SparseCtrl checks its percent range, leaves the conditioning alone at strength 0, and otherwise gives the
+    step of the block-by-block reference with the keyframes on the frames its indexes name."""
+    import hashlib
+
+    import folder_paths
+
+    from ads_helpers import released_sparsectrl
+    from animatediff_suite.nodes.sparsectrl_nodes import ApplySparseCtrl, LoadSparseCtrl
+
+    (folders / "controlnet").mkdir()
+    folder_paths.add_model_folder_path("controlnet", str(folders / "controlnet"), is_default=True)
+    folder_paths.filename_list_cache.pop("controlnet", None)
+    path = folders / "controlnet" / "tiny_scribble.ckpt"
+    torch.save(released_sparsectrl(env["demo"].tiny_sparsectrl(3, "scribble", torch.nn)), path)
+    assert LoadSparseCtrl.validate_inputs("tiny_scribble.ckpt") is True
+    out = LoadSparseCtrl.execute("tiny_scribble.ckpt")
+    loaded, info = out.result
+    assert info == ("tiny_scribble.ckpt: SparseCtrl scribble, 4 down blocks [32, 64, 64, 64], text width 32, up to "
+                    f"32 frames per pass, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:10]}")
+    assert out.ui == {"text": [info]}
+
+    widgets = {"keyframe_indexes": "0, -1", "strength": 0.8, "start_percent": 0.8, "end_percent": 0.2}
+    assert ApplySparseCtrl.validate_inputs(**widgets) == "start_percent (0.8) must not be greater than end_percent (0.2)"
+    assert ApplySparseCtrl.validate_inputs(**{**widgets, "end_percent": 0.8}) is True
+    images = keyframe_images(2, seed=6)
+    unchanged = ApplySparseCtrl.execute(env["cond"], env["negative"], loaded, images, "0, -1", 0.0).result
+    assert unchanged[0] is env["cond"] and unchanged[1] is env["negative"]
+    positive, negative = ApplySparseCtrl.execute(env["cond"], env["negative"], loaded, images, "0, -1", 0.8, 0.0,
+                                                 1.0).result
+    model, motion_model = env["demo"].tiny_model(0), motion(env, "v3", seed=1)
+    noise, out = one_step(env, apply(env, model, motion_model), positive, negative, 1.0)
+    want = expected_eps(env, model, motion_model.patcher.model, loaded.patcher.model, noise,
+                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, 1.0)
+    torch.testing.assert_close(eps_of(model, noise)(out), want, atol=1e-3, rtol=0)  # as the cond-only test above
+
+
 def test_rgb_keyframes_are_vae_latents_in_model_space(env, sc):
+    """Through the Apply SparseCtrl node with its defaults: the images spread over the clip, strength 1."""
+    from animatediff_suite.nodes.sparsectrl_nodes import ApplySparseCtrl
+
     model = env["demo"].tiny_model(0)
     loaded = motion(env, "v3", seed=1)
     vae = env["demo"].tiny_vae(0)
     images = keyframe_images(3, seed=8)
-    positive, negative = env["sparsectrl"].apply_sparsectrl(env["cond"], env["negative"], sc["rgb"], images, None,
-                                                            1.0, 0.0, 1.0, vae)
+    positive, negative = ApplySparseCtrl.execute(env["cond"], env["negative"], sc["rgb"], images, vae=vae).result
     noise, out = one_step(env, apply(env, model, loaded), positive, negative, 1.0)
     latents = model.model.latent_format.process_in(vae.encode(images))  # 0.18215 x the VAE's mean
     keyed = {frame: latents[k] for k, frame in enumerate((0, 8, 15))}  # 3 images spread over 16 frames
