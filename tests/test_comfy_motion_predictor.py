@@ -1,6 +1,6 @@
 """ComfyUI tier, in-process: the Semantic Motion Predictor's attn2 patches in a real UNet (tiny models): a
-sampling step against a reference patch written here from eq. 6, strength 0, context windows, the nodes,
-and clear errors for a predictor that does not fit."""
+sampling step against a reference patch written here from eq. 6, strength 0, context windows, the nodes
+(also loading from the model folder), and clear errors for a predictor that does not fit."""
 
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def test_step_equals_eq_6_reference(env, smp, strength):
     eps = eps_of(smp["model"], noise)
     assert (eps(out) - eps(plain)).abs().max() > 1e-3
     torch.testing.assert_close(eps(out), eps(want), atol=1e-4 * (2 * cfg - 1), rtol=0)
+
+
+def test_load_node_reads_the_predictor_from_its_folder(smp, folders):
+    import hashlib
+
+    from animatediff_suite.motion_modules.motion_predictor import save_predictor
+    from animatediff_suite.nodes.motion_predictor_nodes import LoadMotionPredictor
+
+    saved = smp["loaded"].patcher.model
+    path = folders / "animatediff_motion_predictor" / "tiny_smp.safetensors"
+    path.parent.mkdir()
+    save_predictor(saved, str(path))
+    assert LoadMotionPredictor.validate_inputs("tiny_smp.safetensors") is True
+    out = LoadMotionPredictor.execute("tiny_smp.safetensors")
+    loaded, info = out.result
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert info == ("tiny_smp.safetensors: Semantic Motion Predictor: 2 layers x 16 (4 heads), image embeddings of 24, "
+                    f"2 tokens per frame into 16 cross-attention layers, sha256 {digest}")
+    assert out.ui == {"text": [info]}
+    weights = loaded.patcher.model.state_dict()
+    assert weights.keys() == saved.state_dict().keys()
+    assert all(torch.equal(weights[key], value) for key, value in saved.state_dict().items())
 
 
 def embeddings(smp):
