@@ -320,7 +320,8 @@ def test_model_folders_are_registered_under_models_keeping_paths_given_before(fo
         assert folder_paths.folder_names_and_paths["animatediff_motion_predictor"][0] == [
             str(models / "animatediff_motion_predictor")]
         for name in ("animatediff_models", "animatediff_motion_lora", "animatediff_motion_predictor"):
-            assert {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"} <= folder_paths.folder_names_and_paths[name][1]
+            extensions = folder_paths.folder_names_and_paths[name][1]
+            assert {".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"} <= extensions
 
 
 def test_load_motion_model_node_reads_from_the_model_folder(env, tmp_path):

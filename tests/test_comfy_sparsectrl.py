@@ -130,7 +130,8 @@ def test_the_nodes_load_from_models_controlnet_and_give_the_reference_step(env, 
     assert out.ui == {"text": [info]}
 
     widgets = {"keyframe_indexes": "0, -1", "strength": 0.8, "start_percent": 0.8, "end_percent": 0.2}
-    assert ApplySparseCtrl.validate_inputs(**widgets) == "start_percent (0.8) must not be greater than end_percent (0.2)"
+    assert ApplySparseCtrl.validate_inputs(**widgets) == ("start_percent (0.8) must not be greater than end_percent "
+                                                          "(0.2)")
     assert ApplySparseCtrl.validate_inputs(**{**widgets, "end_percent": 0.8}) is True
     images = keyframe_images(2, seed=6)
     unchanged = ApplySparseCtrl.execute(env["cond"], env["negative"], loaded, images, "0, -1", 0.0).result
