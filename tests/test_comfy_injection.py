@@ -137,6 +137,18 @@ def test_v1_norms_really_span_frames(env):
     assert (ksample(env, per_frame, steps=1) - spanning).abs().max() > 1e-3
 
 
+def test_a_v1_resblock_stand_in_called_outside_the_patch_says_so(env):
+    """The stand-ins only run through the pack's forward_timestep_embed patch (which gives them the frame count);
+    a tool that rebuilds the model and calls one directly gets this sentence, not per-frame norms in silence."""
+    from animatediff_suite.motion_modules import MotionModelError
+
+    patched = apply(env, env["demo"].tiny_model(0), motion(env, "v1", seed=1))
+    stand_in = patched.object_patches["diffusion_model.input_blocks.1.0"]
+    message = raised_message(lambda: stand_in(torch.zeros(2, 32, 8, 8), torch.zeros(2, 128)), MotionModelError)
+    assert message == ("a v1 frame-spanning ResBlock was called without AnimateDiff Suite's forward_timestep_embed "
+                       "patch (the model was rebuilt by another tool?)")
+
+
 @pytest.mark.parametrize("by_keyword", [False, True])
 def test_v1_output_norm_spans_the_frames_of_the_calls_layout(env, by_keyword):
     """The DIFFUSION_MODEL wrapper around v1's output norm reads the call's layout from transformer_options,
