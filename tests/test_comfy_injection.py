@@ -210,6 +210,18 @@ def test_latents_the_sampler_cannot_use_are_refused_with_the_whole_sentence(env)
                                     "(a latent made for another model family?)")
 
 
+def test_a_clip_longer_than_the_pe_without_context_options_is_refused(env):
+    """Stretching the PE is a Context Options choice (stretch_pe); without Context Options a 40-frame batch on a
+    32-frame motion model is refused before the first step rather than sampled with stretched positions."""
+    from animatediff_suite.motion_modules import MotionModelError
+
+    model = apply(env, env["demo"].tiny_model(0), motion(env, "v3"))
+    assert raised_message(lambda: ksample(env, model, frames=40, steps=1), MotionModelError) == (
+        "40 frames in one pass, but this motion model's positional encoding covers at most 32 frames; sample at "
+        "most 32 frames per pass (a latent batch of at most 32, or context windows that split longer clips), or "
+        "stretch the PE (Context Options' stretch_pe)")
+
+
 def test_motion_scale_and_percent_range(env):
     model = env["demo"].tiny_model(0)
     loaded = motion(env, "v3")
