@@ -442,3 +442,75 @@ def test_a_pe_table_of_the_wrong_width_under_an_animatelcm_label_says_any_length
     with pytest.raises(MotionModelError) as raised:
         load_motion_model(path)
     assert str(raised.value) == f"'m.safetensors': wrong shapes: {key} (1, 32, 16) (expected L x 32 channels)"
+
+
+def test_to_original_keys_names_the_naming_it_read_and_gives_each_attention_its_pe():
+    """Original names come back as they are, HotShotXL and diffusers names renamed; diffusers' one PE table
+    per transformer block goes to both of its attention blocks (the original files hold one per attention)."""
+    from animatediff_suite.motion_modules.formats import to_original_keys
+
+    sd = original_state_dict(source_model("v3"))
+    for j in (0, 1):  # 20 modules (4 down blocks x 2, 4 up blocks x 3), each with two attentions
+        assert sum(k.endswith(f".attention_blocks.{j}.pos_encoder.pe") for k in sd) == 20
+    for transform, naming in ((lambda s: s, "animatediff"), (to_hotshot, "hotshotxl"), (to_diffusers, "diffusers")):
+        renamed, found = to_original_keys(transform(sd))
+        assert found == naming
+        assert sorted(renamed) == sorted(sd)
+        assert all(torch.equal(renamed[k], v) for k, v in sd.items())
+
+
+def test_a_module_of_two_transformer_blocks_loads_as_one():
+    """Every published checkpoint has one transformer block per module; a trained one with two loads with
+    both (its spec says 2), not as a one-block module with keys to spare."""
+    import dataclasses
+
+    spec = dataclasses.replace(make_spec("v2"), transformer_layers=2)
+    model = random_model(spec, seed=3)
+    sd = original_state_dict(model)
+    assert any(".transformer_blocks.1." in k for k in sd)
+    loaded = load_motion_model(sd)
+    assert loaded.spec == spec
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_keys_outside_any_module_are_all_named_and_the_module_limit_is_64():
+    from animatediff_suite.motion_modules import MotionModelError
+
+    sd = original_state_dict(source_model("v2"))
+    stray = {"down_blocks.0.motion_modules.0.extra.weight": torch.zeros(1),
+             "up_blocks.1.motion_modules.2.other.bias": torch.zeros(1)}
+    with pytest.raises(MotionModelError) as raised:
+        load_motion_model({**sd, **stray})
+    assert str(raised.value) == ("<state dict>: unexpected keys outside any motion module: "
+                                 "'down_blocks.0.motion_modules.0.extra.weight', "
+                                 "'up_blocks.1.motion_modules.2.other.bias'")
+    for count, message in ((64, "<state dict>: motion modules in 64 down blocks; expected 4 (SD1.5) or 3 (SDXL): "
+                                "unsupported format"),
+                           (65, "<state dict>: 65 motion modules (limit 64)")):
+        many = {f"down_blocks.{i}.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(32, 32)
+                for i in range(count)}
+        with pytest.raises(MotionModelError) as raised:
+            load_motion_model(many)
+        assert str(raised.value) == message
+
+
+def test_positional_encodings_are_recomputed_on_the_parameters_device():
+    """Built on the meta device (as the loader does before the weights arrive), the PE tables stay there
+    when recomputed, as they follow the parameters to a GPU; they are not made on the CPU."""
+    from animatediff_suite.motion_modules import MotionModel
+
+    with torch.device("meta"):
+        model = MotionModel(make_spec("v3"))
+    model.reset_positional_encodings()
+    tables = [m.pe for m in model.modules() if hasattr(m, "pe") and isinstance(m.pe, torch.Tensor)]
+    assert tables and all(t.device.type == "meta" for t in tables)
+
+
+def test_a_motion_named_key_outside_the_unet_blocks_is_skipped_not_the_end():
+    """A key that names motion modules but no UNet block (here first in the file) is dropped; the keys
+    after it still load."""
+    model = source_model("v2")
+    sd = original_state_dict(model)
+    loaded = load_motion_model({"extra.motion_modules.0.scale": torch.ones(1), **sd})
+    assert loaded.spec == model.spec
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
