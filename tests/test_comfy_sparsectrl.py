@@ -26,6 +26,11 @@ def keyframe_images(count: int, seed: int = 4) -> torch.Tensor:
     return torch.rand(count, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
 
 
+def on_first_and_last(images: torch.Tensor) -> dict:
+    """Two keyframe images as hand-placed conditions: frame -> (c, h, w), on the clip's first and last frame."""
+    return {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}
+
+
 def one_step(env, model, positive, negative, cfg, frames=FRAMES, seed=5):
     noise = env["sample"].prepare_noise(torch.zeros(frames, 4, 8, 8), seed)
     return noise, sample_with_noise(env, model, noise, positive, negative, cfg)
@@ -69,7 +74,7 @@ def test_scribble_step_equals_reference_with_hand_placed_keyframes(env, sc, cfg)
     _, without = one_step(env, animated, env["cond"], env["negative"], cfg)
     eps = eps_of(model, noise)
     want = expected_eps(env, model, loaded.patcher.model, sc["scribble"].patcher.model, noise,
-                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, cfg)
+                        on_first_and_last(images), 0.8, cfg)
     assert (eps(out) - eps(without)).abs().max() > 1e-2  # SparseCtrl changed the step
     # float32 rounding through the 13 residuals on top of the UNet's: measured 1.0e-4 (cfg 1) and 7.2e-4 (cfg 7)
     # at most on one CPU, 4.7e-4 (cfg 1) on an AMD EPYC (the kernels round differently), against a SparseCtrl
@@ -88,7 +93,7 @@ def test_on_a_model_without_motion_modules_the_batch_is_one_clip(env, sc):
     noise, out = one_step(env, model, positive, negative, 7.0)
     identity = motion(env, "v3", zero_proj_out=True).patcher.model
     want = expected_eps(env, model, identity, sc["scribble"].patcher.model, noise,
-                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, 7.0)
+                        on_first_and_last(images), 0.8, 7.0)
     # measured 1.7e-5 at most (no temporal attention to round through) on noise predictions of magnitude ~0.4
     torch.testing.assert_close(eps_of(model, noise)(out), want, atol=1e-4, rtol=0)
 
@@ -141,7 +146,7 @@ def test_the_nodes_load_from_models_controlnet_and_give_the_reference_step(env, 
     model, motion_model = env["demo"].tiny_model(0), motion(env, "v3", seed=1)
     noise, out = one_step(env, apply(env, model, motion_model), positive, negative, 1.0)
     want = expected_eps(env, model, motion_model.patcher.model, loaded.patcher.model, noise,
-                        {0: images[0].movedim(-1, 0), FRAMES - 1: images[1].movedim(-1, 0)}, 0.8, 1.0)
+                        on_first_and_last(images), 0.8, 1.0)
     torch.testing.assert_close(eps_of(model, noise)(out), want, atol=1e-3, rtol=0)  # as the cond-only test above
 
 
