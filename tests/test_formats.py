@@ -459,7 +459,7 @@ def test_to_original_keys_names_the_naming_it_read_and_gives_each_attention_its_
         assert all(torch.equal(renamed[k], v) for k, v in sd.items())
 
 
-def test_a_module_of_two_transformer_blocks_loads_as_one():
+def test_a_module_of_two_transformer_blocks_loads_with_both():
     """Every published checkpoint has one transformer block per module; a trained one with two loads with
     both (its spec says 2), not as a one-block module with keys to spare."""
     import dataclasses
@@ -498,11 +498,12 @@ def test_positional_encodings_are_recomputed_on_the_parameters_device():
     """Built on the meta device (as the loader does before the weights arrive), the PE tables stay there
     when recomputed, as they follow the parameters to a GPU; they are not made on the CPU."""
     from animatediff_suite.motion_modules import MotionModel
+    from animatediff_suite.motion_modules.temporal import PositionalEncoding
 
     with torch.device("meta"):
         model = MotionModel(make_spec("v3"))
     model.reset_positional_encodings()
-    tables = [m.pe for m in model.modules() if hasattr(m, "pe") and isinstance(m.pe, torch.Tensor)]
+    tables = [m.pe for m in model.modules() if isinstance(m, PositionalEncoding)]
     assert tables and all(t.device.type == "meta" for t in tables)
 
 
