@@ -326,14 +326,29 @@ def test_a_stretched_pe_takes_the_input_dtype_and_device(dtype):
 def test_one_window_over_all_frames_with_a_stretched_pe_is_the_plain_pass():
     """Windows (FreeNoise inside the module) keep stretch_pe: one window of every frame, weight 1, gives the
     unwindowed result, also when the window is longer than the PE and is stretched; built under a meta
-    default device, the window's indices still follow the input."""
+    default device, the window's indices still follow the input. The devices of every ``index_select`` are
+    recorded too: a CPU index into CUDA activations is refused there, and one on the meta device reads
+    undefined memory on the CPU, so the value check alone could pass by chance."""
+    from torch.overrides import TorchFunctionMode
+
+    class IndexDevices(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.index_select, torch.Tensor.index_select):
+                self.seen.append((args[0].device.type, args[2].device.type))
+            return func(*args, **(kwargs or {}))
+
     module = VanillaTemporalModule(32, 8, 4, "per_frame", zero_init=False)
     torch.nn.init.normal_(module.temporal_transformer.proj_out.weight, std=0.2)
     x = frames_input(32, frames=6)
     with torch.no_grad():
         plain = module(x, 6, stretch_pe=True)
-        with torch.device("meta"):
+        with torch.device("meta"), IndexDevices() as spy:
             windowed = module(x, 6, windows=[(list(range(6)), [1.0] * 6)], stretch_pe=True)
+    assert spy.seen == [("cpu", "cpu")]  # one window, one selection, the index beside the activations
     assert windowed.device.type == "cpu"
     torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=0)
     assert (plain - x).abs().max().item() > 1e-2  # the module did something
