@@ -117,10 +117,10 @@ def _new_ui_node(node: Node, by_id: dict, offset: int) -> dict:
     x, y = (origin.get("pos") or [0, 0])[:2] if isinstance(origin.get("pos"), list) else (0, 0)
     inputs = [{"name": name, "type": kind, "link": None} for name, kind in sockets]
     values = []
-    for name, default in widgets:
+    for name, default, kind in widgets:
         value = node.inputs.get(name, default)
         if isinstance(value, Link):
-            inputs.append({"name": name, "type": _widget_type(default), "link": None, "widget": {"name": name}})
+            inputs.append({"name": name, "type": kind, "link": None, "widget": {"name": name}})
             value = default
         values.append(value)
     return {"id": int(node.id), "type": node.type, "pos": [x + 30 * offset, y + 30 * offset],
@@ -129,12 +129,6 @@ def _new_ui_node(node: Node, by_id: dict, offset: int) -> dict:
             "outputs": [{"name": name, "type": kind, "slot_index": slot, "links": []}
                         for slot, (name, kind) in enumerate(outputs)],
             "properties": {"Node name for S&R": node.type}, "widgets_values": values}
-
-
-def _widget_type(default) -> str:
-    if isinstance(default, bool):
-        return "BOOLEAN"
-    return {int: "INT", float: "FLOAT"}.get(type(default), "STRING")
 
 
 def _write_ui(workflow: dict, nodes: dict, report: list, changed: bool) -> dict:

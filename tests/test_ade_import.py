@@ -285,3 +285,37 @@ def test_editor_format_state_note_and_an_option_without_equivalent_written_out()
     assert converted["last_node_id"] == note["id"]
     for node in others:  # what the frontend reads of every node, ours included
         assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs"} <= set(node), node["type"]
+
+
+def test_a_linked_widget_keeps_its_link_on_a_socket_typed_as_the_editor_types_it():
+    """A widget driven by another node's output (not a primitive, whose value is saved on the target) keeps
+    its link on the new node, on a widget socket of the type the editor gives it: COMBO for a list of
+    options (a loader's model name), INT for a number; the widget keeps a placeholder value."""
+    workflow = copy.deepcopy(ade.LEGACY_UI)
+    picker = {"id": 20, "type": "SomeModelPicker", "pos": [-300, 0], "size": [200, 60], "flags": {}, "order": 0,
+              "mode": 0, "inputs": [], "properties": {}, "widgets_values": [],
+              "outputs": [{"name": "model", "type": "COMBO", "links": [30], "slot_index": 0},
+                          {"name": "length", "type": "INT", "links": [31], "slot_index": 1}]}
+    workflow["nodes"].append(picker)
+    for node in workflow["nodes"]:
+        if node["id"] == 4:  # the legacy loader: its model_name widget driven by the picker
+            node["inputs"].append({"name": "model_name", "type": "COMBO", "link": 30, "widget": {"name": "model_name"}})
+        if node["id"] == 2:  # the context options: context_length from the picker instead of the primitive
+            node["inputs"][2]["link"] = 31
+    workflow["links"] = [row for row in workflow["links"] if row[0] != 13]
+    workflow["links"] += [[30, 20, 0, 4, 3, "COMBO"], [31, 20, 1, 2, 2, "INT"]]
+    workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] != 11]  # the primitive, now unlinked
+    workflow["last_node_id"], workflow["last_link_id"] = 20, 31
+    converted, _, _ = convert(workflow)
+    nodes = {n["id"]: n for n in converted["nodes"]}
+    loader, options = nodes[21], nodes[22]  # new ids follow the workflow's last one
+    assert (loader["type"], options["type"]) == ("ADS_LoadMotionModel", "ADS_ContextOptions")
+    links = {row[0]: row for row in converted["links"]}
+    model_link, length_link = loader["inputs"][0]["link"], options["inputs"][0]["link"]
+    assert loader["inputs"] == [{"name": "model_name", "type": "COMBO", "link": model_link,
+                                 "widget": {"name": "model_name"}}]
+    assert options["inputs"] == [{"name": "context_length", "type": "INT", "link": length_link,
+                                  "widget": {"name": "context_length"}}]
+    assert links[model_link][1:] == [20, 0, 21, 0, "COMBO"] and links[length_link][1:] == [20, 1, 22, 0, "INT"]
+    assert nodes[20]["outputs"][0]["links"] == [model_link] and nodes[20]["outputs"][1]["links"] == [length_link]
+    assert loader["widgets_values"] == [""] and options["widgets_values"][0] == 16

@@ -421,8 +421,9 @@ def test_web_extension_is_served(server):
 
 
 def test_ade_importer_writes_our_nodes_as_their_schemas_say(server):
-    """The importer's table of this pack's nodes (sockets, widgets in the editor's order, outputs) is
-    what the running server reports for them."""
+    """The importer's table of this pack's nodes (sockets, widgets in the editor's order with the type
+    of their socket, outputs) is what the running server reports for them: a widget of options is a
+    COMBO socket, as the editor types it (a text widget's STRING socket does not take a combo's link)."""
     tables = runner.ade_importer().OUR_NODES
     object_info = server.get("/object_info")
     for node_type, (sockets, widgets, outputs) in tables.items():
@@ -431,8 +432,8 @@ def test_ade_importer_writes_our_nodes_as_their_schemas_say(server):
         assert sockets == [(n, workflows._kind(s)) for n, s, _ in inputs
                            if workflows._kind(s) not in workflows.WIDGET_TYPES], node_type
         schema_widgets = [(n, workflows._kind(s)) for n, s, _ in inputs if workflows._kind(s) in workflows.WIDGET_TYPES]
-        assert [n for n, _ in widgets] == [n for n, _ in schema_widgets], node_type
-        for (name, value), (_, kind) in zip(widgets, schema_widgets):  # a placeholder of the widget's type
+        assert [(n, kind) for n, _, kind in widgets] == schema_widgets, node_type
+        for name, value, kind in widgets:  # a placeholder of the widget's type
             expected = {"INT": int, "FLOAT": float, "BOOLEAN": bool}.get(kind, str)
             assert type(value) is expected, (node_type, name, value, kind)
         assert outputs == list(zip(info["output_name"], info["output"])), node_type
