@@ -26,6 +26,11 @@ mutants no test covered again; ``--restat FILE...`` makes mutmut trace those tes
 only tests it has not seen, so a test that now reaches more code, or was changed, needs this; with
 ``--recheck`` the survivors run against those tests too).
 
+An entry of the equivalent list carries the hash of its function's code when the mutant was checked (mutmut
+numbers mutants per function, so a changed function may give the name to another mutation); a stale entry is
+reported and not counted as equivalent, and ``--rehash NAME...`` writes the current hash once the mutant has
+been checked again.
+
 Over ``nodes/`` the tests import the pack's nodes (with ComfyUI) before any test module (ADS_IMPORT_NODES_FIRST,
 tests/conftest.py), so the ADE importer's tests run ``nodes/ade_import.py`` under the module name mutmut traces.
 """
@@ -224,16 +229,93 @@ def results(stage_dir: str, mutmut: str) -> dict[str, str]:
     return found
 
 
+def function_hashes(path: str) -> dict[str, str]:
+    """{mutmut's name of each function in the file (``x_f``, ``xǁClassǁm``): a hash of its syntax tree}. mutmut
+    numbers a function's mutants in the order it finds them in that function, so while the hash holds, a mutant's
+    name means the same mutation (for the same mutmut release)."""
+    import ast
+    import hashlib
+
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    hashes = {}
+
+    def visit(body, owner=None):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                key = f"xǁ{owner}ǁ{node.name}" if owner else f"x_{node.name}"
+                hashes[key] = hashlib.sha256(ast.dump(node, annotate_fields=False).encode()).hexdigest()[:12]
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body, f"{owner}.{node.name}" if owner else node.name)
+
+    visit(tree.body)
+    return hashes
+
+
+def _entries() -> list[tuple[str, str, str]]:
+    """(name, function hash or "", reason) of each line of tests/mutation_equivalent.txt."""
+    rows = []
+    with open(EQUIVALENT, encoding="utf-8") as handle:
+        for line in handle:
+            name, _, comment = line.partition("#")
+            if name.strip():
+                match = re.match(r"\s*@([0-9a-f]{12})\s+(.*)$", comment.strip())
+                rows.append((name.strip(), *(match.groups() if match else ("", comment.strip()))))
+    return rows
+
+
+def _function_of(name: str) -> tuple[str, str]:
+    """``animatediff_suite.nodes.x.xǁCǁm__mutmut_3`` -> (``nodes/x.py``, ``xǁCǁm``)."""
+    module = module_of(name)
+    function = name[len(PACKAGE) + len(module) + 2:].rsplit("__mutmut_", 1)[0]
+    return module.replace(".", "/") + ".py", function
+
+
+def stale_equivalents() -> list[str]:
+    """The entries that no longer name the mutant that was checked, each with why: the function's code has
+    changed since (or is gone), or the entry has no hash. Re-check the mutant (``mutmut show NAME`` in the
+    stage) and, if it is still equivalent, ``--rehash NAME``."""
+    stale, hashes = [], {}
+    for name, digest, _ in _entries():
+        path, function = _function_of(name)
+        if path not in hashes:
+            full = os.path.join(ROOT, path)
+            hashes[path] = function_hashes(full) if os.path.isfile(full) else {}
+        now = hashes[path].get(function)
+        if now is None:
+            stale.append(f"{name}: {path} has no function {function} now")
+        elif not digest:
+            stale.append(f"{name}: no @hash of its function")
+        elif now != digest:
+            stale.append(f"{name}: {function} in {path} changed since it was checked (@{digest}, now @{now})")
+    return stale
+
+
+def rehash(names: list[str]) -> None:
+    """Write the current hash of each named entry's function into tests/mutation_equivalent.txt (after
+    checking that the mutant under that name is still the one its reason describes)."""
+    with open(EQUIVALENT, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    wanted, done = set(names), set()
+    for i, line in enumerate(lines):
+        name, _, comment = line.partition("#")
+        if name.strip() in wanted:
+            path, function = _function_of(name.strip())
+            digest = function_hashes(os.path.join(ROOT, path))[function]
+            reason = re.sub(r"^\s*@[0-9a-f]{12}\s+", "", comment.strip())
+            lines[i] = f"{name.strip()}  # @{digest} {reason}"
+            done.add(name.strip())
+    if wanted - done:
+        raise SystemExit(f"--rehash: not in {EQUIVALENT}: {', '.join(sorted(wanted - done))}")
+    with open(EQUIVALENT, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+
+
 def equivalents() -> dict[str, str]:
-    """{mutant name: why it is equivalent} from tests/mutation_equivalent.txt (``name  # reason`` lines)."""
-    listed = {}
-    if os.path.exists(EQUIVALENT):
-        with open(EQUIVALENT, encoding="utf-8") as handle:
-            for line in handle:
-                name, _, reason = line.partition("#")
-                if name.strip():
-                    listed[name.strip()] = reason.strip()
-    return listed
+    """{mutant name: why it is equivalent} from tests/mutation_equivalent.txt (``name  # @hash reason`` lines),
+    less the stale entries (``stale_equivalents``), which count as what mutmut found."""
+    stale = {line.split(":", 1)[0] for line in stale_equivalents()}
+    return {name: reason for name, _, reason in _entries() if name not in stale}
 
 
 def module_of(mutant: str) -> str:
@@ -245,6 +327,8 @@ def module_of(mutant: str) -> str:
 def report(found: dict[str, str], stage_dir: str, mutmut: str, show_diffs: bool) -> list[str]:
     """Print the score per module and the surviving mutants; returns the survivors not listed as equivalent."""
     listed = equivalents()
+    for line in stale_equivalents():
+        print(f"stale equivalent, counted as mutmut found it: {line}")
     per_module = collections.defaultdict(collections.Counter)
     survivors = []
     for name, status in sorted(found.items()):
@@ -297,7 +381,7 @@ def estimate(found: dict[str, str], listed: dict[str, str], population: int, sam
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="product files to mutate, relative to the repository")
+    parser.add_argument("paths", nargs="*", help="product files to mutate, relative to the repository")
     parser.add_argument("--tests", nargs="+", default=CORE_TESTS, help="test files to run against each mutant")
     parser.add_argument("--stage", default=os.path.join(ROOT, ".mutation"), help="work folder (replaced)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
@@ -316,7 +400,15 @@ def main() -> int:
     parser.add_argument("--recheck-with", nargs="+", default=[], metavar="TEST_FILE",
                         help="with --recheck: also run every survivor against these test files (outside the "
                              "stage's test selection, e.g. a test file written after the stage was made)")
+    parser.add_argument("--rehash", nargs="+", default=[], metavar="MUTANT",
+                        help="write the current hash of these entries' functions into tests/mutation_equivalent.txt "
+                             "(after checking that each name still means the mutation its reason describes), then stop")
     args = parser.parse_args()
+    if args.rehash:
+        rehash(args.rehash)
+        return 0
+    if not args.paths:
+        parser.error("name the product files to mutate (e.g. motion_modules/*.py)")
     mutmut = shutil.which("mutmut") or os.path.join(os.path.dirname(sys.executable), "mutmut")
     if not os.path.exists(mutmut):
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
