@@ -198,6 +198,38 @@ def test_dtype_and_device_arguments():
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_without_a_dtype_the_first_modules_proj_in_weight_sets_it():
+    """dtype=None keeps the file's own dtype, read from the first module's proj_in weight (the first down
+    block's first module), also when other tensors of the file differ."""
+    sd = {k: v.double() for k, v in original_state_dict(source_model("v2")).items()}
+    first = "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"
+    sd[first] = sd[first].half()
+    loaded = load_motion_model(sd)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+
+
+def test_operations_build_every_layer():
+    """A host's layer namespace (ComfyUI passes its casting layers) builds every Linear and norm of the
+    loaded model, with the file's weights in them."""
+    class Ops:
+        class Linear(torch.nn.Linear):
+            pass
+
+        class LayerNorm(torch.nn.LayerNorm):
+            pass
+
+        class GroupNorm(torch.nn.GroupNorm):
+            pass
+
+    sd = original_state_dict(source_model("v2"))
+    loaded = load_motion_model(sd, operations=Ops)
+    kinds = {type(m) for m in loaded.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm,
+                                                                 torch.nn.GroupNorm))}
+    assert kinds == {Ops.Linear, Ops.LayerNorm, Ops.GroupNorm}
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in sd.items() if not k.endswith("pos_encoder.pe"))
+
+
 @pytest.mark.parametrize("version,channels,modules,keys,params", [
     ("v1", FULL_SD15, 20, 560, 417.14e6),
     ("v2", FULL_SD15, 21, 588, 453.21e6),
