@@ -2,8 +2,8 @@
 
 Writes the file once (random weights, the original key layout; the same file as bench_server_speed.py)
 and reads it once so the page cache holds it for every variant. Then, in one process with ComfyUI
-imported, runs the variants round-robin, one round to warm up and ``--rounds`` measured, and prints the
-median of each and its ratio to the peer's:
+imported, runs the variants in a shuffled order per round (seeded), one round to warm up and ``--rounds``
+measured, and prints the median of each and its ratio to the peer's:
 
 - ``node, first load``: the Load Motion Model node as the first load of the file in a server session
   (its SHA-256, shown in the node's info, not yet remembered);
@@ -22,6 +22,7 @@ import argparse
 import gc
 import importlib.util
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -98,8 +99,11 @@ def main() -> None:
     if peer is not None:
         variants["peer"] = lambda: peer(MOTION)
     times = {name: [] for name in variants}
+    order, shuffle = list(variants), random.Random(0).shuffle
     for number in range(args.rounds + 1):  # round 0 warms up (imports, allocator) and is not counted
-        for name, run in variants.items():
+        shuffle(order)  # memory-bound work: what ran just before (freed or cached memory) matters
+        for name in order:
+            run = variants[name]
             gc.collect()
             start = time.perf_counter()
             result = run()
@@ -107,7 +111,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
             del result
     size = os.path.getsize(path) / 2**30
-    print(f"full v2 motion model, fp16 safetensors ({size:.2f} GiB), {args.rounds} rounds round-robin, "
+    print(f"full v2 motion model, fp16 safetensors ({size:.2f} GiB), {args.rounds} rounds, shuffled order, "
           f"CPU ({os.cpu_count()} cores)")
     peer_median = statistics.median(times["peer"]) if peer is not None else None
     print("| variant | median s | min s | vs peer |")
