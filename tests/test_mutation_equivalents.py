@@ -50,7 +50,7 @@ def test_a_changed_function_makes_its_entries_stale(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "motion_modules")
     (tmp_path / "motion_modules" / "m.py").write_text("def f(a):\n    return a < 1\n")
     listed.write_text(f"animatediff_suite.motion_modules.m.x_f__mutmut_1  # @{before['x_f']} `<` -> `<=`: whatever\n"
-                      "animatediff_suite.motion_modules.m.x_gone__mutmut_1  # @000000000000 a function removed since\n")
+                      "animatediff_suite.motion_modules.m.x_gone__mutmut_1  # @000000000000 a function gone since\n")
     assert mutation.stale_equivalents() == [
         "animatediff_suite.motion_modules.m.x_gone__mutmut_1: motion_modules/m.py has no function x_gone now"]
     (tmp_path / "motion_modules" / "m.py").write_text("def f(a):\n    return a <= 1\n")
@@ -58,5 +58,9 @@ def test_a_changed_function_makes_its_entries_stale(tmp_path, monkeypatch):
     assert stale[0].startswith("animatediff_suite.motion_modules.m.x_f__mutmut_1: x_f in motion_modules/m.py changed")
     assert list(mutation.equivalents()) == []  # stale entries count as what mutmut found
     mutation.rehash(["animatediff_suite.motion_modules.m.x_f__mutmut_1"])
+    now = mutation.function_hashes(str(tmp_path / "motion_modules" / "m.py"))["x_f"]
+    assert now != before["x_f"]
     assert listed.read_text().splitlines()[0] == (
-        f"animatediff_suite.motion_modules.m.x_f__mutmut_1  # @{mutation.function_hashes(str(tmp_path / 'motion_modules' / 'm.py'))['x_f']} `<` -> `<=`: whatever")
+        f"animatediff_suite.motion_modules.m.x_f__mutmut_1  # @{now} `<` -> `<=`: whatever")
+    assert mutation.stale_equivalents() == [  # only the removed function's entry is left
+        "animatediff_suite.motion_modules.m.x_gone__mutmut_1: motion_modules/m.py has no function x_gone now"]
