@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from ads_helpers import (FULL_SD15, FULL_SDXL, frames_input, make_spec, original_state_dict, pe_formula,
                          random_model, to_diffusers, to_hotshot)
-from animatediff_suite.motion_modules import (expected_shapes, load_motion_model, parameter_count,
+from animatediff_suite.motion_modules import (MotionModel, expected_shapes, load_motion_model, parameter_count,
                                               save_motion_model)
 from animatediff_suite.motion_modules.loader import SPEC_METADATA_KEY
 
@@ -228,6 +228,40 @@ def test_operations_build_every_layer():
     assert kinds == {Ops.Linear, Ops.LayerNorm, Ops.GroupNorm}
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in sd.items() if not k.endswith("pos_encoder.pe"))
+
+
+def test_the_device_argument_places_every_parameter():
+    loaded = load_motion_model(original_state_dict(source_model("v2")), device="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    assert {b.device.type for b in loaded.buffers()} == {"meta"}  # the PE tables follow the parameters
+
+
+def test_zero_init_decides_only_whether_proj_out_starts_at_zero():
+    """Every module's proj_out is zero with zero_init (the paper's identity start), random without."""
+    torch.manual_seed(0)
+    for zero_init in (True, False):
+        model = MotionModel(make_spec("v2"), zero_init=zero_init)
+        outs = [m.temporal_transformer.proj_out.weight for _, m in model.named_temporal_modules()]
+        assert len(outs) == len(make_spec("v2").modules)
+        assert all(bool((w == 0).all()) == zero_init for w in outs), zero_init
+
+
+def test_modules_not_numbered_in_order_are_refused_naming_the_block():
+    import dataclasses
+
+    spec = make_spec("v2")
+    first = spec.modules[0]  # down_blocks.0.motion_modules.0
+    skipped = dataclasses.replace(first, prefix="down_blocks.0.motion_modules.1")
+    bad = dataclasses.replace(spec, modules=(skipped,) + spec.modules[2:])
+    with pytest.raises(ValueError, match=r"^modules of down_blocks\.0 are not numbered 0\.\.n in order$"):
+        MotionModel(bad)
+
+
+def test_reset_positional_encodings_follows_the_parameters_dtype():
+    model = source_model("v2").half()
+    model.reset_positional_encodings()
+    tables = [b for name, b in model.named_buffers() if name.endswith("pos_encoder.pe")]
+    assert tables and {t.dtype for t in tables} == {torch.float16}
 
 
 @pytest.mark.parametrize("version,channels,modules,keys,params", [
