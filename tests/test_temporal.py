@@ -369,3 +369,11 @@ def test_a_calls_norm_mode_overrides_the_modules_own(own, override):
     assert torch.equal(got, expected)
     assert (got - plain).abs().max().item() > 1e-3
     assert torch.equal(module(x, 6), plain)  # nothing kept
+
+
+def test_an_unknown_norm_mode_is_refused_in_a_whole_sentence():
+    from animatediff_suite.motion_modules.temporal import TemporalTransformer3D
+
+    expected = r"^unknown norm mode 'bogus'; expected one of \['across_frames', 'per_frame'\]$"
+    with pytest.raises(ValueError, match=expected):
+        TemporalTransformer3D(32, 8, 24, "bogus")
