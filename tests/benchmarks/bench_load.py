@@ -33,19 +33,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def write_motion_file(folder: str, name: str) -> str:
-    import ads_helpers
-    from safetensors.torch import save_file
-
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        model = ads_helpers.random_model(ads_helpers.make_spec("v2", channels=ads_helpers.FULL_SD15), seed=1)
-        save_file({k: v.half().contiguous() for k, v in ads_helpers.original_state_dict(model).items()}, path)
-    with open(path, "rb") as handle:  # into the page cache, for every variant alike
+def read_once(path: str) -> None:
+    """Into the page cache, for every variant alike."""
+    with open(path, "rb") as handle:
         while handle.read(1 << 24):
             pass
-    return path
 
 
 def import_peer(checkout: str):
@@ -76,12 +68,13 @@ def main() -> None:
 
     ads_package.register()
     import folder_paths
-    from bench_server_speed import MOTION
+    from bench_server_speed import MOTION, write_motion_model
 
     from animatediff_suite.nodes import folders, injection, motion_nodes
 
     folder = os.path.join(args.workdir or tempfile.mkdtemp(prefix="ads_bench_load_"), "animatediff_models")
-    path = write_motion_file(folder, MOTION)
+    path = write_motion_model(folder)
+    read_once(path)
     folders.register_folders()
     folder_paths.add_model_folder_path(folders.MOTION_MODELS, folder)
     peer = import_peer(args.peer) if args.peer else None

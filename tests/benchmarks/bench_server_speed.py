@@ -64,7 +64,6 @@ def write_files(folder: str) -> None:
     import comfy.supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    import ads_helpers
     import bench_comfy_overhead as overhead
     from animatediff_suite.nodes import demo
 
@@ -84,11 +83,20 @@ def write_files(folder: str) -> None:
         with torch.no_grad():  # noise predictions of roughly unit scale, as in the demo model
             state["model.diffusion_model.out.2.weight"] = (state["model.diffusion_model.out.2.weight"].float() * 30).half()
         save_file(state, os.path.join(checkpoints, CHECKPOINT))
-    if not os.path.exists(os.path.join(motion, MOTION)):
-        spec = ads_helpers.make_spec("v2", channels=ads_helpers.FULL_SD15)
-        model = ads_helpers.random_model(spec, seed=1)
-        state = {k: v.half().contiguous() for k, v in ads_helpers.original_state_dict(model).items()}
-        save_file(state, os.path.join(motion, MOTION))
+    write_motion_model(motion)
+
+
+def write_motion_model(folder: str) -> str:
+    """The full-size v2 motion model (fp16 safetensors, original keys) as ``folder/MOTION``, unless it is there."""
+    import ads_helpers
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, MOTION)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        model = ads_helpers.random_model(ads_helpers.make_spec("v2", channels=ads_helpers.FULL_SD15), seed=1)
+        save_file({k: v.half().contiguous() for k, v in ads_helpers.original_state_dict(model).items()}, path)
+    return path
 
 
 def graph(variant: str, size: int, steps: int, seed: int) -> dict:

@@ -311,11 +311,11 @@ def rehash(names: list[str]) -> None:
         handle.write("\n".join(lines))
 
 
-def equivalents() -> dict[str, str]:
+def equivalents(stale: list[str] | None = None) -> dict[str, str]:
     """{mutant name: why it is equivalent} from tests/mutation_equivalent.txt (``name  # @hash reason`` lines),
-    less the stale entries (``stale_equivalents``), which count as what mutmut found."""
-    stale = {line.split(":", 1)[0] for line in stale_equivalents()}
-    return {name: reason for name, _, reason in _entries() if name not in stale}
+    less the stale entries (``stale_equivalents()``, or the list given), which count as what mutmut found."""
+    names = {line.split(":", 1)[0] for line in (stale_equivalents() if stale is None else stale)}
+    return {name: reason for name, _, reason in _entries() if name not in names}
 
 
 def module_of(mutant: str) -> str:
@@ -326,8 +326,9 @@ def module_of(mutant: str) -> str:
 
 def report(found: dict[str, str], stage_dir: str, mutmut: str, show_diffs: bool) -> list[str]:
     """Print the score per module and the surviving mutants; returns the survivors not listed as equivalent."""
-    listed = equivalents()
-    for line in stale_equivalents():
+    stale = stale_equivalents()
+    listed = equivalents(stale)
+    for line in stale:
         print(f"stale equivalent, counted as mutmut found it: {line}")
     per_module = collections.defaultdict(collections.Counter)
     survivors = []
