@@ -197,10 +197,11 @@ def expected_shapes(spec: MotionSpec) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def check_keys_and_shapes(sd: dict[str, torch.Tensor], spec: MotionSpec, source: str) -> dict[str, torch.Tensor]:
-    """Return the parameters of ``sd`` (PE tables dropped) after checking keys and shapes."""
+def check_keys_and_shapes(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Size], spec: MotionSpec,
+                          source: str) -> dict[str, torch.Tensor]:
+    """Return the parameters of ``sd`` (PE tables dropped) after checking their keys and shapes against
+    ``expected`` (key -> shape of the model about to be filled: ``expected_shapes(spec)``, or a loader's own)."""
     params = {k: v for k, v in sd.items() if not k.endswith(_PE_SUFFIX)}
-    expected = expected_shapes(spec)
     missing = set(expected) - set(params)
     unexpected = set(params) - set(expected)
     pe_owner = {k: k[: -len(_PE_SUFFIX)] + ".to_q.weight" for k in sd if k.endswith(_PE_SUFFIX)}

@@ -34,14 +34,14 @@ def load_motion_model(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     source, data, metadata = read_source(path_or_state_dict)
     sd, naming = to_original_keys(unwrap_state_dict(data, source))
     spec = _spec_from_metadata(infer_spec(sd, naming, source), metadata, source)
-    params = check_keys_and_shapes(sd, spec, source)
+    with torch.device("meta"):  # built once: its shapes are the ones checked (a second build cost 0.1 s)
+        model = MotionModel(spec, zero_init=False, operations=operations or torch.nn)
+    params = check_keys_and_shapes(sd, {k: v.shape for k, v in model.state_dict().items()}, spec, source)
     check_finite(params, source)
     if dtype is None:
         dtype = params[f"{spec.modules[0].prefix}.temporal_transformer.proj_in.weight"].dtype
     if not dtype.is_floating_point:
         raise MotionModelError(f"{source}: weights are {dtype}; expected a floating-point dtype")
-    with torch.device("meta"):
-        model = MotionModel(spec, zero_init=False, operations=operations or torch.nn)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in params.items()},
                           strict=True, assign=True)
     model.reset_positional_encodings()
