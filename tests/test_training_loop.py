@@ -47,6 +47,38 @@ def test_interrupted_node_resumes_to_the_uninterrupted_weights(env, folders):
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_models_loaded_in_inference_mode_then_moved_train_like_plain_ones(env, folders, checkpointing):
+    """ComfyUI's loaders run under inference mode, and the trainer's load onto a GPU (outside it) moves
+    every weight with ``Module.to``, which sets ``param.data``: the weight then reports ``is_inference()``
+    False but has no version counter, so autograd cannot save it ("Inference tensors do not track version
+    counter", first seen on an H200 by tests/gpu/check_training_gpu.py). The CPU has no such move, so the
+    test makes it as ``.to(device)`` does (``Module._apply`` with a copy); the run must then train
+    exactly the weights that models built outside inference mode train."""
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.session import run_in_graph
+
+    clips = [shape_clip(s) for s in range(2)]
+
+    def trained(name, models):
+        run = config("motion_lora", name, steps=2, batch_size=2, gradient_checkpointing=checkpointing)
+        with torch.inference_mode():  # as ComfyUI's executor runs a node
+            return lora_file(run_in_graph(run, models, MemoryClips(clips, run.data), False)[1])
+
+    expected = trained("plain", base_models("motion_lora"))
+    with torch.inference_mode():  # as a loader node runs
+        models = base_models("motion_lora")
+    moved = [models.model.model, models.motion.patcher.model]
+    for module in moved:
+        module._apply(lambda t: t.clone())  # what .to(device) does to each weight, outside inference mode
+    weight = models.model.model.diffusion_model.out[0].weight
+    assert not weight.is_inference()  # the case is_inference() alone misses
+    with pytest.raises(RuntimeError, match="version counter"):
+        weight._version
+    got = trained("moved", models)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_non_finite_losses_stop_the_run_and_nothing_non_finite_is_saved(env, folders):
     from animatediff_suite.training.trainer import TrainingError
 

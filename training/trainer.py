@@ -267,19 +267,33 @@ def training_attention(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
+def made_in_inference_mode(tensor: torch.Tensor) -> bool:
+    """Whether autograd cannot save ``tensor``: an inference-mode tensor, or one made in inference mode
+    and then moved by ``Module.to`` outside it (as ComfyUI loads a model onto the GPU). ``Module.to`` sets
+    ``param.data`` to the moved tensor, which gives the parameter the moved tensor's flags
+    (``is_inference()`` turns False) but not a version counter, and autograd needs that to save it."""
+    if tensor.is_inference():
+        return True
+    try:
+        tensor._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return True
+    return False
+
+
 def make_autograd_ready(module: torch.nn.Module) -> int:
-    """Replace inference-mode tensors (ComfyUI's executor loads models under ``torch.inference_mode``)
-    by equal ordinary ones, which autograd may save for backward; returns how many were replaced.
-    Values, dtypes and devices are unchanged, one tensor at a time."""
+    """Replace the tensors made in inference mode (ComfyUI's executor loads models under
+    ``torch.inference_mode``) by equal ordinary ones, which autograd may save for backward; returns how
+    many were replaced. Values, dtypes and devices are unchanged, one tensor at a time."""
     replaced = 0
     with torch.inference_mode(False), torch.no_grad():
         for owner in module.modules():
             for name, param in list(owner._parameters.items()):
-                if param is not None and param.is_inference():
+                if param is not None and made_in_inference_mode(param):
                     owner._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
                     replaced += 1
             for name, buffer in list(owner._buffers.items()):
-                if buffer is not None and buffer.is_inference():
+                if buffer is not None and made_in_inference_mode(buffer):
                     owner._buffers[name] = buffer.clone()
                     replaced += 1
     return replaced
