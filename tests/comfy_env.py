@@ -45,13 +45,14 @@ def comfyui_path() -> str | None:
     return None
 
 
-def import_comfyui(path: str) -> None:
-    """Make ComfyUI importable in this process, on the CPU (like ``main.py --cpu``)."""
+def import_comfyui(path: str, cpu: bool = True) -> None:
+    """Make ComfyUI importable in this process, on the CPU (like ``main.py --cpu``) unless ``cpu`` is
+    False (the GPU checks under tests/gpu/ and benchmarks on a GPU machine)."""
     if path not in sys.path:
         sys.path.insert(0, path)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (reads the args above)
     import nodes
 

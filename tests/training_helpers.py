@@ -79,15 +79,15 @@ def heldout_loss(model, clip, vae, clips, frames: int = 8, seed: int = 99) -> fl
         x0 = model.model.process_latent_in(vae.encode(pixels).float())
         positive = nodes.CLIPTextEncode().encode(clip, caption)[0]
         for index in (150, 400, 650, 900):
-            sigma = sampling.sigmas[index].float().repeat(frames)
+            sigma = sampling.sigmas[index].float().cpu().repeat(frames)
             eps = torch.randn(x0.shape, generator=generator)
             xt = x0 + sigma.view(-1, 1, 1, 1) * eps
             guider = comfy.samplers.CFGGuider(model)
             guider.inner_set_conds({"positive": positive})
             guider.set_cfg(1.0)
-            probe = _Probe(xt, sigma)
+            probe = _Probe(xt.to(model.load_device), sigma.to(model.load_device))  # the GPU checks: on its device
             guider.sample(torch.zeros_like(x0), torch.zeros_like(x0), probe, torch.tensor([1.0, 0.0]), seed=0)
-            eps_pred = (xt - probe.denoised) / sigma.view(-1, 1, 1, 1)
+            eps_pred = (xt - probe.denoised.float().cpu()) / sigma.view(-1, 1, 1, 1)
             losses.append(float((eps_pred - eps).pow(2).mean()))
     return sum(losses) / len(losses)
 

@@ -1,7 +1,8 @@
 """Training speed and memory: this pack's trainer vs a reference loop of the original recipe.
 
     COMFYUI_PATH=/path/to/ComfyUI python -P tests/benchmarks/bench_training.py [--width tiny|sd15] \\
-        [--frames 16 24 32] [--batch 1] [--steps 3] [--runs reference "pack plain" "pack ckpt"]
+        [--frames 16 24 32] [--batch 1] [--steps 3] [--runs reference "pack plain" "pack ckpt"] \\
+        [--device cpu|cuda] [--precision fp32|bf16]
 
 Each row is one fresh process (so the peak memory is its own): mode ``motion_module`` (every motion
 parameter trains, the original recipe) on random weights at 256x256, after one warm-up step:
@@ -22,6 +23,12 @@ per clip drawn and none with ``[data] cache``). The reference row stays the moti
 Columns: seconds per step (median), and the peak resident memory above the process's RSS after the
 models were built (Linux VmHWM, reset then), i.e. activations, gradients and optimizer state. Ratios
 are to the reference row of the same frame count, measured in the same run.
+
+``--device cuda`` runs every row on the GPU (ComfyUI without ``--cpu``): the steps are timed after a
+``torch.cuda.synchronize()``, and the memory column is the peak of ``torch.cuda.max_memory_allocated``
+above what was allocated after the warm-up step. ``--precision bf16`` computes both loops under bf16
+autocast (the pack's ``[train] precision``; weights and AdamW's moments stay fp32 in both). Both loops
+use torch's AdamW (the pack's ``optimizer = "adamw"``, not 8-bit), so the optimizers match.
 """
 
 from __future__ import annotations
@@ -53,13 +60,37 @@ def resident() -> int:
 
 
 def reset_peak() -> int:
+    import torch
+
     gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
     return resident()
 
 
-def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
+def peak() -> int:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    return high_water_mark()
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def run_reference(width: str, frames: int, batch: int, steps: int, device: str = "cpu",
+                  precision: str = "fp32") -> dict:
+    import contextlib
+
     import torch
     from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
@@ -75,36 +106,42 @@ def run_reference(width: str, frames: int, batch: int, steps: int) -> dict:
     adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=2,
                             motion_mid_block_layers_per_block=1, motion_num_attention_heads=8,
                             motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True)
-    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter).to(device)
+    vae = vae.to(device)
     unet.freeze_unet2d_params()
     trained = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
-    pixels = torch.rand(batch * frames, 3, 256, 256) * 2 - 1
-    text = torch.randn(batch * frames, 77, CONTEXT[width])  # diffusers 0.42: the context repeated per frame
+    pixels = torch.rand(batch * frames, 3, 256, 256, device=device) * 2 - 1
+    text = torch.randn(batch * frames, 77, CONTEXT[width], device=device)  # diffusers 0.42: per frame
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
     times = []
     base = None
     for step in range(steps + 1):
         if step == 1:
             base = reset_peak()
+        synchronize()
         start = time.perf_counter()
-        with torch.no_grad():  # the original train.py encodes the clip every step
+        with torch.no_grad(), autocast:  # the original train.py encodes the clip every step
             latents = vae.encode(pixels).latent_dist.sample() * 0.18215
-        x = latents.view(batch, frames, 4, 32, 32).transpose(1, 2)  # (b f) c h w -> b c f h w
+        x = latents.float().view(batch, frames, 4, 32, 32).transpose(1, 2)  # (b f) c h w -> b c f h w
         noise = torch.randn_like(x)
-        t = torch.randint(0, 1000, (batch,))
-        pred = unet(x + noise, t, encoder_hidden_states=text).sample
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with autocast:
+            pred = unet(x + noise, t, encoder_hidden_states=text).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    return {"seconds_per_step": statistics.median(times), "peak_bytes": high_water_mark() - base}
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base}
 
 
 def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: bool,
-             mode: str = "motion_module") -> dict:
+             mode: str = "motion_module", device: str = "cpu", precision: str = "fp32") -> dict:
     import tempfile
 
     import torch
@@ -113,7 +150,7 @@ def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: boo
     import comfy_env
     import ads_package
 
-    comfy_env.import_comfyui(comfy_env.comfyui_path())
+    comfy_env.import_comfyui(comfy_env.comfyui_path(), cpu=device == "cpu")
     ads_package.register()
     import comfy.model_management
     import comfy.model_patcher
@@ -158,19 +195,20 @@ def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: boo
         "mode": mode, "name": "bench", "seed": 0,
         "data": {"frames": frames, "stride": 1, "width": 256, "height": 256, "caption_dropout": 0.0},
         "train": {"steps": steps + 1, "batch_size": batch, "learning_rate": 1e-4,
-                  "gradient_checkpointing": checkpointing},
+                  "gradient_checkpointing": checkpointing, "precision": precision, "optimizer": "adamw"},
         "output": {"save_every": 10_000}}, in_graph=True)
     clips = MemoryClips([(torch.rand(frames, 256, 256, 3), "a clip")], run.data)
     stamps, base = [], []
 
     def on_step(step, total, loss):
+        synchronize()
         stamps.append(time.perf_counter())
         if step == 1:
             base.append(reset_peak())
 
     Trainer(run, models, clips, os.path.join(workdir, "run"), on_step=on_step).run()
     times = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"seconds_per_step": statistics.median(times), "peak_bytes": high_water_mark() - base[0]}
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base[0]}
 
 
 def child(argv) -> None:
@@ -178,10 +216,14 @@ def child(argv) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     kind, width, frames, batch, steps, mode = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5]
+    device, precision = argv[6], argv[7]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     if kind == "reference":
-        result = run_reference(width, frames, batch, steps)
+        result = run_reference(width, frames, batch, steps, device, precision)
     else:
-        result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt", mode=mode)
+        result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt", mode=mode,
+                          device=device, precision=precision)
     print("RESULT " + json.dumps(result))
 
 
@@ -195,26 +237,37 @@ def main() -> None:
                         help="which rows (the reference always runs: the ratios are to it)")
     parser.add_argument("--mode", choices=["motion_module", "semantic_motion_predictor"], default="motion_module",
                         help="what the pack's rows train")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="compute dtype of both loops (bf16: autocast; weights stay fp32)")
     args = parser.parse_args()
-    rows = []
+    where = "GPU" if args.device == "cuda" else f"{os.environ.get('BENCH_THREADS', '2')} threads"
+    print(f"pack rows: mode {args.mode}; width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
+          f"{args.device}, {args.precision}, {where}")
+    print(f"{'frames':>6} {'run':<11} {'s/step':>8} {'x ref':>6} {'peak MiB':>9} {'x ref':>6}", flush=True)
+    failed = False
     for frames in args.frames:
+        reference = None
         for kind in [k for k in KINDS if k == "reference" or k in args.runs]:
             done = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", kind, args.width,
-                                   str(frames), str(args.batch), str(args.steps), args.mode], capture_output=True,
-                                  text=True)
+                                   str(frames), str(args.batch), str(args.steps), args.mode, args.device,
+                                   args.precision], capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                raise SystemExit(f"{kind} {frames} frames failed:\n{done.stderr[-3000:]}")
-            rows.append((frames, kind, json.loads(line[7:])))
-    print(f"pack rows: mode {args.mode}; width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
-          f"{os.environ.get('BENCH_THREADS', '2')} threads")
-    print(f"{'frames':>6} {'run':<11} {'s/step':>8} {'x ref':>6} {'peak MiB':>9} {'x ref':>6}")
-    reference = {f: r for f, k, r in rows if k == "reference"}
-    for frames, kind, result in rows:
-        ref = reference[frames]
-        print(f"{frames:>6} {kind:<11} {result['seconds_per_step']:>8.2f} "
-              f"{result['seconds_per_step'] / ref['seconds_per_step']:>6.2f} "
-              f"{result['peak_bytes'] / 2**20:>9.0f} {result['peak_bytes'] / ref['peak_bytes']:>6.2f}")
+                print(f"{frames:>6} {kind:<11} failed:\n{done.stderr[-3000:]}", flush=True)
+                failed = True
+                continue
+            result = json.loads(line[7:])
+            if kind == "reference":  # it runs first in each group
+                reference = result
+
+            def ratio(key):
+                return f"{result[key] / reference[key]:>6.2f}" if reference else f"{'-':>6}"
+
+            print(f"{frames:>6} {kind:<11} {result['seconds_per_step']:>8.2f} {ratio('seconds_per_step')} "
+                  f"{result['peak_bytes'] / 2**20:>9.0f} {ratio('peak_bytes')}", flush=True)
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
