@@ -47,21 +47,21 @@ def test_interrupted_node_resumes_to_the_uninterrupted_weights(env, folders):
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_models_loaded_in_inference_mode_then_moved_train_like_plain_ones(env, folders, checkpointing):
+def test_models_loaded_in_inference_mode_then_moved_train_like_plain_ones(env, folders):
     """ComfyUI's loaders run under inference mode, and the trainer's load onto a GPU (outside it) moves
     every weight with ``Module.to``, which sets ``param.data``: the weight then reports ``is_inference()``
     False but has no version counter, so autograd cannot save it ("Inference tensors do not track version
     counter", first seen on an H200 by tests/gpu/check_training_gpu.py). The CPU has no such move, so the
     test makes it as ``.to(device)`` does (``Module._apply`` with a copy); the run must then train
-    exactly the weights that models built outside inference mode train."""
+    exactly the weights that models built outside inference mode train (with gradient checkpointing, as on
+    the H200; without it the first backward failed the same way)."""
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
 
     clips = [shape_clip(s) for s in range(2)]
 
     def trained(name, models):
-        run = config("motion_lora", name, steps=2, batch_size=2, gradient_checkpointing=checkpointing)
+        run = config("motion_lora", name, steps=2, batch_size=2, gradient_checkpointing=True)
         with torch.inference_mode():  # as ComfyUI's executor runs a node
             return lora_file(run_in_graph(run, models, MemoryClips(clips, run.data), False)[1])
 
