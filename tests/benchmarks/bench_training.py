@@ -59,11 +59,18 @@ def resident() -> int:
         return int(next(line for line in handle if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
+def on_cuda() -> bool:
+    """Whether this row runs on the GPU (CUDA started by its models)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def reset_peak() -> int:
     import torch
 
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if on_cuda():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
@@ -75,7 +82,7 @@ def reset_peak() -> int:
 def peak() -> int:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if on_cuda():
         return torch.cuda.max_memory_allocated()
     return high_water_mark()
 
@@ -83,7 +90,7 @@ def peak() -> int:
 def synchronize() -> None:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if on_cuda():
         torch.cuda.synchronize()
 
 

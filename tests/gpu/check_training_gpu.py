@@ -79,10 +79,12 @@ def snapshot(module) -> dict:
 
 
 def changed(before: dict, module) -> list[str]:
+    import torch
+
     after = module.state_dict()
     if before.keys() != after.keys():
         return ["<keys differ>"]
-    return [k for k in before if not __import__("torch").equal(before[k], after[k].detach().cpu())]
+    return [k for k in before if not torch.equal(before[k], after[k].detach().cpu())]
 
 
 def tensors(value):
