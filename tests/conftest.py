@@ -58,12 +58,10 @@ def folders(comfyui, tmp_path):
     import copy
 
     import folder_paths
+    from training_helpers import point_folders
 
     saved = copy.deepcopy(folder_paths.folder_names_and_paths), folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    for name in ("animatediff_motion_lora", "animatediff_models", "loras", "animatediff_motion_predictor"):
-        folder_paths.add_model_folder_path(name, str(tmp_path / name), is_default=True)
-        folder_paths.filename_list_cache.pop(name, None)
+    point_folders(str(tmp_path))
     try:
         yield tmp_path
     finally:

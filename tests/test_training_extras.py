@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training_helpers import base_models, config, heldout_loss, shape_clip
+from training_helpers import base_models, config, heldout_loss, shape_clip, tensors
 
 pytestmark = pytest.mark.comfyui
 
@@ -22,15 +22,6 @@ def train(run, clips, models=None, resume=False, on_step=None):
 
     with torch.inference_mode():  # as ComfyUI's executor runs a node
         return run_in_graph(run, models or base_models(run.mode), MemoryClips(clips, run.data), resume, on_step)
-
-
-def tensors(value):
-    """Every tensor in a nested state dict."""
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors(item)
 
 
 def run_folder(folders, name):

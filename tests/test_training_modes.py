@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training_helpers import base_models, config, heldout_loss, shape_clip, with_written_files
+from training_helpers import base_models, changed_keys, config, heldout_loss, shape_clip, snapshot, with_written_files
 
 pytestmark = pytest.mark.comfyui
 
@@ -24,14 +24,8 @@ RECIPES = {
 }
 
 
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def assert_unchanged(before: dict, module: torch.nn.Module, what: str) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys(), what
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    changed = changed_keys(before, module)
     assert not changed, f"{what}: {changed[:3]}"
 
 

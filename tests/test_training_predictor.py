@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training_helpers import SMALL_PREDICTOR as SMALL
-from training_helpers import base_models, config, heldout_loss, shape_clip
+from training_helpers import base_models, changed_keys, config, heldout_loss, shape_clip, snapshot
 
 pytestmark = pytest.mark.comfyui
 
@@ -20,10 +20,6 @@ FRAMES = 8
 
 def predictor_models():
     return base_models("semantic_motion_predictor")  # tiny model, CLIP, VAE, CLIP vision, a frozen v2 motion model
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def animated(models):
@@ -76,7 +72,7 @@ def test_predictor_mode_lowers_the_heldout_loss_and_trains_only_the_predictor(en
     for name, weights in frozen.items():
         module = {"UNet": models.model.model, "motion model": models.motion.patcher.model,
                   "CLIP vision": models.clip_vision.model, "text encoder": models.clip.cond_stage_model}[name]
-        changed = [k for k, v in module.state_dict().items() if not torch.equal(weights[k], v)]
+        changed = changed_keys(weights, module)
         assert not changed, (name, changed[:3])
 
     name = os.path.basename(path)

@@ -8,6 +8,47 @@ import torch
 
 SIZE = 64
 SMALL_PREDICTOR = {"hidden": 32, "depth": 2, "heads": 4, "tokens": 2, "token_dim": 16}
+# the model folders the training tests write to (besides ComfyUI's output directory)
+MODEL_FOLDERS = ("animatediff_motion_lora", "animatediff_models", "loras", "animatediff_motion_predictor")
+
+
+def point_folders(root: str) -> None:
+    """ComfyUI's output directory and MODEL_FOLDERS under ``root``, for scripts outside pytest (the
+    ``folders`` fixture does the same per test and restores them after)."""
+    import os
+
+    import folder_paths
+
+    folder_paths.set_output_directory(os.path.join(root, "output"))
+    for name in MODEL_FOLDERS:
+        folder_paths.add_model_folder_path(name, os.path.join(root, name), is_default=True)
+        folder_paths.filename_list_cache.pop(name, None)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state dict, on the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def changed_keys(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[str]:
+    """The keys whose values in ``module`` differ from the ``snapshot`` ``before`` (all of them if the
+    key sets differ)."""
+    after = module.state_dict()
+    if before.keys() != after.keys():
+        return sorted(before.keys() ^ after.keys())
+    return [k for k in before if not torch.equal(before[k], after[k].detach().cpu())]
+
+
+def tensors(value):
+    """Every tensor in a nested state dict (dicts, lists and tuples)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors(item)
 
 
 def shape_clip(seed: int, frames: int = 12, size: int = SIZE) -> tuple[torch.Tensor, str]:

@@ -37,16 +37,12 @@ def main() -> None:
     comfy_env.import_comfyui(comfy_env.comfyui_path())
     import torch
 
-    import folder_paths
-    from training_helpers import base_models, config, heldout_loss, shape_clip, with_written_files
+    from training_helpers import base_models, config, heldout_loss, point_folders, shape_clip, with_written_files
 
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
 
-    workdir = tempfile.mkdtemp()
-    folder_paths.set_output_directory(os.path.join(workdir, "output"))
-    for name in ("animatediff_motion_lora", "animatediff_models", "loras"):
-        folder_paths.add_model_folder_path(name, os.path.join(workdir, name), is_default=True)
+    point_folders(tempfile.mkdtemp())
 
     models = base_models(args.mode)
     held_out = [shape_clip(s) for s in range(100, 103)]

@@ -63,41 +63,12 @@ def setup(cpu: bool, root: str):
         raise SystemExit(comfy_env.SKIP_REASON)
     comfy_env.import_comfyui(path, cpu=cpu)
     ads_package.register()
-    import folder_paths
+    from training_helpers import point_folders
 
-    folder_paths.set_output_directory(os.path.join(root, "output"))
-    for name in ("animatediff_motion_lora", "animatediff_models", "loras"):
-        folder_paths.add_model_folder_path(name, os.path.join(root, name), is_default=True)
-        folder_paths.filename_list_cache.pop(name, None)
+    point_folders(root)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def changed(before: dict, module) -> list[str]:
-    import torch
-
-    after = module.state_dict()
-    if before.keys() != after.keys():
-        return ["<keys differ>"]
-    return [k for k in before if not torch.equal(before[k], after[k].detach().cpu())]
-
-
-def tensors(value):
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from tensors(item)
 
 
 def train_case(name, precision, optimizer, rank, checkpointing, steps, device):
@@ -108,7 +79,8 @@ def train_case(name, precision, optimizer, rank, checkpointing, steps, device):
     from animatediff_suite.nodes.motion_nodes import ApplyMotionModel
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
-    from training_helpers import base_models, config, heldout_loss, shape_clip, with_written_files
+    from training_helpers import (base_models, changed_keys, config, heldout_loss, shape_clip, snapshot, tensors,
+                                  with_written_files)
 
     run_name = name.replace(" ", "").replace("+", "_").replace("-", "")
     models = base_models("motion_lora")
@@ -141,7 +113,7 @@ def train_case(name, precision, optimizer, rank, checkpointing, steps, device):
         hook.remove()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     mm.load_models_gpu([models.model])
-    unchanged = {what: changed(saved, module) for what, (saved, module) in frozen.items()}
+    unchanged = {what: changed_keys(saved, module) for what, (saved, module) in frozen.items()}
     after = heldout_loss(with_written_files(models, written), models.clip, models.vae, held_out)
     folder = os.path.join(os.path.dirname(os.path.dirname(written["motion_lora"])), "output",
                           "animatediff_training", run_name)
