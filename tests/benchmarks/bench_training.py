@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python -P tests/benchmarks/bench_training.py [--width tiny|sd15] \\
         [--frames 16 24 32] [--batch 1] [--steps 3] [--runs reference "pack plain" "pack ckpt"] \\
-        [--device cpu|cuda] [--precision fp32|bf16]
+        [--device cpu|cuda] [--precision fp32|bf16] [--profile]
 
 Each row is one fresh process (so the peak memory is its own): mode ``motion_module`` (every motion
 parameter trains, the original recipe) on random weights at 256x256, after one warm-up step:
@@ -29,6 +29,9 @@ are to the reference row of the same frame count, measured in the same run.
 above what was allocated after the warm-up step. ``--precision bf16`` computes both loops under bf16
 autocast (the pack's ``[train] precision``; weights and AdamW's moments stay fp32 in both). Both loops
 use torch's AdamW (the pack's ``optimizer = "adamw"``, not 8-bit), so the optimizers match.
+
+``--profile`` prints, under each row, torch.profiler's operator table over its measured steps (by GPU
+time on the GPU, by CPU time on the CPU): where a row's time goes, e.g. why one loop is slower.
 """
 
 from __future__ import annotations
@@ -94,8 +97,34 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+class Profile:
+    """``--profile``: torch.profiler over the measured steps (started after the warm-up step); ``table()``
+    is its operator summary, sorted by GPU time on the GPU and by CPU time on the CPU."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.profiler = enabled, None
+
+    def start(self) -> None:
+        import torch
+
+        if self.enabled and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if on_cuda():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+
+    def table(self) -> str | None:
+        if self.profiler is None:
+            return None
+        synchronize()
+        self.profiler.stop()
+        key = "self_cuda_time_total" if on_cuda() else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+
+
 def run_reference(width: str, frames: int, batch: int, steps: int, device: str = "cpu",
-                  precision: str = "fp32") -> dict:
+                  precision: str = "fp32", profile: Profile | None = None) -> dict:
     import contextlib
 
     import torch
@@ -127,6 +156,8 @@ def run_reference(width: str, frames: int, batch: int, steps: int, device: str =
     for step in range(steps + 1):
         if step == 1:
             base = reset_peak()
+            if profile is not None:
+                profile.start()
         synchronize()
         start = time.perf_counter()
         with torch.no_grad(), autocast:  # the original train.py encodes the clip every step
@@ -144,11 +175,13 @@ def run_reference(width: str, frames: int, batch: int, steps: int, device: str =
         synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base}
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base,
+            "profile": None if profile is None else profile.table()}
 
 
 def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: bool,
-             mode: str = "motion_module", device: str = "cpu", precision: str = "fp32") -> dict:
+             mode: str = "motion_module", device: str = "cpu", precision: str = "fp32",
+             profile: Profile | None = None) -> dict:
     import tempfile
 
     import torch
@@ -205,17 +238,22 @@ def run_pack(width: str, frames: int, batch: int, steps: int, checkpointing: boo
                   "gradient_checkpointing": checkpointing, "precision": precision, "optimizer": "adamw"},
         "output": {"save_every": 10_000}}, in_graph=True)
     clips = MemoryClips([(torch.rand(frames, 256, 256, 3), "a clip")], run.data)
-    stamps, base = [], []
+    stamps, base, table = [], [], []
 
     def on_step(step, total, loss):
         synchronize()
         stamps.append(time.perf_counter())
         if step == 1:
             base.append(reset_peak())
+            if profile is not None:
+                profile.start()
+        elif step == total and profile is not None:  # before the run's final save
+            table.append(profile.table())
 
     Trainer(run, models, clips, os.path.join(workdir, "run"), on_step=on_step).run()
     times = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base[0]}
+    return {"seconds_per_step": statistics.median(times), "peak_bytes": peak() - base[0],
+            "profile": table[0] if table else None}
 
 
 def child(argv) -> None:
@@ -223,14 +261,14 @@ def child(argv) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     kind, width, frames, batch, steps, mode = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5]
-    device, precision = argv[6], argv[7]
+    device, precision, profile = argv[6], argv[7], Profile(argv[8] == "profile")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     if kind == "reference":
-        result = run_reference(width, frames, batch, steps, device, precision)
+        result = run_reference(width, frames, batch, steps, device, precision, profile)
     else:
         result = run_pack(width, frames, batch, steps, checkpointing=kind == "pack ckpt", mode=mode,
-                          device=device, precision=precision)
+                          device=device, precision=precision, profile=profile)
     print("RESULT " + json.dumps(result))
 
 
@@ -247,6 +285,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="compute dtype of both loops (bf16: autocast; weights stay fp32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row, torch.profiler's operator table of its measured steps")
     args = parser.parse_args()
     where = "GPU" if args.device == "cuda" else f"{os.environ.get('BENCH_THREADS', '2')} threads"
     print(f"pack rows: mode {args.mode}; width {args.width}, 256x256, batch {args.batch}, {args.steps} measured steps, "
@@ -258,7 +298,8 @@ def main() -> None:
         for kind in [k for k in KINDS if k == "reference" or k in args.runs]:
             done = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", kind, args.width,
                                    str(frames), str(args.batch), str(args.steps), args.mode, args.device,
-                                   args.precision], capture_output=True, text=True)
+                                   args.precision, "profile" if args.profile else "-"],
+                                  capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{frames:>6} {kind:<11} failed:\n{done.stderr[-3000:]}", flush=True)
@@ -273,6 +314,8 @@ def main() -> None:
 
             print(f"{frames:>6} {kind:<11} {result['seconds_per_step']:>8.2f} {ratio('seconds_per_step')} "
                   f"{result['peak_bytes'] / 2**20:>9.0f} {ratio('peak_bytes')}", flush=True)
+            if result.get("profile"):
+                print(result["profile"], flush=True)
     if failed:
         raise SystemExit(1)
 
