@@ -8,6 +8,7 @@ import torch
 
 SIZE = 64
 SMALL_PREDICTOR = {"hidden": 32, "depth": 2, "heads": 4, "tokens": 2, "token_dim": 16}
+HELDOUT_STEPS = (150, 400, 650, 900)  # the noise levels of heldout_loss (indices into the model's sigmas)
 # the model folders the training tests write to (besides ComfyUI's output directory)
 MODEL_FOLDERS = ("animatediff_motion_lora", "animatediff_models", "loras", "animatediff_motion_predictor")
 
@@ -119,7 +120,7 @@ def heldout_loss(model, clip, vae, clips, frames: int = 8, seed: int = 99) -> fl
         pixels = pixels[:frames]
         x0 = model.model.process_latent_in(vae.encode(pixels).float())
         positive = nodes.CLIPTextEncode().encode(clip, caption)[0]
-        for index in (150, 400, 650, 900):
+        for index in HELDOUT_STEPS:
             sigma = sampling.sigmas[index].float().cpu().repeat(frames)
             eps = torch.randn(x0.shape, generator=generator)
             xt = x0 + sigma.view(-1, 1, 1, 1) * eps
