@@ -17,8 +17,8 @@ HELD_OUT = range(100, 103)
 # machine (tests/benchmarks/bench_training_modes.py, the same setting): motion_module 0.43 after 60
 # steps; domain_adapter 0.46 after 200 cosine steps; motion_lora 0.48 after 400 cosine steps (0.50
 # after 300, 0.60 after 150). motion_director does not halve in a CI-sized run (0.66 after 60 steps,
-# 0.59 after 200 cosine steps, 0.56 after 300), so it is held to 0.75: its temporal LoRA learns from
-# the appearance-debiased loss and its spatial LoRA from one frame per clip and step.
+# 0.59 after 200 cosine steps, 0.56 after 300), so it is held to 0.75 (its temporal LoRA learns from
+# the appearance-debiased loss, its spatial LoRA from one frame per clip and step).
 RECIPES = {
     "motion_module": (60, 3e-3, 4, "constant", 0.5),
     "domain_adapter": (200, 1e-2, 16, "cosine", 0.5),

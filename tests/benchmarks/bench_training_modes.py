@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant",
-                        help="[train] lr_schedule (the tests: constant)")
+                        help="[train] lr_schedule (the tests' recipes: RECIPES in tests/test_training_modes.py)")
     parser.add_argument("--warmup", type=int, default=0, help="[train] warmup_steps")
     parser.add_argument("--spatial-lr", type=float, default=0.0,
                         help="[train] spatial_learning_rate (motion_director's spatial LoRA; 0: --lr)")
