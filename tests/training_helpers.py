@@ -32,8 +32,8 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def changed_keys(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[str]:
-    """The keys whose values in ``module`` differ from the ``snapshot`` ``before`` (all of them if the
-    key sets differ)."""
+    """The keys whose values in ``module`` differ from the ``snapshot`` ``before`` (if the key sets
+    differ: the keys only one of them has)."""
     after = module.state_dict()
     if before.keys() != after.keys():
         return sorted(before.keys() ^ after.keys())
