@@ -152,6 +152,50 @@ def test_gradient_accumulation_equals_the_larger_batch(env, folders):
     assert abs(loss_c - loss_a) > 1e-4 and abs(norm_c - norm_a) > 1e-3 * norm_a  # one clip is another step
 
 
+def test_motion_director_losses_are_those_of_its_train_py(env, folders):
+    """MotionDirector's train.py: the temporal loss is the MSE plus the appearance-debiased MSE (which is
+    the MSE itself at beta 0), the spatial loss the MSE of one frame per clip, and a clip drawn for
+    ``spatial_lora_dropout`` trains no spatial LoRA. At step 1 every LoRA's up matrix is still zero, so
+    the model is the plain animated one that ``motion_lora`` trains from, on the same draws (one clip,
+    the same generator): its step-1 loss is the MSE."""
+    clips = [shape_clip(0)]
+    train(config("motion_lora", "plain", steps=1, batch_size=1), clips)
+    mse = logged(folders, "plain")[0][1]
+    _, alone = train(config("motion_director", "alone", steps=1, batch_size=1, debias_beta=0.0,
+                            spatial_lora_dropout=1.0), clips, mode="motion_director")
+    assert logged(folders, "alone")[0][1] == pytest.approx(2 * mse, rel=1e-6)
+    spatial = load_file(alone["sd_lora"])
+    assert all(float(v.abs().max()) == 0.0 for k, v in spatial.items() if ".lora_up." in k)  # never trained
+    assert max(float(v.abs().max()) for k, v in lora_file(alone).items() if ".up." in k) > 1e-4
+    _, paired = train(config("motion_director", "paired", steps=1, batch_size=1, debias_beta=0.0,
+                             spatial_lora_dropout=0.0), clips, mode="motion_director")
+    frame_mse = logged(folders, "paired")[0][1] - 2 * mse
+    assert 0.1 < frame_mse < 10  # the spatial path's MSE of one frame, of the size of the clip's
+    spatial = load_file(paired["sd_lora"])
+    assert max(float(v.abs().max()) for k, v in spatial.items() if ".lora_up." in k) > 1e-4
+
+
+def test_motion_director_batch_equals_accumulation_when_only_some_clips_train_the_spatial_lora(env, folders):
+    """With ``spatial_lora_dropout`` a batch holds clips of both kinds; each group's loss counts by its share
+    of the clips, so a batch of 2 still makes the step two accumulated micro-batches of 1 make. At seed 3
+    with 0.5, steps 1 and 2 draw one clip of each kind and step 3 two that leave the spatial LoRA out
+    (checked by printing the drawn batches). Weighting each group's mean alone would double a mixed
+    step's loss in the batch."""
+    clips = [shape_clip(s) for s in range(4)]
+    kinds = {}
+    for name, batch, accumulation in (("batched", 2, 1), ("accumulated", 1, 2)):
+        _, kinds[name] = train(config("motion_director", name, steps=3, batch_size=batch,
+                                      gradient_accumulation=accumulation, spatial_lora_dropout=0.5),
+                               clips, mode="motion_director")
+    batched, accumulated = logged(folders, "batched"), logged(folders, "accumulated")
+    for a, b in zip(batched, accumulated):
+        assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-2)
+    for kind in ("motion_lora", "sd_lora"):
+        a, b = load_file(kinds["batched"][kind]), load_file(kinds["accumulated"][kind])
+        for key in a:  # see test_gradient_accumulation_equals_the_larger_batch on single entries
+            assert float((b[key] - a[key]).abs().mean()) < 0.05 * 1e-3, key
+
+
 def test_train_motionlora_node_returns_a_chain_that_animates(env, folders):
     from animatediff_suite.nodes.train_nodes import CameraMotionClips, TrainMotionLora
 

@@ -31,11 +31,14 @@ class LoRAWeight(torch.nn.Module):
         self.down = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank))
         self.frozen = False  # MotionDirector's temporal path uses the spatial LoRA without training it
+        self.enabled = True  # MotionDirector's spatial path runs without the temporal LoRA
 
     def delta(self) -> torch.Tensor:
         return self.up @ self.down
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
         delta = self.delta()
         if self.frozen:
             delta = delta.detach()

@@ -86,6 +86,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on a GPU that has it, else fp16
     spatial_learning_rate: float = 0.0  # motion_director: the spatial LoRA's (0 = learning_rate)
     debias_beta: float = 1.0  # motion_director: appearance-debiased loss (MotionDirector eq. 5)
+    spatial_lora_dropout: float = 0.2  # motion_director: share of clips trained without the spatial LoRA
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     optimizer: str = "auto"  # auto: 8-bit AdamW (bitsandbytes) on a GPU when installed, else AdamW
 
@@ -248,6 +249,8 @@ def check_config(config: Config, source: str = "config", in_graph: bool = False)
         _need(getattr(train, key) >= 1, f"{source}: [train] {key}", f"{getattr(train, key)} must be >= 1")
     _need(train.learning_rate > 0, f"{source}: [train] learning_rate", f"{train.learning_rate} must be > 0")
     _need(train.spatial_learning_rate >= 0, f"{source}: [train] spatial_learning_rate", "must be >= 0")
+    _need(0.0 <= train.spatial_lora_dropout <= 1.0, f"{source}: [train] spatial_lora_dropout",
+          f"{train.spatial_lora_dropout} must be in 0..1")
     _need(train.warmup_steps >= 0, f"{source}: [train] warmup_steps", "must be >= 0")
     _need(train.weight_decay >= 0, f"{source}: [train] weight_decay", "must be >= 0")
     _need(train.max_grad_norm >= 0, f"{source}: [train] max_grad_norm", "must be >= 0 (0 = no clipping)")

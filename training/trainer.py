@@ -498,9 +498,10 @@ class Trainer:
 
     def _batch(self, device) -> _Batch:
         """One micro-batch of this process. Every random draw of a clip (which clip, its frames and
-        flip, caption dropout, timestep, noise, anchor and single frame) is made clip by clip for the
-        whole global batch, so ``batch_size`` 2 draws exactly what two micro-batches of 1 draw, every
-        process draws the same numbers, and the generator state at a step start fixes the rest."""
+        flip, caption dropout, timestep, noise, anchor and single frame, MotionDirector's spatial LoRA
+        dropout) is made clip by clip for the whole global batch, so ``batch_size`` 2 draws exactly what
+        two micro-batches of 1 draw, every process draws the same numbers, and the generator state at a
+        step start fixes the rest."""
         data, frames, per_process = self.config.data, self.config.data.frames, self.config.train.batch_size
         sigmas = self.model.get_model_object("model_sampling").sigmas.float().cpu()
         ratio = getattr(self.models.vae, "downscale_ratio", 8)
@@ -519,8 +520,11 @@ class Trainer:
             sigma = sigmas[int(torch.randint(0, sigmas.shape[0], (), generator=self.generator))]
             noise = torch.randn(shape, generator=self.generator)
             anchor, single = torch.randint(0, frames, (2,), generator=self.generator).tolist()
+            alone = (self.config.mode == "motion_director"
+                     and float(torch.rand((), generator=self.generator)) < self.config.train.spatial_lora_dropout)
             if number // per_process == self.world.rank:
-                mine.append((index, draw, "" if dropped else self.clips.caption(index), sigma, noise, anchor, single))
+                mine.append((index, draw, "" if dropped else self.clips.caption(index), sigma, noise, anchor, single,
+                             alone))
         loaders = [self._pixels(index, draw) for index, draw, *_ in mine]
         latents = []
         for (index, draw, *_), pixels in zip(mine, loaders):
@@ -542,6 +546,7 @@ class Trainer:
             sigma=torch.stack([m[3] for m in mine]).repeat_interleave(frames).to(device),
             noise=torch.cat([m[4] for m in mine]).to(device),
             anchors=torch.tensor([m[5] for m in mine]), single=torch.tensor([m[6] for m in mine]),
+            alone=torch.tensor([m[7] for m in mine]),
             embeddings=embeddings)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -640,17 +645,17 @@ class Trainer:
 
     def backward(self, guider, model_options, seed, device, dtype, scaler, divisor: int) -> float:
         """Loss and backward of one micro-batch; returns the loss (NaN when it was not finite, without
-        a backward). Each path's backward runs while its LoRAs are frozen as the path needs, so a
-        gradient-checkpoint recompute sees the same weights as the forward did."""
+        a backward). Each path's backward runs while its LoRAs are frozen or left out as the path needs,
+        so a gradient-checkpoint recompute sees the same weights as the forward did."""
         config = self.config
-        frames = config.data.frames
         batch = self._batch(device)
-        x0, conditioning, sigma, noise, anchors = batch.x0, batch.conditioning, batch.sigma, batch.noise, batch.anchors
-        clips = x0.shape[0] // frames
+        x0, conditioning, sigma, noise = batch.x0, batch.conditioning, batch.sigma, batch.noise
 
-        def path(options, rows, frozen, loss_of) -> float:
+        def path(options, rows, frozen, loss_of, disabled=()) -> float:
             for lora in frozen:
                 lora.frozen = True
+            for lora in disabled:
+                lora.enabled = False
             try:
                 cond = [[conditioning[0][0][rows], {k: v[rows] for k, v in conditioning[0][1].items()}]]
                 err = self._error(guider, options, seed, x0[rows], sigma[rows], noise[rows], cond, dtype)
@@ -662,22 +667,47 @@ class Trainer:
             finally:
                 for lora in frozen:
                     lora.frozen = False
+                for lora in disabled:
+                    lora.enabled = True
 
         every = torch.arange(x0.shape[0])
         if self.predictor_state is not None:
             return self._predictor_backward(batch, lambda loss_of: path(model_options, every, (), loss_of))
         if config.mode != "motion_director":
             return path(model_options, every, (), lambda err: err.pow(2).mean())
-        # MotionDirector: the temporal path trains the temporal LoRA on whole clips with the debiased
-        # loss (spatial LoRA applied, not trained); the spatial path the spatial LoRA on one frame per clip
-        temporal = path(model_options, every, self.trainables.spatial.values(),
-                        lambda err: debiased_mse(err, frames, anchors, config.train.debias_beta))
-        if math.isnan(temporal):
-            return temporal
-        rows = torch.arange(clips) * frames + batch.single
-        spatial = path(_single_frame_options(model_options), rows, self.trainables.temporal.values(),
-                       lambda err: err.pow(2).mean())
-        return temporal + spatial
+        return self._director_backward(batch, path, model_options)
+
+    def _director_backward(self, batch: "_Batch", path, model_options: dict) -> float:
+        """MotionDirector, as its train.py: the temporal path trains the temporal LoRA on whole clips with
+        the MSE plus the appearance-debiased MSE, the spatial LoRA applied but not trained, or left out
+        for the clips drawn ``alone`` (``spatial_lora_dropout``, so the MotionLoRA also works without it);
+        the spatial path trains the spatial LoRA on one frame of each other clip, without the temporal
+        LoRA. Each group's loss is weighted by its share of the clips, so the total is the mean over
+        clips whatever the grouping (a batch of 2 = two micro-batches of 1)."""
+        frames, beta = self.config.data.frames, self.config.train.debias_beta
+        clips = batch.anchors.shape[0]
+        spatial, temporal = self.trainables.spatial.values(), self.trainables.temporal.values()
+        paired, alone = torch.nonzero(~batch.alone).flatten(), torch.nonzero(batch.alone).flatten()
+
+        def rows(group):
+            return (group[:, None] * frames + torch.arange(frames)).flatten()
+
+        def temporal_loss(group):
+            share = group.shape[0] / clips
+            return lambda err: share * (err.pow(2).mean() + debiased_mse(err, frames, batch.anchors[group], beta))
+
+        total = 0.0
+        for group, frozen, disabled in ((paired, spatial, ()), (alone, (), spatial)):
+            if group.shape[0]:
+                total += path(model_options, rows(group), frozen, temporal_loss(group), disabled)
+                if math.isnan(total):
+                    return total
+        if not paired.shape[0]:
+            return total
+        single = paired * frames + batch.single[paired]
+        share = paired.shape[0] / clips
+        return total + path(_single_frame_options(model_options), single, (), lambda err: share * err.pow(2).mean(),
+                            temporal)
 
     def _predictor_backward(self, batch: "_Batch", path) -> float:
         """semantic_motion_predictor: each clip's first and last frame embeddings give its P (with gradients),
@@ -743,6 +773,7 @@ class _Batch:
     noise: torch.Tensor
     anchors: torch.Tensor  # per clip: MotionDirector's anchor frame
     single: torch.Tensor  # per clip: the spatial path's frame
+    alone: torch.Tensor  # per clip: MotionDirector trains its temporal LoRA without the spatial LoRA
     embeddings: torch.Tensor | None = None  # semantic_motion_predictor: per clip, E of its frames (or first, last)
 
 
