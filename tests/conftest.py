@@ -71,11 +71,11 @@ def folders(comfyui, tmp_path):
         folder_paths.filename_list_cache.clear()
 
 
-# The test files that take longest (about 70-300 s each on a 2-core machine, `--durations`), run first:
+# The test files that take longest (about 70-470 s each on a 2-core machine, `--durations`), run first:
 # .ci/run gives whole files to two workers (pytest-xdist, --dist loadfile), and long files left for the
 # end would keep one worker busy while the other idles.
-SLOW_FILES = ("test_training_cli.py", "test_soak.py", "test_frontend.py", "test_comfy_server.py",
-              "test_training_modes.py", "test_training_extras.py", "test_bad_inputs.py", "test_training_predictor.py")
+SLOW_FILES = ("test_training_modes.py", "test_training_cli.py", "test_soak.py", "test_frontend.py",
+              "test_comfy_server.py", "test_training_extras.py", "test_bad_inputs.py", "test_training_predictor.py")
 
 
 def pytest_collection_modifyitems(config, items):
