@@ -170,7 +170,7 @@ def test_motion_director_losses_are_those_of_its_train_py(env, folders):
     _, paired = train(config("motion_director", "paired", steps=1, batch_size=1, debias_beta=0.0,
                              spatial_lora_dropout=0.0), clips, mode="motion_director")
     frame_mse = logged(folders, "paired")[0][1] - 2 * mse
-    assert 0.1 < frame_mse < 10  # the spatial path's MSE of one frame, of the size of the clip's
+    assert 0.5 * mse < frame_mse < 2 * mse  # the spatial path's: one frame's MSE, near the clip's (1.26 vs 1.14)
     spatial = load_file(paired["sd_lora"])
     assert max(float(v.abs().max()) for k, v in spatial.items() if ".lora_up." in k) > 1e-4
 
