@@ -692,9 +692,11 @@ class Trainer:
         def rows(group):
             return (group[:, None] * frames + torch.arange(frames)).flatten()
 
+        def share(group) -> float:
+            return group.shape[0] / clips
+
         def temporal_loss(group):
-            share = group.shape[0] / clips
-            return lambda err: share * (err.pow(2).mean() + debiased_mse(err, frames, batch.anchors[group], beta))
+            return lambda err: share(group) * (err.pow(2).mean() + debiased_mse(err, frames, batch.anchors[group], beta))
 
         total = 0.0
         for group, frozen, disabled in ((paired, spatial, ()), (alone, (), spatial)):
@@ -705,9 +707,8 @@ class Trainer:
         if not paired.shape[0]:
             return total
         single = paired * frames + batch.single[paired]
-        share = paired.shape[0] / clips
-        return total + path(_single_frame_options(model_options), single, (), lambda err: share * err.pow(2).mean(),
-                            temporal)
+        return total + path(_single_frame_options(model_options), single, (),
+                            lambda err: share(paired) * err.pow(2).mean(), temporal)
 
     def _predictor_backward(self, batch: "_Batch", path) -> float:
         """semantic_motion_predictor: each clip's first and last frame embeddings give its P (with gradients),

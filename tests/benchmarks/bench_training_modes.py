@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python -P tests/benchmarks/bench_training_modes.py motion_lora \\
         [--steps 200] [--lr 1e-2] [--rank 16] [--schedule constant|linear|cosine] [--warmup 0] \\
-        [--spatial-lr 0] [--spatial-lora-dropout 0.2]
+        [--spatial-lr 0] [--spatial-lora-dropout D]
 
 The setting of tests/test_training_modes.py: the tiny SD1.5 demo models (and the tiny v2 motion model),
 6 synthetic moving-disc clips (64x64, 8 frames, batch 2), the held-out loss of 3 other clips measured
@@ -38,8 +38,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0, help="[train] warmup_steps")
     parser.add_argument("--spatial-lr", type=float, default=0.0,
                         help="[train] spatial_learning_rate (motion_director's spatial LoRA; 0: --lr)")
-    parser.add_argument("--spatial-lora-dropout", type=float, default=0.2,
-                        help="[train] spatial_lora_dropout (motion_director: share of clips without the spatial LoRA)")
+    parser.add_argument("--spatial-lora-dropout", type=float, default=None,
+                        help="[train] spatial_lora_dropout (motion_director: share of clips without the spatial "
+                             "LoRA; default: the config's)")
     args = parser.parse_args()
 
     import ads_package
@@ -71,8 +72,8 @@ def main() -> None:
           f"(ratio {floor / before:.3f})", flush=True)
     run = config(args.mode, steps=args.steps, learning_rate=args.lr, rank=args.rank, batch_size=2,
                  gradient_checkpointing=False, lr_schedule=args.schedule, warmup_steps=args.warmup,
-                 spatial_learning_rate=args.spatial_lr, spatial_lora_dropout=args.spatial_lora_dropout,
-                 sections={"data": {"cache": True}})
+                 spatial_learning_rate=args.spatial_lr, sections={"data": {"cache": True}},
+                 **({} if args.spatial_lora_dropout is None else {"spatial_lora_dropout": args.spatial_lora_dropout}))
     started = time.perf_counter()
     with torch.inference_mode():
         _, written = run_in_graph(run, models, MemoryClips([shape_clip(s) for s in range(6)], run.data), False)
@@ -80,7 +81,7 @@ def main() -> None:
     after = heldout_loss(with_written_files(models, written), models.clip, models.vae, held_out)
     spatial = f", spatial lr {args.spatial_lr:g}" if args.spatial_lr else ""
     if args.mode == "motion_director":
-        spatial += f", spatial LoRA dropout {args.spatial_lora_dropout:g}"
+        spatial += f", spatial LoRA dropout {run.train.spatial_lora_dropout:g}"
     print(f"{args.mode}: {args.steps} steps, lr {args.lr:g}{spatial} ({args.schedule}, warm-up {args.warmup}), "
           f"rank {args.rank}: held-out loss {before:.4f} -> {after:.4f} (ratio {after / before:.3f}); "
           f"training {seconds:.0f} s")
