@@ -274,12 +274,14 @@ class WindowAccumulator:
     whatever the number of windows. ``result()`` is the per-frame weighted mean.
 
     One in-order window covering every frame is returned unchanged (bit-exact), so short clips
-    are unaffected by context options.
+    are unaffected by context options. The weights per frame are also summed in Python, so the
+    check that every frame is covered reads no value from the device (on a GPU that read would wait
+    for all queued work, once per motion module with ``motion_attention`` windows).
     """
 
     def __init__(self, num_frames: int, options: ContextOptions | None, dim: int = 0):
         self.num_frames, self.options, self.dim = num_frames, options, dim
-        self.total = self.counts = self.whole = self._whole_weights = None
+        self.total = self.counts = self.host_counts = self.whole = self._whole_weights = None
 
     def add(self, window: Sequence[int], output: torch.Tensor, weights: Sequence[float] | None = None) -> None:
         """Add one window's output; ``weights`` default to the options' fuse method."""
@@ -292,6 +294,7 @@ class WindowAccumulator:
             dtype = torch.float32 if output.dtype in (torch.float16, torch.bfloat16) else output.dtype
             self.total = torch.zeros(shape, dtype=dtype, device=output.device)
             self.counts = torch.zeros(self.num_frames, dtype=dtype, device=output.device)
+            self.host_counts = [0.0] * self.num_frames
             self.dtype = output.dtype
             if self.whole is not None:
                 whole, self.whole = self.whole, None
@@ -301,6 +304,8 @@ class WindowAccumulator:
         index = torch.as_tensor(list(window), device=output.device)
         if weights is None:
             weights = FUSE_METHODS[self.options.fuse_method](window, self.num_frames, self.options)
+        for frame, weight in zip(window, weights):
+            self.host_counts[frame] += float(weight)
         weights = torch.tensor(weights, dtype=self.total.dtype, device=output.device)
         self.total.index_add_(self.dim, index, output.to(self.total.dtype) * weights.view(view))
         self.counts.index_add_(0, index, weights)
@@ -310,8 +315,8 @@ class WindowAccumulator:
             return self.whole
         if self.total is None:
             raise ValueError("no window outputs to fuse")
-        if bool((self.counts == 0).any()):
-            missing = torch.nonzero(self.counts == 0).flatten().tolist()
+        missing = [frame for frame, count in enumerate(self.host_counts) if count == 0]
+        if missing:
             raise ValueError(f"frames {missing[:8]} are covered by no window")
         view = [1] * self.total.ndim
         view[self.dim] = -1

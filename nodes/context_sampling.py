@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 KEY = "animatediff_suite"  # transformer_options entry of Apply Motion Model's MotionSettings
 CONTEXT_KEY = "animatediff_suite.context"
 LAYOUT_KEY = "animatediff_suite.layout"  # transformer_options entry: the FrameLayout of one UNet call
+# transformer_options entries of one UNet call, read once per call by the CALC_COND_BATCH wrapper rather than
+# in every motion module: whether the motion modules run (Apply's percent range), and the step index of
+# motion_attention windows. Each read of a sigma's value is a device->host copy, which on a GPU waits for
+# all queued work: ~21 per UNet call (one per motion module) stalled the GPU's queue before.
+ACTIVE_KEY = "animatediff_suite.motion_active"
+STEP_KEY = "animatediff_suite.step"
 FREE_INIT_KEY = "animatediff_suite.free_init"
 SAMPLE_KEY = "animatediff_suite.sample"
 # transformer_options entry while FreeInit runs its passes: (steps before this pass, steps of all passes)
@@ -90,7 +96,10 @@ def motion_attention_windows(transformer_options: dict, frames: int):
         return None, False
     windows = None
     if context.scope == "motion_attention" and frames > context.context_length:
-        windows = _cached_windows(frames, context, step_index(transformer_options, transformer_options.get("sigmas")))
+        step = transformer_options.get(STEP_KEY)
+        if step is None:
+            step = step_index(transformer_options, transformer_options.get("sigmas"))
+        windows = _cached_windows(frames, context, step)
     return windows, context.stretch_pe
 
 
@@ -144,9 +153,13 @@ def release_freed_memory(device: torch.device) -> None:
         trim(0)
 
 
-def with_layout(model_options: dict, layout: FrameLayout) -> dict:
-    """A copy of ``model_options`` whose transformer_options carry ``layout`` (the input is not modified)."""
-    transformer_options = {**model_options.get("transformer_options", {}), LAYOUT_KEY: layout}
+def with_layout(model_options: dict, layout: FrameLayout, motion_active: bool = True, step: int | None = None) -> dict:
+    """A copy of ``model_options`` whose transformer_options carry ``layout``, whether the motion modules
+    run and, when known, the step index (the input is not modified)."""
+    transformer_options = {**model_options.get("transformer_options", {}), LAYOUT_KEY: layout,
+                           ACTIVE_KEY: motion_active}
+    if step is not None:
+        transformer_options[STEP_KEY] = step
     return {**model_options, "transformer_options": transformer_options}
 
 
@@ -174,8 +187,13 @@ def layout_calc_cond_batch(executor, model, conds, x_in, timestep, model_options
     batch = x_in.shape[0]
     clips = clips_of(transformer_options, batch)
     clip_frames = batch // clips
+    settings = transformer_options.get(KEY)
+    active = True if settings is None else settings.active(timestep)
     if options is None or clip_frames <= options.context_length or options.scope != "whole_model":
-        return executor(model, conds, x_in, timestep, with_layout(model_options, FrameLayout.whole(clips, clip_frames)))
+        step = step_index(transformer_options, timestep) if options is not None and active \
+            and clip_frames > options.context_length else None  # motion_attention windows
+        return executor(model, conds, x_in, timestep,
+                        with_layout(model_options, FrameLayout.whole(clips, clip_frames), active, step))
     step = step_index(transformer_options, timestep)
     plan = weighted_windows(clip_frames, options, step)
     per_call = options.window_batch or auto_window_batch(model, x_in, len(conds), clips, plan)
@@ -189,7 +207,7 @@ def layout_calc_cond_batch(executor, model, conds, x_in, timestep, model_options
         index = torch.as_tensor(rows, device=x_in.device)
         sub_conds = [None if c is None else [_window_cond(item, index, batch, model) for item in c] for c in conds]
         sub_timestep = timestep[index] if timestep.ndim and timestep.shape[0] == batch else timestep
-        outputs = executor(model, sub_conds, x_in[index], sub_timestep, with_layout(model_options, layout))
+        outputs = executor(model, sub_conds, x_in[index], sub_timestep, with_layout(model_options, layout, active))
         weights = [weights for _, weights in group for _ in range(clips)]
         for accumulator, output in zip(fused, outputs):
             for number in range(layout.sequences):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 from ..motion_modules import (LoRA, MotionModel, MotionModelError, load_motion_model, lora_deltas,
                               motion_lora_deltas)
 from .comfy_compat import check_no_core_context_windows, check_no_multigpu, new_model_patcher
-from .context_sampling import (CONTEXT_KEY, KEY, add_context_windows, add_sampling_wrappers, frame_layout,
-                               motion_attention_windows)
+from .context_sampling import (ACTIVE_KEY, CONTEXT_KEY, KEY, add_context_windows, add_sampling_wrappers,
+                               frame_layout, motion_attention_windows)
 from .v1_norms import add_frame_spanning_norms, remove_frame_spanning_norms
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class MotionSettings:
     motion_norm: str | None = None  # the motion modules' GroupNorm mode for this Apply, None: the model's own
 
     def active(self, sigmas) -> bool:
-        if sigmas is None:
+        """Whether the motion modules run at ``sigmas`` (their first value). The whole schedule (start 0%,
+        end 100%) needs no read of the value, which on a GPU would wait for the queued work."""
+        if sigmas is None or (self.sigma_start == math.inf and self.sigma_end <= 0.0):
             return True
         sigma = float(sigmas.reshape(-1)[0])
         return self.sigma_end <= sigma <= self.sigma_start
@@ -121,7 +124,8 @@ class MotionSlot(torch.nn.Module):
             raise MotionModelError(f"motion module {self.prefix} ran without its settings; "
                                    "was the model patched by another tool after Apply Motion Model?")
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if not settings.active(transformer_options.get("sigmas")):
+        active = transformer_options.get(ACTIVE_KEY)  # read once per UNet call by the layout wrapper
+        if not (settings.active(transformer_options.get("sigmas")) if active is None else active):
             return x
         layout = frame_layout(transformer_options, f"motion module {self.prefix}")
         layout.check_batch(x.shape[0], len(transformer_options.get("cond_or_uncond") or [0]),
@@ -341,8 +345,10 @@ def apply_motion(model, motion: LoadedMotionModel, loras=(), scale: float = 1.0,
                                    f"{len(adapter_patches)} weights exist in this model")
     sampling = patched.get_model_object("model_sampling")
     evolved_norms = norm_semantics == "AnimateDiff-Evolved" and motion.spec.version in EVOLVED_SPANNING_VERSIONS
-    settings = MotionSettings(scale=float(scale), sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)), heads=motion.spec.heads,
+    # 0% and 100% are the ends of any schedule (percent_to_sigma's 999999999.9 and 0.0)
+    sigma_start = math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
+    sigma_end = 0.0 if end_percent >= 1.0 else float(sampling.percent_to_sigma(end_percent))
+    settings = MotionSettings(scale=float(scale), sigma_start=sigma_start, sigma_end=sigma_end, heads=motion.spec.heads,
                               channels=motion.spec.modules[0].channels, frames_per_clip=int(frames_per_clip),
                               motion_norm="across_frames" if evolved_norms else None)
     patched.set_additional_models(KEY, [motion_patcher])

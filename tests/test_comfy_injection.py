@@ -502,3 +502,59 @@ def test_evolved_norm_semantics_leaves_other_versions_unchanged(env):
     assert torch.equal(ksample(env, apply(env, model, loaded, norm_semantics="AnimateDiff-Evolved")), original)
     with pytest.raises(env["injection"].MotionModelError, match="unknown norm_semantics 'both'"):
         apply(env, model, loaded, norm_semantics="both")
+
+
+class _ValueReads:
+    """Counts reads of a tensor's value into Python (``aten._local_scalar_dense``: ``float()``, ``bool()``,
+    ``item()``...); on a GPU each one waits for all the work queued before it."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+
+@pytest.mark.parametrize("case", ["v2", "v1", "percent range", "motion_attention windows", "whole_model windows"])
+def test_animating_adds_no_value_read_inside_a_unet_call_and_at_most_one_per_step(env, case):
+    """Each of a UNet call's ~21 motion modules read the sigma (Apply's percent range) before: 21 waits per
+    step on a GPU. Now the range and the windows' step index are read once per step, before the UNet call,
+    and the whole range (0%..100%) not at all. Counted on the CPU: reads per step = (reads of a 4-step
+    sample - reads of a 2-step one) / 2, the animated model's less the plain model's (ComfyUI's own reads
+    and the once-per-sample input checks cancel); reads inside the UNet's forward must be none."""
+    import comfy.patcher_extension
+
+    from animatediff_suite.motion_modules import ContextOptions
+
+    frames = 40 if "windows" in case else FRAMES
+    kwargs = {"percent range": {"start_percent": 0.1, "end_percent": 0.9},
+              "motion_attention windows": {"context": ContextOptions(16, 4, scope="motion_attention")},
+              "whole_model windows": {"context": ContextOptions(16, 4)}}.get(case, {})
+    extra = {"v2": 0, "v1": 0, "percent range": 1, "motion_attention windows": 1, "whole_model windows": 1}[case]
+    model = env["demo"].tiny_model(0)
+    animated = apply(env, model, motion(env, "v1" if case == "v1" else "v2"), **kwargs)
+    inside = _ValueReads()
+
+    def in_unet(executor, *args, **kwargs):
+        with inside.mode:
+            return executor(*args, **kwargs)
+
+    animated.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.reads", in_unet)
+
+    def reads(patcher, steps):
+        counter = _ValueReads()
+        with counter.mode:
+            ksample(env, patcher, steps=steps, frames=frames)
+        return counter.count
+
+    per_step = {name: (reads(patcher, 4) - reads(patcher, 2)) / 2 for name, patcher in
+                (("animated", animated), ("plain", model))}
+    assert per_step["animated"] - per_step["plain"] == extra, per_step
+    assert inside.count == 0
