@@ -122,6 +122,64 @@ def test_gradient_checkpointing_computes_the_same_gradients(env, folders, mode):
         assert max(float(v.abs().max()) for v in zero_at_start) > 1e-4  # it trained
 
 
+@pytest.mark.parametrize("mode", ["motion_lora", "motion_director"])
+def test_nothing_is_read_from_the_device_between_a_forward_and_the_end_of_its_backward(env, folders, monkeypatch,
+                                                                                      mode):
+    """On a GPU each read of a tensor's value into Python (``aten._local_scalar_dense``: ``float()``,
+    ``bool()``, ``item()``) waits for all the work queued before it, so a read between a forward and its
+    backward stops the host from queueing the backward while the GPU finishes the forward. Before, the
+    loop checked each loss's finiteness there, and every motion module read the sigma in the forward and
+    again in the checkpointed recompute. Recorded on the CPU, in order: UNet forwards (with gradients),
+    backward calls and reads; MotionDirector's batch of 2 with dropout 0.5 runs 3, 3 and 1 paths in its 3
+    steps (see the accumulation test below)."""
+    import comfy.patcher_extension
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from animatediff_suite.training.data import MemoryClips
+    from animatediff_suite.training.session import run_in_graph
+
+    events = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                events.append("read")
+            return func(*args, **(kwargs or {}))
+
+    backward = torch.Tensor.backward
+
+    def recorded_backward(self, *args, **kwargs):
+        events.append("backward")
+        backward(self, *args, **kwargs)
+        events.append("backward done")
+
+    def forward(executor, *args, **kwargs):
+        if torch.is_grad_enabled():
+            events.append("forward")
+        return executor(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recorded_backward)
+    models = base_models(mode)
+    models.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.reads", forward)
+    extra = {"spatial_lora_dropout": 0.5} if mode == "motion_director" else {}
+    run = config(mode, "reads", steps=3, batch_size=2, gradient_checkpointing=True, **extra)
+    clips = [shape_clip(s) for s in range(4)]
+    with torch.inference_mode(), Reads():
+        run_in_graph(run, models, MemoryClips(clips, run.data), False, None)
+    assert events.count("forward") == events.count("backward") == (7 if mode == "motion_director" else 3)
+    assert events.count("read") > 0  # the recording works: the random draws and the optimizer read values
+    inside, position = [], None
+    for event in events:
+        if event == "forward":
+            position = []
+        elif event == "backward done":
+            inside.append(position)
+            position = None
+        elif position is not None:
+            position.append(event)
+    assert inside and all(between == ["backward"] for between in inside), inside
+
+
 def logged(folders, name) -> list[list[float]]:
     lines = (folders / "output" / "animatediff_training" / name / "log.csv").read_text().splitlines()
     assert lines[0] == "step,loss,grad_norm,learning_rate,seconds"

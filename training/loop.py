@@ -56,14 +56,9 @@ class LoopSampler(comfy.samplers.Sampler):
                 if world.any(trainer.should_stop()):
                     raise Stopped()
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                total = 0.0  # NaN once a micro-batch is not finite; the draws go on so processes stay in step
-                for _ in range(accumulation):
-                    total += trainer.backward(model_wrap, model_options, seed, noise.device, self.dtype,
-                                              self.scaler, accumulation) / accumulation
-                total = world.mean(total)
-                if not math.isnan(total):
-                    world.average_gradients(self.params)
-                norm = self._step() if not math.isnan(total) else math.nan
+                losses = [trainer.backward(model_wrap, model_options, seed, noise.device, self.dtype, self.scaler,
+                                           accumulation) for _ in range(accumulation)]
+                total, norm = self._step(losses)
                 finite = not math.isnan(norm)
             except (Stopped, KeyboardInterrupt, comfy.model_management.InterruptProcessingException):
                 self._save(snapshot)
@@ -112,16 +107,33 @@ class LoopSampler(comfy.samplers.Sampler):
             trainer.tensorboard.add_images("validation", images, step, dataformats="NHWC")
             trainer.tensorboard.flush()
 
-    def _step(self) -> float:
-        """Clip, check and apply the accumulated gradients; returns their norm (NaN: not finite, not applied)."""
+    def _step(self, losses: list[list[torch.Tensor]]) -> tuple[float, float]:
+        """Average over the processes, clip, check and apply the accumulated gradients of one step.
+        ``losses``: per micro-batch, its paths' losses. Returns the step's loss (the mean over micro-batches
+        and processes) and the gradients' norm before clipping; NaN norm: the loss or the gradients were not
+        finite and nothing was applied. The losses and the norm are read from the device once, together:
+        on a GPU each read waits for all queued work, so nothing is read between forward and backward."""
+        world = self.trainer.world
+        world.average_gradients(self.params)  # also when not finite: the processes' collectives stay in step
         self.scaler.unscale_(self.optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.trainer.config.train.max_grad_norm or float("inf")))
-        if not math.isfinite(norm):
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.trainer.config.train.max_grad_norm or float("inf"))
+        flat = [loss for micro_batch in losses for loss in micro_batch]
+        device = flat[0].device
+        values = torch.stack([v.to(device, torch.float64) for v in (norm, *flat)]).tolist()  # float32: exact
+        norm, values = values[0], iter(values[1:])
+        total = 0.0
+        for micro_batch in losses:
+            loss = 0.0
+            for _ in micro_batch:
+                loss += next(values)
+            total += loss / len(losses)
+        total = world.mean(total)
+        if not (math.isfinite(total) and math.isfinite(norm)):
             self.scaler.update()
-            return math.nan
+            return total, math.nan
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return norm
+        return total, norm
 
     def _save(self, snapshot) -> None:
         trainer = self.trainer

@@ -643,15 +643,18 @@ class Trainer:
         if self.trainables.predictor is not None:
             yield self.trainables.predictor
 
-    def backward(self, guider, model_options, seed, device, dtype, scaler, divisor: int) -> float:
-        """Loss and backward of one micro-batch; returns the loss (NaN when it was not finite, without
-        a backward). Each path's backward runs while its LoRAs are frozen or left out as the path needs,
-        so a gradient-checkpoint recompute sees the same weights as the forward did."""
+    def backward(self, guider, model_options, seed, device, dtype, scaler, divisor: int) -> list[torch.Tensor]:
+        """Losses and backward of one micro-batch; returns each path's loss (its terms add up to the
+        micro-batch's loss), still on the device: the loop reads them once per step with the gradient
+        norm, since a read waits for the work queued on a GPU. A non-finite loss gives non-finite
+        gradients, which the step then skips. Each path's backward runs while its LoRAs are frozen or
+        left out as the path needs, so a gradient-checkpoint recompute sees the same weights as the
+        forward did."""
         config = self.config
         batch = self._batch(device)
         x0, conditioning, sigma, noise = batch.x0, batch.conditioning, batch.sigma, batch.noise
 
-        def path(options, rows, frozen, loss_of, disabled=()) -> float:
+        def path(options, rows, frozen, loss_of, disabled=()) -> list[torch.Tensor]:
             for lora in frozen:
                 lora.frozen = True
             for lora in disabled:
@@ -660,10 +663,8 @@ class Trainer:
                 cond = [[conditioning[0][0][rows], {k: v[rows] for k, v in conditioning[0][1].items()}]]
                 err = self._error(guider, options, seed, x0[rows], sigma[rows], noise[rows], cond, dtype)
                 loss = loss_of(err)
-                if not bool(torch.isfinite(loss)):
-                    return math.nan
                 scaler.scale(loss / divisor).backward()
-                return float(loss.detach())
+                return [loss.detach()]
             finally:
                 for lora in frozen:
                     lora.frozen = False
@@ -677,7 +678,7 @@ class Trainer:
             return path(model_options, every, (), lambda err: err.pow(2).mean())
         return self._director_backward(batch, path, model_options)
 
-    def _director_backward(self, batch: "_Batch", path, model_options: dict) -> float:
+    def _director_backward(self, batch: "_Batch", path, model_options: dict) -> list[torch.Tensor]:
         """MotionDirector, as its train.py: the temporal path trains the temporal LoRA on whole clips with
         the MSE plus the appearance-debiased MSE, the spatial LoRA applied but not trained, or left out
         for the clips drawn ``alone`` (``spatial_lora_dropout``, so the MotionLoRA also works without it);
@@ -698,19 +699,17 @@ class Trainer:
         def temporal_loss(group):
             return lambda err: share(group) * (err.pow(2).mean() + debiased_mse(err, frames, batch.anchors[group], beta))
 
-        total = 0.0
+        losses = []
         for group, frozen, disabled in ((paired, spatial, ()), (alone, (), spatial)):
             if group.shape[0]:
-                total += path(model_options, rows(group), frozen, temporal_loss(group), disabled)
-                if math.isnan(total):
-                    return total
+                losses += path(model_options, rows(group), frozen, temporal_loss(group), disabled)
         if not paired.shape[0]:
-            return total
+            return losses
         single = paired * frames + batch.single[paired]
-        return total + path(_single_frame_options(model_options), single, (),
-                            lambda err: share(paired) * err.pow(2).mean(), temporal)
+        return losses + path(_single_frame_options(model_options), single, (),
+                             lambda err: share(paired) * err.pow(2).mean(), temporal)
 
-    def _predictor_backward(self, batch: "_Batch", path) -> float:
+    def _predictor_backward(self, batch: "_Batch", path) -> list[torch.Tensor]:
         """semantic_motion_predictor: each clip's first and last frame embeddings give its P (with gradients),
         which the patched cross-attention reads; the loss is the diffusion MSE (the paper's) plus, with
         ``[predictor] embedding_loss``, that weight times MSE(P_i, E(frame i))."""
