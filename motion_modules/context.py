@@ -315,7 +315,7 @@ class WindowAccumulator:
             return self.whole
         if self.total is None:
             raise ValueError("no window outputs to fuse")
-        missing = [frame for frame, count in enumerate(self.host_counts) if count == 0]
+        missing = [frame for frame, count in enumerate(self.host_counts) if count <= 0]  # weights are >= 0
         if missing:
             raise ValueError(f"frames {missing[:8]} are covered by no window")
         view = [1] * self.total.ndim

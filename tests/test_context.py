@@ -351,6 +351,19 @@ def test_window_options_and_frame_counts_refused_with_their_sentence():
         "num_frames must be at least 1, got 0")
 
 
+def test_a_frame_only_zero_weights_cover_is_uncovered_and_one_positive_weight_covers_it():
+    """Coverage is the sum of a frame's fuse weights (kept in Python, so the check reads nothing from a GPU):
+    frame 1 has 1.0 then 0.0 (covered), frame 3 only 0.0 (not)."""
+    from animatediff_suite.motion_modules.context import WindowAccumulator
+
+    accumulator = WindowAccumulator(4, ContextOptions(2, 1))
+    for window, weights in (([0, 1], [1.0, 1.0]), ([1, 2], [0.0, 1.0]), ([2, 3], [1.0, 0.0])):
+        accumulator.add(window, torch.ones(2, 1), weights)
+    assert raised_message(accumulator.result, ValueError) == "frames [3] are covered by no window"
+    accumulator.add([3], torch.full((1, 1), 5.0), [0.5])
+    assert accumulator.result().flatten().tolist() == [1.0, 1.0, 1.0, 5.0]
+
+
 def test_fusing_nothing_and_the_first_eight_uncovered_frames_are_named():
     from animatediff_suite.motion_modules.context import WindowAccumulator
 
