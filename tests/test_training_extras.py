@@ -142,21 +142,31 @@ def test_adamw8bit_steps_like_adamw_and_keeps_8_bit_moments(env, folders):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_computes_in_half_and_keeps_fp32_weights_and_moments(env, folders, precision):
     """The GPU recipe run on the CPU (CI has none; CPU autocast takes both dtypes): the UNet's layers compute
-    in the half dtype, the losses of the same draws stay within half precision of an fp32 run's, the
-    trained weights, their file and AdamW's moments stay fp32, and only fp16 runs a grad scaler."""
-    clips = [shape_clip(s) for s in range(2)]
-    reference, _ = train(config("motion_lora", "fp32", steps=2, learning_rate=1e-2, precision="fp32"), clips)
+    in the half dtype, the losses of the same draws stay within half precision of an fp32 run's and so does
+    the first step's gradient norm (the LoRA's whole gradient: every ``up`` starts at zero), the trained
+    weights, their file and AdamW's moments stay fp32, and only fp16 runs a grad scaler.
+
+    At 128x128, not the tests' usual 64x64: there the tiny UNet's deepest level is 1x1 latent pixel and
+    each GroupNorm group normalises 2 values, whose backward amplifies rounding without bound (bf16's
+    step-1 gradient norm 0.218 against fp32's 0.0112, measured); at 128x128 (8 values) they agree to 0.1%."""
+    clips = [shape_clip(s, size=128) for s in range(2)]
+    data = {"data": {"width": 128, "height": 128}}
+    reference, _ = train(config("motion_lora", "fp32", steps=2, learning_rate=1e-2, precision="fp32", sections=data),
+                         clips)
     models = base_models("motion_lora")
     seen = set()
     hook = models.model.model.diffusion_model.out[2].register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     try:
-        result, written = train(config("motion_lora", precision, steps=2, learning_rate=1e-2, precision=precision),
-                                clips, models)
+        result, written = train(config("motion_lora", precision, steps=2, learning_rate=1e-2, precision=precision,
+                                       sections=data), clips, models)
     finally:
         hook.remove()
     assert seen == {{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
     # bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%), fp16 11; a whole UNet accumulates a few steps
     assert result.losses == pytest.approx(reference.losses, rel={"bf16": 3e-2, "fp16": 5e-3}[precision])
+    norms = [float(run_folder(folders, name).joinpath("log.csv").read_text().splitlines()[1].split(",")[2])
+             for name in ("fp32", precision)]
+    assert norms[1] == pytest.approx(norms[0], rel=2e-2) and norms[0] > 1e-3
     state = torch.load(run_folder(folders, precision) / "state-00000002.pt", weights_only=True)
     moments = [t for t in tensors(state["optimizer"]["state"]) if t.ndim]
     assert moments and all(t.dtype == torch.float32 for t in moments)
