@@ -32,6 +32,10 @@ from ..motion_modules.consistent_attention import (FORMS, PLAIN, ConsistencyOpti
 from .context_sampling import LAYOUT_KEY, step_index
 
 log = logging.getLogger(__name__)
+# (sigmas, sample_sigmas, sigma, step) of the latest UNet call: its attention layers read the sigma's value
+# and step once per call, not once per layer (each read of a GPU tensor's value waits for all queued work).
+# Keyed by the identity of the call's tensors, which the entry holds, so another call never matches it.
+_latest_call: tuple | None = None
 OPTIONS_KEY = "animatediff_suite.consistent"  # transformer_options entry: the patch's ConsistencyOptions
 RUN_KEY = "animatediff_suite.story_run"  # transformer_options entry: the StoryRun of a Story Sampler pass
 
@@ -85,6 +89,20 @@ class ConsistentAttentionPatch:
         return out
 
 
+def _sigma_and_step(extra_options: dict) -> tuple[float, int]:
+    """The running UNet call's sigma (its first value; 0.0 when unknown) and step index."""
+    global _latest_call
+    sigmas, sample_sigmas = extra_options.get("sigmas"), extra_options.get("sample_sigmas")
+    latest = _latest_call
+    if sigmas is not None and latest is not None and latest[0] is sigmas and latest[1] is sample_sigmas:
+        return latest[2], latest[3]
+    sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else 0.0
+    step = step_index(extra_options, sigmas)
+    if sigmas is not None:
+        _latest_call = (sigmas, sample_sigmas, sigma, step)
+    return sigma, step
+
+
 class _Call:
     """One attention call's facts: step, layer, rows, and how to attend."""
 
@@ -96,11 +114,9 @@ class _Call:
         self.drawn = None
         block = extra_options.get("block") or ("?", 0)
         self.layer = (block[0], block[1], extra_options.get("block_index", 0))
-        sigmas = extra_options.get("sigmas")
-        self.sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else 0.0
         sample_sigmas = extra_options.get("sample_sigmas")
         self.steps = max(1, sample_sigmas.shape[-1] - 1) if sample_sigmas is not None else 1
-        self.step = step_index(extra_options, sigmas)
+        self.sigma, self.step = _sigma_and_step(extra_options)
         shape = extra_options.get("original_shape")
         self.downscale = 8 * round(math.sqrt(shape[-2] * shape[-1] / tokens)) if shape else 8
         if self.run is not None and len(self.run.panels) != rows:

@@ -229,3 +229,88 @@ def assert_counts_up(reports, total: int, preview_size: tuple[int, int] | None =
         assert values == [(value, total) for value in range(1, total + 1)]
     for _, _, preview in reports if preview_size else ():
         assert preview[0] == "JPEG" and preview[1].size == preview_size, preview
+
+
+class ValueReads:
+    """Counts reads of a tensor's value into Python (``aten._local_scalar_dense``: ``float()``, ``bool()``,
+    ``item()``...) while ``mode`` is entered; on a GPU each one waits for all the work queued before it."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+
+def reads_per_step(run) -> float:
+    """Value reads per sampling step of ``run(steps)``: (reads of 4 steps - reads of 2) / 2, so what happens
+    once per sampling (input checks) cancels."""
+    counts = []
+    for steps in (4, 2):
+        counter = ValueReads()
+        with counter.mode:
+            run(steps)
+        counts.append(counter.count)
+    return (counts[0] - counts[1]) / 2
+
+
+class DeviceReads:
+    """Counts reads into Python of values that would live on the GPU, on the CPU: the inputs of each UNet
+    call (latents, timesteps, conditioning, the call's ``sigmas`` and ``sample_sigmas``) are marked when the
+    call starts, and so is every tensor an op makes from a marked one; a read (``aten._local_scalar_dense``)
+    of a marked tensor counts. Reads of tensors built on the host (masks from Python lists, generator draws)
+    do not. Install with ``wrap(patcher)`` (a DIFFUSION_MODEL wrapper); ``calls`` counts the UNet calls."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils import _pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.count, self.calls, self.marked = 0, 0, {}
+        counter = self
+
+        def tensors(tree):
+            return [t for t in _pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+        def mark(tensor):
+            counter.marked[id(tensor)] = weakref.ref(tensor)
+
+        def is_marked(tensor):
+            ref = counter.marked.get(id(tensor))
+            return ref is not None and ref() is tensor
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                derived = any(is_marked(t) for t in tensors((args, kwargs)))
+                if derived and func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                out = func(*args, **kwargs)
+                if derived:
+                    for tensor in tensors(out):
+                        mark(tensor)
+                return out
+
+        self._mark, self._mode = mark, Mode
+
+    def wrap(self, patcher) -> None:
+        import comfy.patcher_extension
+
+        def wrapper(executor, x, timesteps, context, *args, **kwargs):
+            options = kwargs.get("transformer_options") or (args[2] if len(args) > 2 else {})
+            for value in (x, timesteps, context, options.get("sigmas"), options.get("sample_sigmas")):
+                if isinstance(value, torch.Tensor):
+                    self._mark(value)
+            self.calls += 1
+            with self._mode():
+                return executor(x, timesteps, context, *args, **kwargs)
+
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.device_reads", wrapper)

@@ -13,7 +13,7 @@ import torch
 
 from ads_helpers import motion_lora_state_dict, raised_message, tiny_domain_adapter_state_dict
 from ads_package import ROOT
-from comfy_helpers import FRAMES, apply, ksample, motion, reference_unet
+from comfy_helpers import FRAMES, ValueReads, apply, ksample, motion, reads_per_step, reference_unet
 
 pytestmark = pytest.mark.comfyui
 
@@ -504,24 +504,6 @@ def test_evolved_norm_semantics_leaves_other_versions_unchanged(env):
         apply(env, model, loaded, norm_semantics="both")
 
 
-class _ValueReads:
-    """Counts reads of a tensor's value into Python (``aten._local_scalar_dense``: ``float()``, ``bool()``,
-    ``item()``...); on a GPU each one waits for all the work queued before it."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default:
-                    counter.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.count, self.mode = 0, Mode()
-
-
 @pytest.mark.parametrize("case", ["v2", "v1", "percent range", "motion_attention windows", "whole_model windows"])
 def test_animating_adds_no_value_read_inside_a_unet_call_and_at_most_one_per_step(env, case):
     """Each of a UNet call's ~21 motion modules read the sigma (Apply's percent range) before: 21 waits per
@@ -540,7 +522,7 @@ def test_animating_adds_no_value_read_inside_a_unet_call_and_at_most_one_per_ste
     extra = {"v2": 0, "v1": 0, "percent range": 1, "motion_attention windows": 1, "whole_model windows": 1}[case]
     model = env["demo"].tiny_model(0)
     animated = apply(env, model, motion(env, "v1" if case == "v1" else "v2"), **kwargs)
-    inside = _ValueReads()
+    inside = ValueReads()
 
     def in_unet(executor, *args, **kwargs):
         with inside.mode:
@@ -548,13 +530,7 @@ def test_animating_adds_no_value_read_inside_a_unet_call_and_at_most_one_per_ste
 
     animated.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.reads", in_unet)
 
-    def reads(patcher, steps):
-        counter = _ValueReads()
-        with counter.mode:
-            ksample(env, patcher, steps=steps, frames=frames)
-        return counter.count
-
-    per_step = {name: (reads(patcher, 4) - reads(patcher, 2)) / 2 for name, patcher in
-                (("animated", animated), ("plain", model))}
+    per_step = {name: reads_per_step(lambda steps: ksample(env, patcher, steps=steps, frames=frames))
+                for name, patcher in (("animated", animated), ("plain", model))}
     assert per_step["animated"] - per_step["plain"] == extra, per_step
     assert inside.count == 0

@@ -118,6 +118,25 @@ def test_the_only_reference_is_unchanged_and_later_panels_never_influence_others
     assert (second[3] - first[3]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("through", ["KSampler", "Story Sampler"])
+def test_the_patch_reads_the_sigma_and_step_once_per_unet_call_not_per_layer(env, story, through):
+    """Every patched attention layer needs the call's sigma (the bank's key) and step (the schedule); each read
+    of a GPU tensor's value waits for all queued work, and both were read in every layer before (2 x 16
+    layers with blocks "all"). Now twice per UNet call, whatever the layers; counted on the CPU among the
+    values that would be on the GPU (comfy_helpers.DeviceReads)."""
+    from comfy_helpers import DeviceReads
+
+    model = patched(story, env["demo"].tiny_model(0), blocks="all")
+    reads = DeviceReads()
+    reads.wrap(model)
+    positive, plot = prompts(env, story, "[Bob] wakes up\n[Bob] drinks tea\n[Bob] runs to the bus")
+    if through == "KSampler":
+        sample_panels(env, model, positive, 3, steps=2)
+    else:
+        story_sample(story, model, plot, positive, env, steps=2)
+    assert reads.calls >= 2 and reads.count == 2 * reads.calls, (reads.count, reads.calls)
+
+
 @pytest.mark.parametrize("family, cfg, schedule, sampler", [
     ("SD1.5", 7.0, "paper", "euler"), ("SD1.5", 7.0, "deterministic", "heun"), ("SDXL", 1.0, "paper", "euler")])
 def test_story_sampler_through_the_bank_equals_the_in_batch_patch(env, story, family, cfg, schedule, sampler):
