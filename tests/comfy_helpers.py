@@ -233,9 +233,10 @@ def assert_counts_up(reports, total: int, preview_size: tuple[int, int] | None =
 
 class ValueReads:
     """Counts reads of a tensor's value into Python (``aten._local_scalar_dense``: ``float()``, ``bool()``,
-    ``item()``...) while ``mode`` is entered; on a GPU each one waits for all the work queued before it."""
+    ``item()``...) while ``mode`` is entered, calling ``on_read`` at each; on a GPU each read waits for all
+    the work queued before it."""
 
-    def __init__(self):
+    def __init__(self, on_read=None):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self
@@ -244,6 +245,8 @@ class ValueReads:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func is torch.ops.aten._local_scalar_dense.default:
                     counter.count += 1
+                    if on_read is not None:
+                        on_read()
                 return func(*args, **(kwargs or {}))
 
         self.count, self.mode = 0, Mode()

@@ -133,19 +133,12 @@ def test_nothing_is_read_from_the_device_between_a_forward_and_the_end_of_its_ba
     backward calls and reads; MotionDirector's batch of 2 with dropout 0.5 runs 3, 3 and 1 paths in its 3
     steps (see the accumulation test below)."""
     import comfy.patcher_extension
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from comfy_helpers import ValueReads
 
     from animatediff_suite.training.data import MemoryClips
     from animatediff_suite.training.session import run_in_graph
 
     events = []
-
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                events.append("read")
-            return func(*args, **(kwargs or {}))
-
     backward = torch.Tensor.backward
 
     def recorded_backward(self, *args, **kwargs):
@@ -164,7 +157,7 @@ def test_nothing_is_read_from_the_device_between_a_forward_and_the_end_of_its_ba
     extra = {"spatial_lora_dropout": 0.5} if mode == "motion_director" else {}
     run = config(mode, "reads", steps=3, batch_size=2, gradient_checkpointing=True, **extra)
     clips = [shape_clip(s) for s in range(4)]
-    with torch.inference_mode(), Reads():
+    with torch.inference_mode(), ValueReads(on_read=lambda: events.append("read")).mode:
         run_in_graph(run, models, MemoryClips(clips, run.data), False, None)
     assert events.count("forward") == events.count("backward") == (7 if mode == "motion_director" else 3)
     assert events.count("read") > 0  # the recording works: the random draws and the optimizer read values
